@@ -1,0 +1,125 @@
+"""ARC and ARC_att (Dong et al., "Efficient Adaptation of Large Vision Transformer via Adapter
+Re-Composing", NeurIPS 2023).
+
+A linear adapter after the LayerNorm, before ``attn.qkv`` (ARC_att) and also before ``mlp.fc1``
+(ARC), at block l:
+
+    A_l(u) = u + dropout(u (D * s_l)) D^T + b_l
+
+One down-projection D (dim x r) per position is shared by all blocks (per Swin stage, where the
+width changes); the up-projection is D^T; each block learns only a re-scaling s_l (r) and a bias
+b_l (dim). Init as in the official code: D xavier-uniform, s_att zeros, s_mlp xavier-uniform on
+its 1 x r row (so full ARC is not the identity at init; ``mlp_scale_init=zeros`` gives an
+identity start), biases zero. Eval-mode A_l is u M + b with M = I + D diag(s_l) D^T symmetric,
+so it folds into qkv / fc1: W' = W M, b' = b_W + W b_l.
+ViT-B/16, r=50: ARC 96,432 and ARC_att 48,216 parameters.
+
+Note on Swin: the official Swin code puts the MLP adapter on the residual stream before norm2,
+which cannot merge; here it sits before fc1 like on ViT, so both families merge exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from petlbench import Backbone, HParam, Method
+from petlbench.layers import fold_input
+
+
+class ARCStage(nn.Module):
+    """One adapter position for the blocks of one width: shared D, per-block s and b."""
+
+    def __init__(self, dim: int, blocks: int, rank: int, dropout: float, scale_init: str) -> None:
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(dim, rank))
+        nn.init.xavier_uniform_(self.down)
+        self.scale = nn.Parameter(torch.zeros(blocks, rank))
+        if scale_init == "xavier":  # xavier on each 1 x r row: U(+-sqrt(6 / (1 + r)))
+            bound = math.sqrt(6.0 / (1 + rank))
+            nn.init.uniform_(self.scale, -bound, bound)
+        self.bias = nn.Parameter(torch.zeros(blocks, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def adapt(self, block: int, u: torch.Tensor) -> torch.Tensor:
+        down = self.down.to(u.dtype)
+        z = F.linear(u, (down * self.scale[block].to(u.dtype)).t())
+        return u + F.linear(self.dropout(z), down) + self.bias[block].to(u.dtype)
+
+    def affine(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.down.double()
+        eye = torch.eye(d.shape[0], dtype=torch.float64, device=d.device)
+        return eye + (d * self.scale[block].double()) @ d.t(), self.bias[block].double()
+
+
+def _stages(backbone: Backbone) -> list[list]:
+    """Blocks grouped by stage (one group for ViT): each group shares one D per position."""
+    stages: dict[int, list] = {}
+    for blk in backbone.blocks:
+        stages.setdefault(blk.stage, []).append(blk)
+    return list(stages.values())
+
+
+class ARC(Method):
+    name = "arc"
+    summary = "ARC: shared symmetric down/up projection + per-layer re-scaling, before qkv and fc1."
+    paper = "Dong et al., Efficient Adaptation of Large Vision Transformer via Adapter Re-Composing, NeurIPS 2023"
+    mergeable = True
+    positions: tuple[str, ...] = ("attn", "mlp")
+    hparams = {
+        "rank": HParam(50, "adapter_dim r (columns of the shared D)", low=1),
+        "dropout": HParam(0.1, "dropout on the r-dimensional bottleneck (adapt_drop)", low=0.0, high=0.99),
+        "mlp_scale_init": HParam("xavier", "init of the MLP-side re-scaling (official code: xavier)",
+                                 choices=("xavier", "zeros")),
+    }
+    # Author's FGVC settings (DavidYanAnDe/ARC issue #1); v_drop is the backbone dropout.
+    presets = {
+        "fgvc": {
+            "CUB_200_2011": {"dropout": 0.1},
+            "NABirds": {"dropout": 0.1},
+            "OxfordFlowers": {"dropout": 0.1},
+            "StanfordDogs": {"dropout": 0.1},
+            "StanfordCars": {"dropout": 0.0},
+        }
+    }
+    train_presets = {
+        "vtab": {"*": {"lr": 1e-2, "weight_decay": 0.0, "batch_size": 32, "epochs": 100, "warmup_epochs": 10,
+                       "grad_clip": 1.0}},
+        "fgvc": {
+            "*": {"batch_size": 32, "epochs": 100, "warmup_epochs": 10, "grad_clip": 1.0},
+            "CUB_200_2011": {"lr": 1e-3, "weight_decay": 0.05, "drop_rate": 0.1},
+            "NABirds": {"lr": 2e-4, "weight_decay": 0.05, "drop_rate": 0.1},
+            "OxfordFlowers": {"lr": 2.5e-3, "weight_decay": 0.01, "drop_rate": 0.1},
+            "StanfordDogs": {"lr": 2.5e-4, "weight_decay": 0.05, "drop_rate": 0.0},
+            "StanfordCars": {"lr": 5e-3, "weight_decay": 0.05, "drop_rate": 0.1},
+        },
+    }
+
+    def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
+        stages = _stages(backbone)
+        for pos in self.positions:
+            init = "zeros" if pos == "attn" else self.hp.mlp_scale_init
+            modules = nn.ModuleList(
+                ARCStage(blocks[0].dim, len(blocks), self.hp.rank, self.hp.dropout, init) for blocks in stages
+            )
+            petl[pos] = modules
+            for stage, blocks in zip(modules, stages, strict=True):
+                for j, blk in enumerate(blocks):
+                    backbone.transform_input(getattr(blk, pos), functools.partial(stage.adapt, j))
+
+    def merge(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
+        for pos in self.positions:
+            for stage, blocks in zip(petl[pos], _stages(backbone), strict=True):
+                for j, blk in enumerate(blocks):
+                    fold_input(blk.qkv if pos == "attn" else blk.fc1, *stage.affine(j))
+
+
+class ARCAtt(ARC):
+    name = "arc_att"
+    summary = "ARC_att: ARC on the attention input only (before qkv)."
+    positions = ("attn",)
+    hparams = {k: v for k, v in ARC.hparams.items() if k != "mlp_scale_init"}

@@ -1,0 +1,22 @@
+"""Full fine-tuning: every backbone parameter trains (the usual upper-cost baseline)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from petlbench import Backbone, Method
+
+
+class Full(Method):
+    name = "full"
+    summary = "Full fine-tuning: train every parameter."
+    paper = "Baseline (VPT, Jia et al., ECCV 2022, Table 1)"
+    mergeable = True
+
+    def trainable(self, backbone: Backbone, petl: nn.ModuleDict) -> Iterable[nn.Parameter]:
+        return backbone.model.parameters()
+
+    def merge(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
+        """Nothing to fold: the fine-tuned weights are the plain model."""

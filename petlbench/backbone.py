@@ -1,0 +1,276 @@
+"""The backbone interface: roles of an *unmodified* timm model, and the only way methods touch it.
+
+A method never looks up timm attribute names. It asks the :class:`Backbone` for roles
+(blocks, the attention and MLP inputs after ``norm1``/``norm2``, the ``qkv``/``proj``/``fc1``/``fc2``
+linears, the token sequence, the head) and changes behaviour only through hooks attached with
+:meth:`Backbone.transform_input`, :meth:`Backbone.transform_output` and :meth:`Backbone.add_parallel`.
+The timm module tree is therefore never restructured: the same classes, the same parameter
+names, timm's fused attention (``scaled_dot_product_attention``) untouched. Merging a linear
+method folds its parameters into the existing weights and removes the hooks, which leaves a plain
+timm model by construction.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from petlbench.errors import PetlbenchError
+
+FAMILIES = ("vit", "swin")
+
+
+@dataclass(frozen=True)
+class BlockRoles:
+    """One transformer block, by role.
+
+    ``attn`` and ``mlp`` are the modules whose *input* is the attention-input / MLP-input
+    position (the output of ``norm1`` / ``norm2``); hooking their input is exactly "after the
+    LayerNorm, before qkv / fc1", the place ARC and RepAdapter adapt. ``stage`` groups blocks of
+    equal width (always 0 for ViT; the Swin stage otherwise).
+    """
+
+    index: int
+    stage: int
+    dim: int
+    num_heads: int
+    block: nn.Module
+    norm1: nn.Module
+    attn: nn.Module
+    qkv: nn.Linear
+    proj: nn.Linear
+    norm2: nn.Module
+    mlp: nn.Module
+    fc1: nn.Linear
+    fc2: nn.Linear
+
+
+def _family_of(model: nn.Module) -> str | None:
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    # Exact class for ViT: subclasses (distilled DeiT, rel-pos variants) change the token
+    # sequence or the head in ways the roles below do not describe.
+    if type(model) is VisionTransformer:
+        return "vit"
+    if type(model) is SwinTransformer:
+        return "swin"
+    return None
+
+
+def _linear(module: nn.Module, attr: str, where: str) -> nn.Linear:
+    layer = getattr(module, attr, None)
+    if not isinstance(layer, nn.Linear):
+        raise PetlbenchError(
+            f"backbone block {where} has no nn.Linear {attr!r} (found {type(layer).__name__}); this timm "
+            "variant is not supported. Fix: use a standard ViT/DeiT/Swin architecture (`petlbench list backbones`)."
+        )
+    return layer
+
+
+class Backbone:
+    """Role view over a timm ViT or Swin model; cheap to build, holds no state of its own."""
+
+    def __init__(self, model: nn.Module, arch: str = "") -> None:
+        family = _family_of(model)
+        if family is None:
+            raise PetlbenchError(
+                f"backbone {arch or type(model).__name__!r} is a {type(model).__name__}; petlbench supports timm "
+                "VisionTransformer (ViT, DeiT) and SwinTransformer models. Fix: pick one from `petlbench list backbones`."
+            )
+        self.model = model
+        self.arch = arch
+        self.family = family
+        self.blocks: list[BlockRoles] = list(self._collect_blocks())
+
+    # ----------------------------------------------------------------- roles
+    def _collect_blocks(self) -> Iterator[BlockRoles]:
+        if self.family == "vit":
+            stages = [self.model.blocks]
+        else:
+            stages = [stage.blocks for stage in self.model.layers]
+        index = 0
+        for stage_idx, blocks in enumerate(stages):
+            for blk in blocks:
+                where = f"{index}"
+                attn, mlp = blk.attn, blk.mlp
+                qkv = _linear(attn, "qkv", where)
+                yield BlockRoles(
+                    index=index,
+                    stage=stage_idx,
+                    dim=qkv.in_features,
+                    num_heads=int(attn.num_heads),
+                    block=blk,
+                    norm1=blk.norm1,
+                    attn=attn,
+                    qkv=qkv,
+                    proj=_linear(attn, "proj", where),
+                    norm2=blk.norm2,
+                    mlp=mlp,
+                    fc1=_linear(mlp, "fc1", where),
+                    fc2=_linear(mlp, "fc2", where),
+                )
+                index += 1
+
+    @property
+    def head(self) -> nn.Linear:
+        """The classifier: a fresh ``nn.Linear(feature_dim, num_classes)``."""
+        head = self.model.head.fc if self.family == "swin" else self.model.head
+        if not isinstance(head, nn.Linear):
+            raise PetlbenchError(f"backbone {self.arch!r} has no linear classifier head; create it with num_classes >= 1.")
+        return head
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.num_features)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        """Patch embedding; its output is channels-last tokens ((B,N,C) for ViT, (B,H,W,C) for Swin)."""
+        return self.model.patch_embed
+
+    @property
+    def patch_proj(self) -> nn.Conv2d:
+        return self.model.patch_embed.proj
+
+    @property
+    def patch_norm(self) -> nn.Module | None:
+        """The LayerNorm inside the patch embedding, or None when it is an Identity (ViT)."""
+        norm = self.model.patch_embed.norm
+        return None if isinstance(norm, nn.Identity) else norm
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.patch_proj.kernel_size[0])
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.patch_proj.in_channels)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The LayerNorm after the last block (its input is the last block's tokens)."""
+        return self.model.norm
+
+    @property
+    def token_site(self) -> nn.Module:
+        """ViT only: the module whose output is the token sequence (prefix tokens + patches, with
+        position embeddings) right before block 0. An output transform here may add tokens."""
+        self.require("vit", "a token sequence with a class token")
+        return self.model.norm_pre
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """ViT only: class/register tokens at the start of the sequence."""
+        self.require("vit", "prefix tokens")
+        return int(self.model.num_prefix_tokens)
+
+    def require(self, family: str, what: str) -> None:
+        if self.family != family:
+            raise PetlbenchError(f"backbone {self.arch!r} ({self.family}) has no {what}; only {family} backbones do.")
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def body_parameters(self) -> list[nn.Parameter]:
+        """Every backbone parameter except the head's."""
+        head = {id(p) for p in self.head.parameters()}
+        return [p for p in self.model.parameters() if id(p) not in head]
+
+    def modules_with_bias(self) -> Iterator[tuple[nn.Module, nn.Parameter]]:
+        """(module, bias) for every module that owns a ``bias`` parameter, head excluded."""
+        head = self.head
+        for module in self.model.modules():
+            bias = module._parameters.get("bias") if module is not head else None
+            if isinstance(bias, nn.Parameter):
+                yield module, bias
+
+    # ----------------------------------------------------------------- hooks
+    def transform_input(self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace ``module``'s first positional input ``x`` by ``fn(x)`` (other arguments pass through)."""
+        module.register_forward_pre_hook(_InputHook(_checked(fn)))
+
+    def transform_output(self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace ``module``'s output ``y`` by ``fn(y)``."""
+        module.register_forward_hook(_OutputHook(_checked(fn)))
+
+    def add_parallel(self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace ``module``'s output ``y`` by ``y + fn(x)``: a branch in parallel with ``module``."""
+        module.register_forward_hook(_ParallelHook(_checked(fn)))
+
+
+# --------------------------------------------------------------------- hook plumbing
+# Hooks hold a callable that belongs to a module registered in the model (a module, a bound
+# method of one, or a functools.partial of those). ``copy.deepcopy`` of the whole model then maps
+# each hook onto the copied module, so copies and merges never share state with the original.
+
+
+def _owner(fn: object) -> nn.Module | None:
+    if isinstance(fn, functools.partial):
+        return _owner(fn.func)
+    if isinstance(fn, nn.Module):
+        return fn
+    owner = getattr(fn, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def _checked(fn: Callable) -> Callable:
+    if _owner(fn) is None:
+        raise TypeError(
+            "petlbench hooks must be an nn.Module, a bound method of one, or a functools.partial of those, "
+            f"so that copies of the model stay independent; got {fn!r}"
+        )
+    return fn
+
+
+class _PetlHook:
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    @property
+    def owner(self) -> nn.Module | None:
+        return _owner(self.fn)
+
+
+class _InputHook(_PetlHook):
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        return (self.fn(args[0]), *args[1:])
+
+
+class _OutputHook(_PetlHook):
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self.fn(output)
+
+
+class _ParallelHook(_PetlHook):
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + self.fn(args[0])
+
+
+def petl_hooks(model: nn.Module) -> Iterator[tuple[nn.Module, dict, int, _PetlHook]]:
+    """Every petlbench hook in ``model``: (module, hook dict, key, hook)."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key, hook in list(hooks.items()):
+                if isinstance(hook, _PetlHook):
+                    yield module, hooks, key, hook
+
+
+def remove_petl_hooks(model: nn.Module) -> int:
+    """Detach every petlbench hook; returns how many were removed."""
+    count = 0
+    for module, hooks, key, _ in petl_hooks(model):
+        del hooks[key]
+        module._forward_hooks_with_kwargs.pop(key, None)
+        module._forward_hooks_always_called.pop(key, None)
+        module._forward_pre_hooks_with_kwargs.pop(key, None)
+        count += 1
+    return count

@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad name, a bad value, a bad file) is raised as a
+:class:`PetlbenchError` whose message is one line naming the thing, the cause and the
+fix. The CLI prints that line and exits non-zero instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PetlbenchError(Exception):
+    """An error caused by user input; the message is meant to be shown as-is."""
+
+    exit_code = 2
+
+
+class NotMergeableError(PetlbenchError):
+    """Raised by :func:`petlbench.merge` for methods whose change is not linear."""
+
+
+def did_you_mean(name: str, choices: Iterable[str], what: str, list_all: bool = True) -> str:
+    """Build a one-line "unknown X" message with close matches (and the full list when short)."""
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    known = f" Registered: {', '.join(choices) if choices else '(none)'}." if list_all else ""
+    return f"unknown {what} {name!r}.{hint}{known}"

@@ -1,0 +1,70 @@
+"""Small reusable pieces for method plugins: exact folding of linear maps into timm layers.
+
+All folds compute in float64 and cast back, so merged and unmerged models agree to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from petlbench.errors import PetlbenchError
+
+
+def _bias(layer: nn.Module, what: str) -> nn.Parameter:
+    if getattr(layer, "bias", None) is None:
+        raise PetlbenchError(
+            f"cannot merge into {what}: the layer has no bias, so the method's shift has nowhere to go in a plain "
+            "model. Fix: use a backbone with biases (the standard ViT/Swin) or deploy unmerged."
+        )
+    return layer.bias
+
+
+@torch.no_grad()
+def fold_input(linear: nn.Linear, matrix: torch.Tensor | None, shift: torch.Tensor | None) -> None:
+    """Make ``linear(x)`` compute ``linear(x @ matrix.T + shift)``.
+
+    ``matrix`` is (in, in) in PyTorch orientation (``y = x @ matrix.T``); None means identity.
+    W' = W @ matrix, b' = b + W @ shift.
+    """
+    w = linear.weight.double()
+    if shift is not None:
+        bias = _bias(linear, "a linear layer")
+        bias.copy_((bias.double() + w @ shift.double()).to(bias.dtype))
+    if matrix is not None:
+        linear.weight.copy_((w @ matrix.double()).to(linear.weight.dtype))
+
+
+@torch.no_grad()
+def fold_output(layer: nn.Module, scale: torch.Tensor | None, shift: torch.Tensor | None) -> None:
+    """Make ``layer(x)`` compute ``layer(x) * scale + shift`` along the output channel.
+
+    Works for nn.Linear (rows of the weight), nn.Conv2d (output channels) and nn.LayerNorm
+    (its elementwise affine).
+    """
+    if isinstance(layer, nn.LayerNorm):
+        if layer.weight is None:
+            raise PetlbenchError("cannot merge into a LayerNorm without elementwise affine parameters.")
+        weight = layer.weight
+        shape = (-1,)
+    elif isinstance(layer, (nn.Linear, nn.Conv2d)):
+        weight = layer.weight
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+    else:
+        raise PetlbenchError(f"cannot fold a scale/shift into a {type(layer).__name__}.")
+    bias = _bias(layer, type(layer).__name__)
+    b = bias.double()
+    if scale is not None:
+        weight.copy_((weight.double() * scale.double().reshape(shape)).to(weight.dtype))
+        b = b * scale.double()
+    if shift is not None:
+        b = b + shift.double()
+    bias.copy_(b.to(bias.dtype))
+
+
+@torch.no_grad()
+def add_to_weight_rows(linear: nn.Linear, start: int, delta: torch.Tensor) -> None:
+    """Add ``delta`` (rows x in) to ``linear.weight[start:start + rows]`` (e.g. the q or v block of qkv)."""
+    rows = delta.shape[0]
+    block = linear.weight[start:start + rows]
+    block.copy_((block.double() + delta.double()).to(block.dtype))

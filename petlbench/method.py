@@ -1,0 +1,184 @@
+"""The method plugin API.
+
+A PETL method is a subclass of :class:`Method` in one file. It declares its name, its
+hyperparameters (:class:`HParam`), optional per-suite/per-task presets, the backbone families it
+supports and whether it merges; it implements :meth:`Method.apply` (add modules to ``petl`` and
+attach hooks through the :class:`~petlbench.backbone.Backbone` roles), optionally
+:meth:`Method.trainable` and, for linear methods, :meth:`Method.merge`.
+
+Methods register through the entry-point group ``petlbench.methods`` (built-ins do too) or, in
+a script or notebook, with :func:`petlbench.register_method`.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from petlbench.backbone import Backbone
+from petlbench.errors import NotMergeableError, PetlbenchError, did_you_mean
+
+_TRUE = {"1", "true", "yes", "on", "y"}
+_FALSE = {"0", "false", "no", "off", "n"}
+
+
+@dataclass(frozen=True)
+class HParam:
+    """A declared hyperparameter. The type is the default's type (bool, int, float or str).
+
+    ``low``/``high`` bound numbers (inclusive unless ``low_exclusive``); ``choices`` lists the
+    allowed values. Strings from the command line (``--set rank=8``) are coerced.
+    """
+
+    default: Any
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_exclusive: bool = False
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+    def coerce(self, method: str, name: str, value: Any) -> Any:
+        """Return ``value`` as this parameter's type, or raise a one-line PetlbenchError."""
+        where = f"method {method!r}: hyperparameter {name!r}"
+        kind = self.type
+        try:
+            if kind is bool:
+                if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                    value = value.strip().lower() in _TRUE
+                elif not isinstance(value, bool):
+                    raise ValueError
+            elif kind is int:
+                if isinstance(value, bool):
+                    raise ValueError
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                value = int(value, 10) if isinstance(value, str) else value
+                if not isinstance(value, int):
+                    raise ValueError
+            elif kind is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                value = float(value)
+                if not math.isfinite(value):
+                    raise ValueError
+            elif kind is str:
+                if not isinstance(value, str):
+                    raise ValueError
+        except (TypeError, ValueError):
+            raise PetlbenchError(
+                f"{where} must be a {kind.__name__}, got {value!r}. Fix: e.g. --set {name}={self.default}"
+            ) from None
+        if self.choices is not None and value not in self.choices:
+            allowed = ", ".join(str(c) for c in self.choices)
+            raise PetlbenchError(f"{where} must be one of {allowed}, got {value!r}.")
+        if self.low is not None and (value < self.low or (self.low_exclusive and value == self.low)):
+            op = ">" if self.low_exclusive else ">="
+            raise PetlbenchError(f"{where} must be {op} {self.low}, got {value!r}. Fix: e.g. --set {name}={self.default}")
+        if self.high is not None and value > self.high:
+            raise PetlbenchError(f"{where} must be <= {self.high}, got {value!r}. Fix: e.g. --set {name}={self.default}")
+        return value
+
+
+class Method:
+    """Base class of every PETL method (built-in or plugin).
+
+    Class attributes a subclass sets:
+
+    - ``name``: registry name (``[a-z0-9_]+``).
+    - ``summary`` and ``paper``: one line each, shown by ``petlbench list methods``.
+    - ``hparams``: ``{name: HParam}``; the method reads resolved values from ``self.hp``.
+    - ``presets``: ``{suite: {task or "*": {hparam: value}}}`` for values the paper publishes
+      per suite/task; applied under user overrides. Override :meth:`preset` when a preset depends
+      on another hyperparameter.
+    - ``train_presets``: the same shape, for training settings the papers publish (lr,
+      weight_decay, batch_size, epochs, ...); consumed by the runner, not by the model.
+    - ``families``: backbone families supported (``"vit"``, ``"swin"``).
+    - ``mergeable``: True when :meth:`merge` folds the method into the plain backbone exactly.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    hparams: ClassVar[Mapping[str, HParam]] = {}
+    presets: ClassVar[Mapping[str, Mapping[str, Mapping[str, Any]]]] = {}
+    train_presets: ClassVar[Mapping[str, Mapping[str, Mapping[str, Any]]]] = {}
+    families: ClassVar[frozenset[str]] = frozenset({"vit", "swin"})
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self, **hparams: Any) -> None:
+        self.config: dict[str, Any] = self.validate(hparams, complete=True)
+        self.hp = types.SimpleNamespace(**self.config)
+
+    # ------------------------------------------------------------ hyperparameters
+    @classmethod
+    def validate(cls, values: Mapping[str, Any], complete: bool = False) -> dict[str, Any]:
+        """Check names and coerce values; with ``complete`` fill in the defaults."""
+        unknown = [k for k in values if k not in cls.hparams]
+        if unknown:
+            msg = did_you_mean(unknown[0], cls.hparams, f"hyperparameter of method {cls.name!r}:")
+            raise PetlbenchError(msg.replace("Registered:", "Known:"))
+        out = {k: h.default for k, h in cls.hparams.items()} if complete else {}
+        out.update({k: cls.hparams[k].coerce(cls.name, k, v) for k, v in values.items()})
+        return out
+
+    @classmethod
+    def preset(cls, suite: str | None, task: str | None, current: Mapping[str, Any]) -> dict[str, Any]:
+        """Published values for ``suite``/``task`` (``"*"`` is the suite-wide entry).
+
+        ``current`` holds defaults merged with user overrides, for presets that depend on
+        another hyperparameter (e.g. RepAdapter's scale depends on its variant).
+        """
+        if suite is None:
+            return {}
+        table = cls.presets.get(suite, {})
+        out = dict(table.get("*", {}))
+        if task is not None:
+            out.update(table.get(task, {}))
+        return out
+
+    @classmethod
+    def resolve(
+        cls, overrides: Mapping[str, Any] | None = None, suite: str | None = None, task: str | None = None
+    ) -> dict[str, Any]:
+        """defaults < suite/task presets < user overrides, validated."""
+        user = cls.validate(overrides or {})
+        current = {**{k: h.default for k, h in cls.hparams.items()}, **user}
+        preset = cls.validate(cls.preset(suite, task, current))
+        return {**current, **{k: v for k, v in preset.items() if k not in user}}
+
+    # ------------------------------------------------------------------ behaviour
+    def check_backbone(self, backbone: Backbone) -> None:
+        """Raise a PetlbenchError when this method is not defined on ``backbone``."""
+        if backbone.family not in self.families:
+            raise PetlbenchError(
+                f"method {self.name!r} is not defined on {backbone.family} backbones ({backbone.arch}); it supports "
+                f"{', '.join(sorted(self.families))}. Fix: choose another --backbone or method."
+            )
+
+    def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
+        """Add the method's modules to ``petl`` and attach them to ``backbone`` through hooks."""
+
+    def trainable(self, backbone: Backbone, petl: nn.ModuleDict) -> Iterable[nn.Parameter]:
+        """Parameters that train: by default the method's own modules plus the classifier head."""
+        yield from petl.parameters()
+        yield from backbone.head_parameters()
+
+    def merge(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
+        """Fold ``petl`` into the backbone's existing weights (hooks are removed by the caller)."""
+        raise NotMergeableError(
+            f"method {self.name!r} is not linear in the backbone's weights and cannot be merged; deploy the unmerged "
+            "model (its extra parameters and compute stay at inference)."
+        )
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"{type(self).__name__}({args})"
