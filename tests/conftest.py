@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny timm backbones (random init) so the suite runs in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the test suite may download
+
+import pytest
+import torch
+
+TINY_VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2})
+TINY_SWIN = (
+    "swin_tiny_patch4_window7_224",
+    {"img_size": 32, "patch_size": 4, "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 4},
+)
+BACKBONES = {"vit": TINY_VIT, "swin": TINY_SWIN}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """A small batch built from a real photograph (skimage's astronaut), resized to 32x32."""
+    from skimage import data
+
+    img = torch.from_numpy(data.astronaut().copy()).permute(2, 0, 1).float() / 255.0
+    crops = [img[:, 0:256, 0:256], img[:, 100:356, 150:406], img[:, 256:512, 256:512]]
+    batch = torch.stack([torch.nn.functional.interpolate(c[None], size=(32, 32), mode="bilinear")[0] for c in crops])
+    return (batch - 0.5) / 0.5

@@ -1,0 +1,82 @@
+"""The command line: listing, parameter accounting, and one clear line for every user mistake."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from petlbench.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_list_methods() -> None:
+    result = run("list", "methods")
+    assert result.exit_code == 0
+    for name in ("arc", "arc_att", "repadapter", "lora", "vpt_deep"):
+        assert name in result.output
+    rows = json.loads(run("list", "methods", "--json").output)
+    assert {r["name"]: r["mergeable"] for r in rows}["adapter"] is False
+
+
+def test_list_backbones() -> None:
+    result = run("list", "backbones", "--filter", "*patch16_224")
+    assert result.exit_code == 0
+    names = result.output.split()
+    assert "vit_base_patch16_224" in names and "deit_base_patch16_224" in names
+    assert not any("distilled" in n for n in run("list", "backbones").output.split())
+
+
+def test_params_json() -> None:
+    result = run("params", "--method", "arc", "--backbone", "vit_base_patch16_224", "--num-classes", "100", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    for key in ("trainable", "head", "trainable_without_head", "extra_after_merge", "backbone"):
+        assert isinstance(data[key], int)
+    assert data["trainable_without_head"] == 96_432 and data["trainable"] == 173_332
+    assert data["backbone"] == 85_798_656 and data["extra_after_merge"] == 0
+
+
+def test_params_table_with_presets() -> None:
+    result = run("params", "-m", "repadapter", "--suite", "vtab", "--task", "svhn", "-c", "10")
+    assert result.exit_code == 0, result.output
+    assert "scale=10.0" in result.output and "239,808" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["params", "-m", "arcc"], "Did you mean 'arc'"),
+        (["params", "-m", "arc", "-b", "vit_bse_patch16_224"], "Did you mean 'vit_base_patch16_224'"),
+        (["params", "-m", "lora", "--set", "rnk=4"], "Did you mean 'rank'"),
+        (["params", "-m", "lora", "--set", "rank=0"], "'rank' must be >= 1, got 0"),
+        (["params", "-m", "lora", "--set", "rank=eight"], "'rank' must be a int"),
+        (["params", "-m", "repadapter", "--set", "scale=-1"], "'scale' must be > 0.0, got -1.0"),
+        (["params", "-m", "repadapter", "--set", "variant=rep"], "must be one of repblock, repattn"),
+        (["params", "-m", "lora", "--set", "rank"], "is not key=value"),
+        (["params", "-m", "arc", "--pretrained", "/nonexistent/ViT-B_16.npz"], "does not exist"),
+        (["params", "-m", "vpt_deep", "-b", "swin_base_patch4_window7_224"], "not defined on swin"),
+    ],
+)
+def test_user_errors_are_one_line(args: list[str], needle: str) -> None:
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert needle in lines[0]
+
+
+def test_console_script_is_installed() -> None:
+    import shutil
+    import subprocess
+
+    exe = shutil.which("petlbench")
+    assert exe, "pip install must provide the `petlbench` console script"
+    proc = subprocess.run([exe, "params", "-m", "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown method 'nope'")
+    assert "Traceback" not in proc.stderr

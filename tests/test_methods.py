@@ -1,0 +1,178 @@
+"""One generic suite over every registered method (the peft TEST_CASES pattern).
+
+For each method and each backbone family it supports: the trainable set, a train step that
+changes only trainable parameters, exact merging into a plain timm model, save/load of the
+trainable state, independence of copies, and that timm's fused attention is still used.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import petlbench
+from petlbench import NotMergeableError, PetlbenchError
+from tests.conftest import BACKBONES
+
+ALL = [(m, fam) for m in petlbench.list_methods() for fam in BACKBONES]
+CASES = [(m, fam) for m, fam in ALL if fam in petlbench.get_method(m).families]
+UNSUPPORTED = [(m, fam) for m, fam in ALL if (m, fam) not in CASES]
+BUILTIN = {"linear", "full", "bitfit", "vpt_shallow", "vpt_deep", "adapter", "lora", "ssf", "repadapter", "arc",
+           "arc_att"}
+
+
+def build(method: str, family: str, num_classes: int = 5, **hp) -> petlbench.PETLModel:
+    arch, kwargs = BACKBONES[family]
+    return petlbench.create_model(arch, method, num_classes, backbone_kwargs=kwargs, **hp)
+
+
+def randomise_method_params(model: petlbench.PETLModel) -> None:
+    """Non-zero values everywhere, so zero-initialised branches are really exercised."""
+    with torch.no_grad():
+        for p in model.petl.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+
+
+def test_every_builtin_is_registered() -> None:
+    assert BUILTIN <= set(petlbench.list_methods())
+
+
+def test_vpt_is_the_only_family_restricted_builtin() -> None:
+    assert [c for c in UNSUPPORTED if c[0] in BUILTIN] == [("vpt_deep", "swin"), ("vpt_shallow", "swin")]
+
+
+@pytest.mark.parametrize("method,family", UNSUPPORTED)
+def test_unsupported_family_is_a_clear_error(method: str, family: str) -> None:
+    with pytest.raises(PetlbenchError, match=f"not defined on {family}"):
+        build(method, family)
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_trainable_set(method: str, family: str) -> None:
+    model = build(method, family)
+    bb = model.backbone
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    head = {id(p) for p in bb.head_parameters()}
+    petl = {id(p) for p in model.petl.parameters()}
+    body = {id(p) for p in bb.body_parameters()}
+    assert head <= trainable, "the classifier head always trains"
+    assert petl <= trainable, "the method's own parameters train"
+    frozen_body_trains = trainable & body
+    if method == "full":
+        assert frozen_body_trains == body
+    elif method == "bitfit":
+        assert frozen_body_trains == {id(b) for _, b in bb.modules_with_bias()}
+        assert all(name.endswith("bias") for name, p in model.net.named_parameters()
+                   if id(p) in frozen_body_trains)
+    else:
+        assert not frozen_body_trains, "PETL methods keep the backbone frozen"
+    counts = petlbench.count_params(model)
+    assert counts.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts.trainable == counts.head + counts.trainable_without_head
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_train_step_changes_only_trainable(method: str, family: str, images: torch.Tensor) -> None:
+    model = build(method, family)
+    randomise_method_params(model)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = F.cross_entropy(model(images), torch.tensor([0, 1, 2]))
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} gets no gradient"
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+    opt.step()
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        assert changed == p.requires_grad, f"{name}: changed={changed}, trainable={p.requires_grad}"
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_merge(method: str, family: str, images: torch.Tensor) -> None:
+    model = build(method, family)
+    randomise_method_params(model)
+    if method in ("bitfit", "full"):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    if not model.method.mergeable:
+        with pytest.raises(NotMergeableError, match=method):
+            petlbench.merge(model)
+        assert petlbench.count_params(model).extra_after_merge > 0
+        return
+    with torch.no_grad():
+        expected = model(images)
+        snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+        merged = petlbench.merge(model).eval()
+        got = merged(images)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    # the input model is untouched by merging
+    assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
+    # a plain timm model: strict load, same classes, same parameter count, no hooks left
+    arch, kwargs = BACKBONES[family]
+    plain = timm.create_model(arch, num_classes=5, **kwargs)
+    plain.load_state_dict(merged.state_dict(), strict=True)
+    assert [type(m) for m in merged.modules()] == [type(m) for m in plain.modules()]
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in merged.modules())
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(images), got, rtol=0, atol=1e-6)
+    assert petlbench.count_params(model).extra_after_merge == 0
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_save_and_load_trainable_state(method: str, family: str, images: torch.Tensor, tmp_path) -> None:
+    torch.manual_seed(1)
+    source = build(method, family)
+    randomise_method_params(source)
+    path = petlbench.save_trainable(source, tmp_path / "task.safetensors")
+    torch.manual_seed(1)  # same backbone init, as with shared pretrained weights
+    target = build(method, family)
+    meta = petlbench.load_trainable(target, path)
+    assert meta["method"] == method
+    source.eval(), target.eval()
+    with torch.no_grad():
+        assert torch.equal(source(images), target(images))
+    other = "lora" if method != "lora" else "ssf"
+    with pytest.raises(PetlbenchError):
+        petlbench.load_trainable(build(other, family), path)
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_copies_are_independent(method: str, family: str, images: torch.Tensor) -> None:
+    model = build(method, family).eval()
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        before = model(images)
+        for p in clone.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+        assert torch.equal(model(images), before)
+        assert not torch.equal(clone(images), before)
+
+
+@pytest.mark.parametrize("method", petlbench.list_methods())
+def test_fused_attention_is_kept(method: str, images: torch.Tensor, monkeypatch) -> None:
+    model = build(method, "vit").eval()
+    assert all(b.attn.fused_attn for b in model.backbone.blocks)
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        model(images)
+    assert len(calls) == len(model.backbone.blocks)
