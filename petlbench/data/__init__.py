@@ -1,0 +1,101 @@
+"""petlbench's data layer: suites as YAML, readers for the layouts users already have, a
+decode-once cache, a device-side loader, fingerprints, ``data check`` and the offline demo.
+
+Typical use by the runner::
+
+    suite = get_suite("vtab")
+    task = suite.resolve_task("cifar100")            # aliases resolve to "cifar"
+    root = resolve_data_root(suite, data_root)       # builds the demo data when needed
+    check_suite(suite, root, [task.name]).raise_for_errors()
+    index = read_split(suite, task, suite.split_for("train"), root)
+    cached = load_images(index, transform_spec(suite))
+    loader = DeviceLoader.for_split(cached, train=True, batch_size=64,
+                                    normalization=resolve_normalization(mean=m, std=s),
+                                    seed=seed, device="cuda")
+    fingerprint = fingerprint_split(index)
+
+Names are imported lazily, so ``import petlbench.data`` (and the ``data`` CLI) does not pay
+for torch until a torch-backed name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    # suites
+    "Suite": "suites", "Task": "suites", "get_suite": "suites", "list_suites": "suites",
+    "load_suite_file": "suites", "load_suites": "suites", "SUITE_PATH_ENV": "suites",
+    "ENTRY_POINT_GROUP": "suites",
+    # problems
+    "DataError": "problems", "Problem": "problems",
+    # readers
+    "SplitIndex": "readers", "read_split": "readers", "collect_split": "readers",
+    "find_task_dir": "readers", "resolve_data_root": "readers",
+    # transforms
+    "Normalization": "transforms", "NORMALIZATIONS": "transforms", "resolve_normalization": "transforms",
+    "TransformSpec": "transforms", "transform_spec": "transforms", "reference_transform": "transforms",
+    "decode_image": "transforms",
+    # cache + loader (torch)
+    "CachedSplit": "cache", "load_images": "cache", "load_split": "cache", "cache_key": "cache",
+    "cache_root": "cache", "CACHE_ENV": "cache", "DeviceLoader": "loader",
+    # fingerprints
+    "fingerprint_split": "fingerprint", "fingerprint_task": "fingerprint", "combine_fingerprints": "fingerprint",
+    # check
+    "check_suite": "check", "CheckReport": "check",
+    # demo
+    "materialize_demo": "demo", "demo_backbone": "demo", "demo_weights": "demo",
+}
+
+__all__ = [
+    "CACHE_ENV", "CachedSplit", "CheckReport", "DataError", "DeviceLoader", "ENTRY_POINT_GROUP",
+    "NORMALIZATIONS", "Normalization", "Problem", "SUITE_PATH_ENV", "SplitIndex", "Suite", "Task",
+    "TransformSpec", "cache_key", "cache_root", "check_suite", "collect_split", "combine_fingerprints",
+    "decode_image", "demo_backbone", "demo_weights", "find_task_dir", "fingerprint_split",
+    "fingerprint_task", "get_suite", "list_suites", "load_images", "load_split", "load_suite_file",
+    "load_suites", "materialize_demo", "read_split", "reference_transform", "resolve_data_root",
+    "resolve_normalization", "transform_spec",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'petlbench.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"petlbench.data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from petlbench.data.cache import CACHE_ENV, CachedSplit, cache_key, cache_root, load_images, load_split
+    from petlbench.data.check import CheckReport, check_suite
+    from petlbench.data.demo import demo_backbone, demo_weights, materialize_demo
+    from petlbench.data.fingerprint import combine_fingerprints, fingerprint_split, fingerprint_task
+    from petlbench.data.loader import DeviceLoader
+    from petlbench.data.problems import DataError, Problem
+    from petlbench.data.readers import SplitIndex, collect_split, find_task_dir, read_split, resolve_data_root
+    from petlbench.data.suites import (
+        ENTRY_POINT_GROUP,
+        SUITE_PATH_ENV,
+        Suite,
+        Task,
+        get_suite,
+        list_suites,
+        load_suite_file,
+        load_suites,
+    )
+    from petlbench.data.transforms import (
+        NORMALIZATIONS,
+        Normalization,
+        TransformSpec,
+        decode_image,
+        reference_transform,
+        resolve_normalization,
+        transform_spec,
+    )
