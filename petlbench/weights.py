@@ -29,7 +29,7 @@ from petlbench.errors import PetlbenchError
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SUFFIXES = (".npz", ".safetensors", *TORCH_SUFFIXES)
 _NESTED_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "module", "params")
-_IGNORED_KEYS = re.compile(r"^(head\.|head_dist\.|pre_logits\.|fc_norm\.)|(relative_position_index|attn_mask)$")
+_IGNORED_KEYS = re.compile(r"^(head\.|head_dist\.|pre_logits\.)|(relative_position_index|attn_mask)$")
 
 
 @dataclass(frozen=True)
