@@ -14,6 +14,7 @@ class Linear(Method):
     summary = "Linear probing: train the classifier head only."
     paper = "Baseline (VPT, Jia et al., ECCV 2022, Table 1)"
     mergeable = True
+    frozen_features = True
 
     def trainable(self, backbone: Backbone, petl: nn.ModuleDict) -> Iterable[nn.Parameter]:
         return backbone.head_parameters()

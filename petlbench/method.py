@@ -103,6 +103,8 @@ class Method:
       weight_decay, batch_size, epochs, ...); consumed by the runner, not by the model.
     - ``families``: backbone families supported (``"vit"``, ``"swin"``).
     - ``mergeable``: True when :meth:`merge` folds the method into the plain backbone exactly.
+    - ``frozen_features``: True when only the head trains and the backbone's features never
+      change (linear probing), so the engine may extract features once and train on them.
     """
 
     name: ClassVar[str] = ""
@@ -113,6 +115,7 @@ class Method:
     train_presets: ClassVar[Mapping[str, Mapping[str, Mapping[str, Any]]]] = {}
     families: ClassVar[frozenset[str]] = frozenset({"vit", "swin"})
     mergeable: ClassVar[bool] = False
+    frozen_features: ClassVar[bool] = False
 
     def __init__(self, **hparams: Any) -> None:
         self.config: dict[str, Any] = self.validate(hparams, complete=True)

@@ -169,7 +169,7 @@ def _skimage_data() -> Any:
     except ImportError as exc:
         raise PetlbenchError(
             f"the demo suite needs scikit-image for its face and texture images ({exc}). "
-            "Fix: pip install 'petlbench[demo]' (or pip install scikit-image)."
+            "Fix: pip install scikit-image (a petlbench dependency)."
         ) from None
     return data
 

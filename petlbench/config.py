@@ -1,0 +1,125 @@
+"""Training configuration: every setting the engine reads, with defaults, and how they resolve.
+
+Resolution, lowest to highest priority: the defaults below < the suite's ``train_defaults``
+(YAML) < the method's published ``train_presets`` for the suite (``"*"``, then the task) < a
+user config file < ``--set key=value``. The resolved values are part of each run's identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from petlbench.errors import PetlbenchError, did_you_mean
+from petlbench.method import HParam, Method
+
+TRAIN_HPARAMS: dict[str, HParam] = {
+    "epochs": HParam(100, "training epochs", low=1),
+    "batch_size": HParam(64, "training batch size", low=1),
+    "eval_batch_size": HParam(256, "evaluation batch size", low=1),
+    "lr": HParam(1e-3, "peak learning rate (AdamW)", low=0.0, low_exclusive=True),
+    "weight_decay": HParam(1e-4, "AdamW weight decay (applied to every trainable tensor, as the papers do)", low=0.0),
+    "warmup_epochs": HParam(10, "linear warm-up epochs (stepped per iteration)", low=0),
+    "warmup_lr": HParam(1e-6, "learning rate at the start of warm-up", low=0.0),
+    "min_lr": HParam(1e-5, "learning rate at the end of the cosine decay", low=0.0),
+    "grad_clip": HParam(0.0, "global gradient-norm clip (0 = off)", low=0.0),
+    "label_smoothing": HParam(0.0, "cross-entropy label smoothing", low=0.0, high=0.99),
+    "drop_path_rate": HParam(0.0, "stochastic depth of the (frozen) backbone", low=0.0, high=0.99),
+    "drop_rate": HParam(0.0, "dropout of the backbone (embedding and MLP)", low=0.0, high=0.99),
+    "drop_last": HParam(False, "drop the last incomplete training batch"),
+    "precision": HParam("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16")),
+    "normalization": HParam("backbone", "input normalisation: the backbone's pretrained config or a preset",
+                            choices=("backbone", "imagenet", "inception")),
+    "eval_every": HParam(0, "evaluate every N epochs for the learning curve (0 = only at the end)", low=0),
+    "tune_lr": HParam("1e-3,1e-2", "learning rates tried by the `tune` protocol (comma-separated)"),
+    "tune_weight_decay": HParam("1e-4,1e-3", "weight decays tried by the `tune` protocol (comma-separated)"),
+    "limit_train": HParam(0, "use only the first N training images (0 = all; smoke tests only)", low=0),
+    "limit_eval": HParam(0, "use only the first N evaluation images (0 = all; smoke tests only)", low=0),
+}
+
+_WHERE = "training setting"
+
+
+def _check(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if key not in TRAIN_HPARAMS:
+            raise PetlbenchError(f"{source}: " + did_you_mean(key, TRAIN_HPARAMS, _WHERE).replace("Registered", "Known"))
+        out[key] = TRAIN_HPARAMS[key].coerce(source, key, value)
+    return out
+
+
+def parse_floats(text: str, key: str) -> list[float]:
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise PetlbenchError(f"training setting {key!r} must be comma-separated numbers, got {text!r}.") from None
+    if not values or any(v < 0 for v in values):
+        raise PetlbenchError(f"training setting {key!r} needs at least one non-negative number, got {text!r}.")
+    return values
+
+
+def resolve_train(
+    suite_defaults: Mapping[str, Any],
+    method: type[Method],
+    suite: str,
+    task: str,
+    user: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The fully resolved training configuration of one run."""
+    out = {k: h.default for k, h in TRAIN_HPARAMS.items()}
+    out.update(_check(suite_defaults, f"suite {suite!r} train_defaults"))
+    table = method.train_presets.get(suite, {})
+    out.update(_check(table.get("*", {}), f"method {method.name!r} train_presets"))
+    out.update(_check(table.get(task, {}), f"method {method.name!r} train_presets"))
+    out.update(_check(user, "--set"))
+    for key in ("tune_lr", "tune_weight_decay"):
+        parse_floats(out[key], key)
+    return out
+
+
+def split_overrides(
+    overrides: Mapping[str, Any], methods: Iterable[type[Method]]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Split ``--set`` pairs into training settings and per-method hyperparameters.
+
+    A key may be a hyperparameter of only some of the selected methods (``--set rank=4`` with
+    ``arc,lora``); it applies where it exists. A key nobody knows is an error.
+    """
+    methods = list(methods)
+    train = {k: v for k, v in overrides.items() if k in TRAIN_HPARAMS}
+    per_method: dict[str, dict[str, Any]] = {m.name: {} for m in methods}
+    for key, value in overrides.items():
+        if key in TRAIN_HPARAMS:
+            continue
+        owners = [m for m in methods if key in m.hparams]
+        if not owners:
+            known = set(TRAIN_HPARAMS) | {h for m in methods for h in m.hparams}
+            raise PetlbenchError(
+                "--set: " + did_you_mean(key, known, "setting").replace("Registered", "Known")
+                + " (training settings, or hyperparameters of the selected methods)"
+            )
+        for m in owners:
+            per_method[m.name][key] = value
+    return train, per_method
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML file of ``key: value`` settings (training or method), optionally with a ``methods:``
+    mapping of per-method hyperparameters. Returns {"set": {...}, "methods": {name: {...}}}."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise PetlbenchError(f"config file {path}: cannot read it ({exc.strerror}).") from None
+    except yaml.YAMLError as exc:
+        raise PetlbenchError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]}).") from None
+    if not isinstance(data, dict):
+        raise PetlbenchError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}.")
+    methods = data.pop("methods", {}) or {}
+    if not isinstance(methods, dict) or not all(isinstance(v, dict) for v in methods.values()):
+        raise PetlbenchError(f"config file {path}: `methods` must map method names to mappings of hyperparameters.")
+    return {"set": data, "methods": methods}
