@@ -6,6 +6,9 @@ peft does on timm). The branch runs in parallel with ``qkv`` and adds
 ``[B_q A_q x, 0, B_v A_v x] * alpha / rank``. A is kaiming-uniform, B zero. Merging adds
 ``alpha/rank * B A`` to the q and v row blocks of ``qkv.weight``.
 ViT-B/16, rank 8: 12 * 2 * 8 * (768 + 768) = 294,912 parameters.
+
+``targets=qkv`` instead learns one rank-r pair on the whole fused ``qkv`` (what peft does on
+timm); it exists to compare speed with peft on exactly the same adapted weights.
 """
 
 from __future__ import annotations
@@ -42,6 +45,25 @@ class QVLoRA(nn.Module):
         return self.scaling * self.lora_b[which].double() @ self.lora_a[which].double()
 
 
+class FusedLoRA(nn.Module):
+    """One low-rank pair on the whole fused qkv (peft's behaviour on timm)."""
+
+    def __init__(self, dim: int, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.scaling = alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, dim))
+        self.lora_b = nn.Parameter(torch.zeros(3 * dim, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(self.dropout(x), self.lora_a.to(x.dtype))
+        return F.linear(z, self.lora_b.to(x.dtype)) * self.scaling
+
+    def delta(self) -> torch.Tensor:
+        return self.scaling * self.lora_b.double() @ self.lora_a.double()
+
+
 class LoRA(Method):
     name = "lora"
     summary = "LoRA rank 8 on the query and value projections (separate low-rank pairs)."
@@ -51,15 +73,21 @@ class LoRA(Method):
         "rank": HParam(8, "rank r of each low-rank pair", low=1),
         "alpha": HParam(8.0, "scaling numerator: the update is alpha/r * B A", low=0.0, low_exclusive=True),
         "dropout": HParam(0.0, "dropout on the LoRA branch input", low=0.0, high=0.99),
+        "targets": HParam("qv", "qv: separate pairs on q and v (the papers); qkv: one pair on fused qkv (peft)",
+                          choices=("qv", "qkv")),
     }
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
-        loras = nn.ModuleList(QVLoRA(b.dim, self.hp.rank, self.hp.alpha, self.hp.dropout) for b in backbone.blocks)
+        kind = QVLoRA if self.hp.targets == "qv" else FusedLoRA
+        loras = nn.ModuleList(kind(b.dim, self.hp.rank, self.hp.alpha, self.hp.dropout) for b in backbone.blocks)
         petl["lora"] = loras
         for blk, lora in zip(backbone.blocks, loras, strict=True):
             backbone.add_parallel(blk.qkv, lora)
 
     def merge(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
         for blk, lora in zip(backbone.blocks, petl["lora"], strict=True):
-            add_to_weight_rows(blk.qkv, 0, lora.delta(0))
-            add_to_weight_rows(blk.qkv, 2 * blk.dim, lora.delta(1))
+            if self.hp.targets == "qkv":
+                add_to_weight_rows(blk.qkv, 0, lora.delta())
+            else:
+                add_to_weight_rows(blk.qkv, 0, lora.delta(0))
+                add_to_weight_rows(blk.qkv, 2 * blk.dim, lora.delta(1))

@@ -14,6 +14,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
@@ -25,12 +26,13 @@ class Prompts(nn.Module):
         self.prompts = nn.Parameter(torch.empty(layers, num_tokens, dim))
         bound = math.sqrt(6.0 / (3 * patch * patch + dim))
         nn.init.uniform_(self.prompts, -bound, bound)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.prefix = prefix
         self.num_tokens = num_tokens
 
     def _layer(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.prompts[layer]).to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        prompts = F.dropout(self.prompts[layer], self.dropout, self.training)
+        return prompts.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
 
     def insert(self, tokens: torch.Tensor) -> torch.Tensor:
         """[prefix | patches] -> [prefix | prompts | patches]."""

@@ -176,3 +176,19 @@ def test_fused_attention_is_kept(method: str, images: torch.Tensor, monkeypatch)
     with torch.no_grad():
         model(images)
     assert len(calls) == len(model.backbone.blocks)
+
+
+VARIANTS = [("lora", {"targets": "qkv"}), ("repadapter", {"variant": "repattn"}), ("arc", {"mlp_scale_init": "zeros"}),
+            ("repadapter", {"groups": 4, "hidden_dim": 8})]
+
+
+@pytest.mark.parametrize("family", list(BACKBONES))
+@pytest.mark.parametrize("method,hp", VARIANTS)
+def test_variants_merge_exactly(method: str, hp: dict, family: str, images: torch.Tensor) -> None:
+    model = build(method, family, **hp)
+    randomise_method_params(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(images)
+        got = petlbench.merge(model).eval()(images)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()

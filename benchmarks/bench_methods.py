@@ -1,0 +1,43 @@
+"""Speed and cost of every built-in method against the plain backbone and full fine-tuning.
+
+A thin wrapper around ``petlbench bench`` (see petlbench/bench.py for what is measured and how)
+that writes ``benchmarks/results/<device>-<date>.{json,md}``.
+
+    python benchmarks/bench_methods.py                      # GPU if present: ViT-B/16, bf16, batch 64
+    python benchmarks/bench_methods.py --quick              # CPU smoke run on a tiny ViT
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from petlbench.cli import main as cli
+
+METHODS = "linear,bitfit,lora,ssf,adapter,vpt_shallow,vpt_deep,repadapter,arc,arc_att"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--methods", default=METHODS)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    out = Path(__file__).parent / "results" / f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}-" \
+        f"{time.strftime('%Y%m%d')}{'-quick' if args.quick else ''}"
+    argv = ["bench", "--method", args.methods, "--device", device, "--out", str(out)]
+    if args.quick:
+        argv += ["--backbone", "vit_tiny_patch16_224", "--batch-size", "8", "--iters", "3", "--warmup", "1",
+                 "--no-peft"] + [x for kv in ("img_size=32", "patch_size=8", "embed_dim=32", "depth=2", "num_heads=2")
+                                 for x in ("--backbone-arg", kv)]
+    sys.exit(cli.main(argv, standalone_mode=False) or 0)
+
+
+if __name__ == "__main__":
+    main()

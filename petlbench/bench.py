@@ -1,0 +1,347 @@
+"""Speed and cost of methods, measured side by side in one process on synthetic inputs of the
+real shapes.
+
+Every contender (each method's training model, each deployed model, the plain backbone) is
+timed **interleaved**: one repetition of each in turn, repeated, so machine drift hits all of
+them alike; medians and spreads are reported. CUDA timings use CUDA events after warm-up.
+
+Targets (each printed as a ratio with a verdict):
+- deployed (merged) latency / plain backbone latency <= 1.01 for every mergeable method;
+- petlbench LoRA train step / peft LoRA train step <= 1.0 on the same weights (peft optional);
+- PETL train step >= 50% of the GPU's bf16 peak by model FLOPs (GPU only);
+- PETL peak training memory <= 0.6x full fine-tuning at the same batch (GPU only).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense bf16 tensor-core peaks (FLOP/s), vendors' data sheets; used only for the utilisation ratio.
+BF16_PEAK = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+             "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
+TARGETS = {"latency_ratio": 1.01, "peft_ratio": 1.0, "mfu": 0.5, "memory_ratio": 0.6}
+
+
+@dataclass
+class BenchConfig:
+    methods: Sequence[str]
+    backbone: str = "vit_base_patch16_224"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    device: str = "cpu"
+    dtype: str = "fp32"
+    num_classes: int = 100
+    warmup: int = 3
+    iters: int = 10
+    compile: bool = False
+    peft: bool = True
+
+
+def device_peak(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)", None
+    name = torch.cuda.get_device_name(device)
+    for key, value in BF16_PEAK.items():
+        if all(part in name for part in key.split()):
+            return name, value
+    return name, None
+
+
+def _autocast(device: torch.device, dtype: str):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    def run(fn: Callable[[], Any]) -> float:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return run
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, iters: int,
+                min_sample_s: float = 0.02) -> dict[str, dict]:
+    """Median/min/max seconds per call of every fn, timed round-robin.
+
+    Each sample repeats a call enough times to last ``min_sample_s``, so sub-millisecond calls
+    are not drowned in timer noise.
+    """
+    timer = _timer(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    reps = {k: max(1, math.ceil(min_sample_s / max(timer(fn), 1e-6))) for k, fn in fns.items()}
+
+    def repeated(fn: Callable[[], Any], n: int) -> Callable[[], None]:
+        def call() -> None:
+            for _ in range(n):
+                fn()
+        return call
+
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(iters):
+        for key, fn in fns.items():
+            samples[key].append(timer(repeated(fn, reps[key])) / reps[key])
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v),
+                "spread": (max(v) - min(v)) / statistics.median(v)} for k, v in samples.items()}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _train_step(model: nn.Module, params: list[nn.Parameter], x, y, device, dtype) -> Callable[[], None]:
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        with _autocast(device, dtype):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _forward(model: nn.Module, x, device, dtype) -> Callable[[], None]:
+    @torch.no_grad()
+    def fwd() -> None:
+        with _autocast(device, dtype):
+            model(x)
+    return fwd
+
+
+def _maybe_compile(model: nn.Module, enabled: bool, notes: list[str], name: str) -> nn.Module:
+    if not enabled:
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as exc:  # measured fallback: eager mode, said so in the output
+        notes.append(f"torch.compile failed for {name} ({type(exc).__name__}); measured eagerly")
+        return model
+
+
+def _peak_memory(step: Callable[[], None], device: torch.device) -> dict[str, int] | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    step()
+    _sync(device)
+    return {"allocated": torch.cuda.max_memory_allocated(device), "reserved": torch.cuda.max_memory_reserved(device)}
+
+
+def _peft_lora(cfg: BenchConfig, device: torch.device, rank: int) -> nn.Module | None:
+    try:
+        import peft
+    except ImportError:
+        return None
+    import timm
+
+    base = timm.create_model(cfg.backbone, num_classes=cfg.num_classes, **cfg.backbone_kwargs)
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=r".*\.attn\.qkv", lora_dropout=0.0,
+                             modules_to_save=None)
+    model = peft.get_peft_model(base, config)
+    for p in base.get_classifier().parameters():
+        p.requires_grad_(True)
+    return model.to(device)
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Measure every method of ``cfg``; returns a JSON-serialisable summary."""
+    import timm
+
+    import petlbench
+
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise petlbench.PetlbenchError("--device cuda asked for, but no CUDA device is visible. Fix: --device cpu.")
+    name, peak = device_peak(device)
+    notes: list[str] = []
+    torch.manual_seed(0)
+    plain = timm.create_model(cfg.backbone, num_classes=cfg.num_classes, **cfg.backbone_kwargs).to(device).eval()
+    size = plain.pretrained_cfg.get("input_size", (3, 224, 224))[-1] if not cfg.backbone_kwargs.get("img_size") \
+        else cfg.backbone_kwargs["img_size"]
+    xb = torch.randn(cfg.batch_size, 3, size, size, device=device)
+    x1 = xb[:1].clone()
+    y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
+
+    methods = list(dict.fromkeys([*cfg.methods, "full"]))  # full fine-tuning is the memory reference
+    train_fns: dict[str, Callable] = {}
+    lat_fns: dict[str, Callable] = {"plain": _forward(_maybe_compile(plain, cfg.compile, notes, "plain"), x1,
+                                                      device, cfg.dtype)}
+    thr_fns: dict[str, Callable] = {"plain": _forward(plain, xb, device, cfg.dtype)}
+    rows: dict[str, dict[str, Any]] = {}
+    plain_flops = count_flops(_forward(plain, x1, device, cfg.dtype))
+    plain_params = sum(p.numel() for p in plain.parameters())
+    for method in methods:
+        torch.manual_seed(0)
+        model = petlbench.create_model(cfg.backbone, method, cfg.num_classes,
+                                       backbone_kwargs=cfg.backbone_kwargs).to(device)
+        with torch.no_grad():  # non-zero adapters, so merged and unmerged compute the real thing
+            for p in model.petl.parameters():
+                p.add_(torch.randn_like(p) * 1e-3)
+        params = [p for p in model.parameters() if p.requires_grad]
+        trained = _maybe_compile(model.train(), cfg.compile, notes, method)
+        step = _train_step(trained, params, xb, y, device, cfg.dtype)
+        step_flops = count_flops(step)
+        counts = petlbench.count_params(model)
+        if model.method.mergeable:
+            deployed, kind = petlbench.merge(model.eval()).to(device).eval(), "merged"
+            same = [type(m) for m in deployed.modules()] == [type(m) for m in plain.modules()]
+            assert same and sum(p.numel() for p in deployed.parameters()) == plain_params, "merge left extra modules"
+        else:
+            deployed, kind = model.eval(), "unmerged"
+        row = {
+            "method": method, "deployed": kind, "trainable": counts.trainable,
+            "trainable_without_head": counts.trainable_without_head, "extra_after_merge": counts.extra_after_merge,
+            "trainable_state_bytes": counts.trainable_bytes, "train_step_flops": step_flops,
+            "flops_unmerged": count_flops(_forward(model.eval(), x1, device, cfg.dtype)),
+            "flops_deployed": count_flops(_forward(deployed, x1, device, cfg.dtype)),
+            "peak_memory": _peak_memory(step, device),
+        }
+        model.train()
+        rows[method] = row
+        if method == "full" or method in cfg.methods:
+            train_fns[method] = step
+        if method in cfg.methods:
+            lat_fns[method] = _forward(_maybe_compile(deployed, cfg.compile, notes, f"{method} deployed"), x1,
+                                       device, cfg.dtype)
+            thr_fns[method] = _forward(deployed, xb, device, cfg.dtype)
+    peft_model = None
+    if cfg.peft and "lora" in cfg.methods:
+        peft_model = _peft_lora(cfg, device, petlbench.get_method("lora").hparams["rank"].default)
+        if peft_model is None:
+            notes.append("peft is not installed: petlbench-vs-peft LoRA ratio not measured (pip install peft)")
+        else:
+            torch.manual_seed(0)
+            ours = petlbench.create_model(cfg.backbone, "lora", cfg.num_classes, backbone_kwargs=cfg.backbone_kwargs,
+                                          targets="qkv").to(device).train()
+            train_fns["lora[qkv]"] = _train_step(ours, [p for p in ours.parameters() if p.requires_grad], xb, y,
+                                                 device, cfg.dtype)
+            train_fns["peft lora[qkv]"] = _train_step(peft_model.train(),
+                                                      [p for p in peft_model.parameters() if p.requires_grad],
+                                                      xb, y, device, cfg.dtype)
+    train_t = interleaved(train_fns, device, cfg.warmup, cfg.iters)
+    lat_t = interleaved(lat_fns, device, cfg.warmup, cfg.iters)
+    thr_t = interleaved(thr_fns, device, cfg.warmup, max(2, cfg.iters // 2))
+
+    full_step = train_t.get("full", {}).get("median_s")
+    full_mem = (rows["full"]["peak_memory"] or {}).get("allocated")
+    for method in cfg.methods:
+        row = rows[method]
+        t = train_t[method]["median_s"]
+        row.update(
+            train_step_s=train_t[method], train_images_per_s=cfg.batch_size / t,
+            train_step_vs_full=(t / full_step) if full_step else None,
+            latency_b1=lat_t[method], latency_ratio=lat_t[method]["median_s"] / lat_t["plain"]["median_s"],
+            throughput=cfg.batch_size / thr_t[method]["median_s"],
+            throughput_ratio=thr_t["plain"]["median_s"] / thr_t[method]["median_s"],
+            flops_ratio_deployed=row["flops_deployed"] / plain_flops,
+            mfu=(row["train_step_flops"] / t / peak) if peak else None,
+            memory_vs_full=(row["peak_memory"]["allocated"] / full_mem) if row["peak_memory"] and full_mem else None,
+        )
+    peft_ratio = None
+    if "peft lora[qkv]" in train_t:
+        peft_ratio = train_t["lora[qkv]"]["median_s"] / train_t["peft lora[qkv]"]["median_s"]
+    return {
+        "device": name, "torch": torch.__version__, "timm": timm.__version__, "petlbench": petlbench.__version__,
+        "date": time.strftime("%Y-%m-%d"), "backbone": cfg.backbone, "backbone_kwargs": cfg.backbone_kwargs,
+        "image_size": size, "batch_size": cfg.batch_size, "dtype": cfg.dtype, "compile": cfg.compile,
+        "iters": cfg.iters, "plain": {"latency_b1": lat_t["plain"], "throughput": cfg.batch_size
+                                      / thr_t["plain"]["median_s"], "flops": plain_flops, "params": plain_params},
+        "methods": [rows[m] for m in cfg.methods], "peft_ratio": peft_ratio,
+        "peft_train_step_s": train_t.get("peft lora[qkv]"), "notes": notes,
+        "verdicts": verdicts([rows[m] for m in cfg.methods], peft_ratio, peak is not None, device.type == "cuda"),
+    }
+
+
+def verdicts(rows: list[dict[str, Any]], peft_ratio: float | None, has_peak: bool, cuda: bool) -> list[dict]:
+    """One line per target: the measured ratio, the target and pass/fail, or why not measured."""
+    out = []
+    for r in rows:
+        if r["deployed"] == "merged":
+            out.append({"target": f"{r['method']}: deployed latency / plain <= {TARGETS['latency_ratio']}",
+                        "value": r["latency_ratio"], "ok": r["latency_ratio"] <= TARGETS["latency_ratio"]})
+        if r["method"] not in ("full",):
+            if has_peak:
+                out.append({"target": f"{r['method']}: train step >= 50% of bf16 peak", "value": r["mfu"],
+                            "ok": r["mfu"] >= TARGETS["mfu"]})
+            if r["memory_vs_full"] is not None and r["method"] != "linear":
+                out.append({"target": f"{r['method']}: peak train memory / full FT <= 0.6",
+                            "value": r["memory_vs_full"], "ok": r["memory_vs_full"] <= TARGETS["memory_ratio"]})
+    if peft_ratio is not None:
+        out.append({"target": "LoRA train step / peft LoRA (same qkv weights, same rank) <= 1.0", "value": peft_ratio,
+                    "ok": peft_ratio <= TARGETS["peft_ratio"]})
+    missing = []
+    if not has_peak:
+        missing.append("MFU >= 50% of bf16 peak (needs a GPU with a known peak)")
+    if not cuda:
+        missing.append("peak memory vs full fine-tuning (needs a GPU)")
+    if peft_ratio is None:
+        missing.append("LoRA vs peft (needs `pip install peft` and lora among the methods)")
+    for m in missing:
+        out.append({"target": m, "value": None, "ok": None})
+    return out
+
+
+def _ms(t: dict[str, float]) -> str:
+    return f"{1e3 * t['median_s']:.2f} ms (±{100 * t['spread'] / 2:.0f}%)"
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """A summary table (and verdicts) for the terminal and benchmarks/results/*.md."""
+    head = (f"**{result['backbone']}** {result['image_size']}px, batch {result['batch_size']}, {result['dtype']}"
+            f"{', torch.compile' if result['compile'] else ''} on **{result['device']}** (torch {result['torch']}, "
+            f"timm {result['timm']}, {result['date']}, {result['iters']} interleaved repetitions, median ± half spread)")
+    lines = [head, "",
+             "| method | deployed | trainable w/o head | extra after merge | state KiB | train step | img/s | "
+             "vs full FT | latency b1 | latency / plain | throughput / plain | FLOPs deployed / plain | "
+             "peak mem / full | MFU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def f(v: float | None, fmt: str = "{:.3f}") -> str:
+        return "–" if v is None else fmt.format(v)
+
+    for r in result["methods"]:
+        lines.append(
+            f"| {r['method']} | {r['deployed']} | {r['trainable_without_head']:,} | {r['extra_after_merge']:,} | "
+            f"{r['trainable_state_bytes'] / 1024:.1f} | {_ms(r['train_step_s'])} | {r['train_images_per_s']:.1f} | "
+            f"{f(r['train_step_vs_full'], '{:.2f}x')} | {_ms(r['latency_b1'])} | {r['latency_ratio']:.3f} | "
+            f"{r['throughput_ratio']:.3f} | {r['flops_ratio_deployed']:.3f} | {f(r['memory_vs_full'], '{:.2f}')} | "
+            f"{f(r['mfu'], '{:.0%}')} |")
+    lines += ["", "Targets:"]
+    for v in result["verdicts"]:
+        if v["ok"] is None:
+            lines.append(f"- not measured here: {v['target']}")
+        else:
+            lines.append(f"- {'PASS' if v['ok'] else 'FAIL'} {v['target']}: {v['value']:.3f}")
+    lines += [f"- note: {n}" for n in result["notes"]]
+    return "\n".join(lines)
