@@ -30,6 +30,10 @@ from torch.utils.flop_counter import FlopCounterMode
 # Dense bf16 tensor-core peaks (FLOP/s), vendors' data sheets; used only for the utilisation ratio.
 BF16_PEAK = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
              "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
+# VTAB-1k: 100 epochs over 1000 training images, then one pass over the 19 test sets.
+VTAB_TRAIN_IMAGES = 100 * 1000
+VTAB_TEST_IMAGES = 10000 + 6084 + 1880 + 6149 + 3669 + 26032 + 21750 + 32768 + 5400 + 6300 + 42670 + 15000 \
+    + 15000 + 22735 + 711 + 73728 + 73728 + 12150 + 12150
 TARGETS = {"latency_ratio": 1.01, "peft_ratio": 1.0, "mfu": 0.5, "memory_ratio": 0.6}
 
 
@@ -266,6 +270,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             throughput_ratio=thr_t["plain"]["median_s"] / thr_t[method]["median_s"],
             flops_ratio_deployed=row["flops_deployed"] / plain_flops,
             mfu=(row["train_step_flops"] / t / peak) if peak else None,
+            vtab_sweep_minutes=(19 * VTAB_TRAIN_IMAGES * t / cfg.batch_size
+                                + VTAB_TEST_IMAGES * thr_t[method]["median_s"] / cfg.batch_size) / 60,
             memory_vs_full=(row["peak_memory"]["allocated"] / full_mem) if row["peak_memory"] and full_mem else None,
         )
     peft_ratio = None
@@ -324,8 +330,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [head, "",
              "| method | deployed | trainable w/o head | extra after merge | state KiB | train step | img/s | "
              "vs full FT | latency b1 | latency / plain | throughput / plain | FLOPs deployed / plain | "
-             "peak mem / full | MFU |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "peak mem / full | MFU | VTAB-1k sweep (est.) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(v: float | None, fmt: str = "{:.3f}") -> str:
         return "–" if v is None else fmt.format(v)
@@ -336,7 +342,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"{r['trainable_state_bytes'] / 1024:.1f} | {_ms(r['train_step_s'])} | {r['train_images_per_s']:.1f} | "
             f"{f(r['train_step_vs_full'], '{:.2f}x')} | {_ms(r['latency_b1'])} | {r['latency_ratio']:.3f} | "
             f"{r['throughput_ratio']:.3f} | {r['flops_ratio_deployed']:.3f} | {f(r['memory_vs_full'], '{:.2f}')} | "
-            f"{f(r['mfu'], '{:.0%}')} |")
+            f"{f(r['mfu'], '{:.0%}')} | {r['vtab_sweep_minutes']:.0f} min |")
     lines += ["", "Targets:"]
     for v in result["verdicts"]:
         if v["ok"] is None:

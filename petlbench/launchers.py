@@ -27,7 +27,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from petlbench.errors import PetlbenchError, did_you_mean
+from petlbench.records import base_record, write_record
 from petlbench.runspec import RunSpec
 
 LAUNCHERS = ("inline", "local", "slurm")
@@ -157,47 +157,14 @@ def _validate(options: LaunchOptions) -> None:
 
 def failed_record(spec: RunSpec, error_type: str, message: str) -> dict[str, Any]:
     """The record of a run that died before the engine could write one (same top-level keys)."""
-    try:
-        from petlbench.records import SCHEMA_VERSION
-    except ImportError:  # pragma: no cover - the engine is always there in a release
-        SCHEMA_VERSION = 1  # noqa: N806
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": spec.run_id,
-        "label": spec.label,
-        "suite": spec.suite,
-        "task": spec.task,
-        "method": spec.method,
-        "seed": spec.seed,
-        "protocol": spec.protocol,
-        "status": "failed",
-        "error": {"type": error_type, "message": message},
-        "metrics": {},
-        "params": {},
-        "config": {},
-        "efficiency": {},
-        "provenance": {"hostname": socket.gethostname(), "end_time": _utc_now()},
-    }
+    record = base_record(spec, "failed")
+    record["error"] = {"type": error_type, "message": message}
+    record["provenance"] = {"hostname": socket.gethostname(), "end_time": _utc_now()}
+    return record
 
 
 def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Temp file + rename in the same folder: readers never see half a record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fresh_record(spec: RunSpec, since: float) -> dict[str, Any] | None:
@@ -223,7 +190,7 @@ def _record_crash(spec: RunSpec, since: float, error_type: str, message: str) ->
         return record
     record = failed_record(spec, error_type, message)
     try:
-        _write_json_atomic(spec.record_path, record)
+        write_record(spec.record_path, record)
     except OSError as exc:  # the sweep still learns about the failure through on_done
         log.warning("could not write the failed record %s: %s", spec.record_path, exc)
     return record

@@ -33,6 +33,27 @@ REQUIRED = ("schema_version", "run_id", "suite", "task", "method", "seed", "stat
             "config", "efficiency", "provenance")
 
 
+def base_record(spec: Any, status: str) -> dict[str, Any]:
+    """The identity part every record of ``spec`` (a RunSpec) starts from, whoever writes it."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": spec.run_id,
+        "label": spec.label,
+        "suite": spec.suite,
+        "task": spec.task,
+        "method": spec.method,
+        "seed": spec.seed,
+        "protocol": spec.protocol,
+        "status": status,
+        "error": None,
+        "metrics": {},
+        "params": {},
+        "config": {},
+        "efficiency": {},
+        "provenance": {},
+    }
+
+
 def write_record(path: str | os.PathLike, record: dict[str, Any]) -> Path:
     """Write ``record`` to ``path`` atomically: a reader sees the old file or the new one, never half."""
     path = Path(path)

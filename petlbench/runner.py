@@ -35,7 +35,7 @@ import torch
 
 from petlbench.config import parse_floats
 from petlbench.errors import PetlbenchError
-from petlbench.records import SCHEMA_VERSION, write_record
+from petlbench.records import base_record, write_record
 from petlbench.runspec import RunSpec
 
 PROTOCOLS: dict[str, str] = {
@@ -247,31 +247,19 @@ def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int
     import petlbench
 
     commit, dirty = _git()
-    record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": spec.run_id,
-        "label": spec.label,
-        "suite": spec.suite,
-        "task": spec.task,
-        "method": spec.method,
-        "seed": spec.seed,
-        "protocol": spec.protocol,
+    record = base_record(spec, "running")
+    record.update({
         "protocol_description": PROTOCOLS.get(spec.protocol),
-        "status": "running",
-        "error": None,
-        "metrics": {},
-        "params": {},
         "config": {
             "method_hparams": spec.method_hparams, "train": spec.train, "protocol": spec.protocol,
             "backbone": spec.backbone, "backbone_kwargs": spec.backbone_kwargs, "pretrained": spec.pretrained,
         },
-        "efficiency": {},
         "provenance": {
             "petlbench_version": petlbench.__version__, "git_commit": commit, "git_dirty": dirty,
             "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "hostname": socket.gethostname(), "pid": os.getpid(), "start_time": _now(),
         },
-    }
+    })
     try:
         dev = _device(device)
         record["provenance"]["device"] = device_name(dev)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from petlbench.launchers import _write_json_atomic
+from petlbench.records import write_record
 from petlbench.runspec import RunSpec
 
 
@@ -29,7 +29,7 @@ def job_ok(spec: RunSpec) -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "cwd": os.getcwd(),
     }
-    _write_json_atomic(spec.record_path, record)
+    write_record(spec.record_path, record)
     return record
 
 

@@ -23,6 +23,7 @@ import pytest
 from petlbench import launchers
 from petlbench.errors import PetlbenchError
 from petlbench.launchers import LaunchOptions, launch, plan_local_slots
+from petlbench.records import write_record
 from petlbench.runspec import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def fake_ok(spec: RunSpec) -> dict[str, Any]:
         "omp_threads": os.environ.get("OMP_NUM_THREADS"),
         "torch_threads": torch.get_num_threads(),
     }
-    launchers._write_json_atomic(spec.record_path, record)
+    write_record(spec.record_path, record)
     return record
 
 
