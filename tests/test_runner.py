@@ -207,3 +207,24 @@ def test_killed_sweep_resumes_without_corrupt_records(tmp_path) -> None:
     after = {p: p.read_bytes() for p in out.rglob("*.json")}
     assert len(after) == 4
     assert all(after[p] == data for p, data in before.items()), "finished runs were redone"
+
+
+def test_config_file_and_local_launcher(tmp_path) -> None:
+    """A YAML config (training settings + per-method hyperparameters), run by two worker processes."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text("epochs: 1\nwarmup_epochs: 0\nlimit_train: 32\nlimit_eval: 32\nbatch_size: 16\n"
+                      "methods:\n  lora:\n    rank: 2\n")
+    out = tmp_path / "res"
+    result = run("run", "--suite", "demo", "--method", "lora,bitfit", "--task", "faces", "--config", str(config),
+                 "--set", "lr=0.002", "--launcher", "local", "--workers", "2", "--device", "cpu", "--output", str(out),
+                 "--quiet")
+    assert result.exit_code == 0, result.output
+    by_method = {r["method"]: r for r in records(out)}
+    assert by_method["lora"]["config"]["method_hparams"]["rank"] == 2
+    assert by_method["lora"]["params"]["trainable_without_head"] == 4 * 2 * 2 * (64 + 64)  # 4 blocks x (q, v) x rank 2
+    assert {r["config"]["train"]["lr"] for r in by_method.values()} == {0.002}
+    assert len({r["provenance"]["pid"] for r in by_method.values()}) == 2  # one process per run
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods:\n  lora:\n    rnk: 2\n")
+    result = run("run", "--suite", "demo", "--method", "lora", "--config", str(bad), "--output", str(out))
+    assert result.exit_code == 2 and "Did you mean 'rank'" in result.output
