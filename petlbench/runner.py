@@ -119,7 +119,7 @@ class _Data:
             index = D.read_split(self.suite, self.task, name, self.root)
             if limit:
                 index = index.take(min(limit, len(index)))
-            self.fingerprints[name] = D.fingerprint_split(index)
+            self.fingerprints[name] = D.cached_fingerprint(index)
             self._cached[name] = D.load_images(index, self.tspec)
             self.sizes[name] = len(index)
         return self._cached[name]

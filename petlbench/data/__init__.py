@@ -41,7 +41,7 @@ _EXPORTS: dict[str, str] = {
     "CachedSplit": "cache", "load_images": "cache", "load_split": "cache", "cache_key": "cache",
     "cache_root": "cache", "CACHE_ENV": "cache", "DeviceLoader": "loader",
     # fingerprints
-    "fingerprint_split": "fingerprint", "fingerprint_task": "fingerprint", "combine_fingerprints": "fingerprint",
+    "fingerprint_split": "fingerprint", "cached_fingerprint": "fingerprint", "fingerprint_task": "fingerprint", "combine_fingerprints": "fingerprint",
     # check
     "check_suite": "check", "CheckReport": "check",
     # demo
@@ -52,7 +52,7 @@ __all__ = [
     "CACHE_ENV", "CachedSplit", "CheckReport", "DataError", "DeviceLoader", "ENTRY_POINT_GROUP",
     "NORMALIZATIONS", "Normalization", "Problem", "SUITE_PATH_ENV", "SplitIndex", "Suite", "Task",
     "TransformSpec", "cache_key", "cache_root", "check_suite", "collect_split", "combine_fingerprints",
-    "decode_image", "demo_backbone", "demo_weights", "find_task_dir", "fingerprint_split",
+    "cached_fingerprint", "decode_image", "demo_backbone", "demo_weights", "find_task_dir", "fingerprint_split",
     "fingerprint_task", "get_suite", "list_suites", "load_images", "load_split", "load_suite_file",
     "load_suites", "materialize_demo", "read_split", "reference_transform", "resolve_data_root",
     "resolve_normalization", "transform_spec",
@@ -76,7 +76,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from petlbench.data.cache import CACHE_ENV, CachedSplit, cache_key, cache_root, load_images, load_split
     from petlbench.data.check import CheckReport, check_suite
     from petlbench.data.demo import demo_backbone, demo_weights, materialize_demo
-    from petlbench.data.fingerprint import combine_fingerprints, fingerprint_split, fingerprint_task
+    from petlbench.data.fingerprint import (
+        cached_fingerprint,
+        combine_fingerprints,
+        fingerprint_split,
+        fingerprint_task,
+    )
     from petlbench.data.loader import DeviceLoader
     from petlbench.data.problems import DataError, Problem
     from petlbench.data.readers import SplitIndex, collect_split, find_task_dir, read_split, resolve_data_root

@@ -74,12 +74,23 @@ class CachedSplit:
         return self.index.num_classes
 
 
+def stat_signature(index: SplitIndex) -> bytes:
+    """Digest of every image's size and modification time: cheap (no reads), and it changes when a
+    file is replaced in place, so caches keyed by it never serve stale pixels or fingerprints."""
+    h = hashlib.sha256()
+    for path in index.paths:
+        st = path.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.digest()
+
+
 def cache_key(index: SplitIndex, spec: TransformSpec) -> str:
-    """Hash of what determines the decoded pixels: split file bytes, paths, image root, recipe."""
+    """Hash of what determines the decoded pixels: split file bytes, paths, image root, file stats, recipe."""
     h = hashlib.sha256(f"petlbench-decoded-v{FORMAT_VERSION}\n".encode())
     h.update(hashlib.sha256(index.source.read_bytes()).digest())
     h.update(hashlib.sha256("\n".join(index.relpaths).encode()).digest())
     h.update(str(index.image_root.resolve()).encode() + b"\n")
+    h.update(stat_signature(index))
     h.update(json.dumps(spec.describe(), sort_keys=True).encode())
     return h.hexdigest()[:32]
 

@@ -47,3 +47,28 @@ def test_fgvc_fingerprint_stable_across_roots(fgvc_root: Path, tmp_path: Path) -
     copy = tmp_path / "copy"
     shutil.copytree(fgvc_root, copy)
     assert fingerprint_task("fgvc", "cub", fgvc_root) == fingerprint_task("fgvc", "cub", copy)
+
+
+def test_cached_fingerprint_is_remembered_and_invalidated(tmp_path) -> None:
+    """Computed once per unchanged split; replacing an image in place (new size/mtime) recomputes it."""
+    import os
+
+    from petlbench.data.fingerprint import cached_fingerprint, fingerprint_split
+    from petlbench.data.readers import SplitIndex
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(bytes([i]) * 10)
+    split = tmp_path / "split.txt"
+    split.write_text("".join(f"{i}.png {i}\n" for i in range(3)))
+    index = SplitIndex(suite="demo", task="digits", split="test", layout="vtab1k", num_classes=3, task_dir=tmp_path,
+                       image_root=images, source=split, relpaths=tuple(f"{i}.png" for i in range(3)),
+                       labels=(0, 1, 2), raw_labels=(0, 1, 2), lines=(1, 2, 3))
+    memo = tmp_path / "memo"
+    first = cached_fingerprint(index, memo)
+    assert first == fingerprint_split(index) and len(list(memo.iterdir())) == 1
+    assert cached_fingerprint(index, memo) == first
+    (images / "1.png").write_bytes(b"changed!")
+    os.utime(images / "1.png", ns=(1, 1))
+    assert cached_fingerprint(index, memo) != first
