@@ -160,6 +160,7 @@ def _normalization(model, cfg: dict[str, Any]):
 
 def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record: dict[str, Any]) -> None:
     from petlbench.accounting import count_params
+    from petlbench.bench import deployed_latency
     from petlbench.engine import evaluate, train
 
     cfg = dict(spec.train)
@@ -230,6 +231,9 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
         "peak_gpu_mem_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "peak_gpu_mem_reserved": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
         "trainable_state_bytes": counts.trainable_bytes,
+        **deployed_latency(model, device, data.suite.image_size,
+                           "bf16" if cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and device.type == "cuda")
+                           else "fp32"),
     }
     record["provenance"].update(
         weights_sha256=model.weights.sha256 if model.weights else None,
