@@ -201,7 +201,11 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
     sweep.execute(plan, launcher, options, force=force, quiet=quiet, device=device)
     records = sweep.collect(plan.specs)
     failed = [r for r in records if r.get("status") != "ok"]
-    click.echo(sweep.summary_table(records))
+    if records:
+        from petlbench.report import markdown_table
+
+        click.echo(markdown_table(records, suite=plan.suite.name,
+                                  on_warning=lambda w: click.echo(f"warning: {w}", err=True)))
     click.echo(f"{len(records) - len(failed)} ok, {len(failed)} failed, {len(plan.specs) - len(records)} missing; "
                f"records in {output} ({sweep.elapsed(started)})", err=True)
     if failed or len(records) < len(plan.specs):
@@ -250,15 +254,16 @@ def bench_cmd(methods: str, backbone: str, backbone_args: tuple[str, ...], batch
     click.echo(json.dumps(result, indent=2, default=str) if as_json else markdown)
 
 
-def _register_optional_groups() -> None:
-    try:
-        from petlbench.data.cli import data as data_group
-    except ImportError:
-        return
+def _register_subcommands() -> None:
+    """Command groups that live with their package (imported cheaply: no torch/pandas at import)."""
+    from petlbench.data.cli import data as data_group
+    from petlbench.report.cli import report as report_cmd
+
     main.add_command(data_group)
+    main.add_command(report_cmd)
 
 
-_register_optional_groups()
+_register_subcommands()
 
 
 if __name__ == "__main__":  # pragma: no cover

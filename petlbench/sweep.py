@@ -8,7 +8,6 @@ runs only what is missing (failed runs included; ``--force`` redoes everything).
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -182,34 +181,6 @@ def collect(specs: Iterable[RunSpec]) -> list[dict[str, Any]]:
     from petlbench.records import read_record
 
     return [r for s in specs if (r := read_record(s.record_path)) is not None]
-
-
-def summary_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: methods x tasks, mean ± std of top-1 over seeds (n seeds), failures counted."""
-    tasks = list(dict.fromkeys(r["task"] for r in records))
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    cells: dict[tuple[str, str], list[float]] = {}
-    failed: dict[tuple[str, str], int] = {}
-    for r in records:
-        key = (r["method"], r["task"])
-        if r.get("status") == "ok" and r["metrics"].get("top1") is not None:
-            cells.setdefault(key, []).append(float(r["metrics"]["top1"]))
-        else:
-            failed[key] = failed.get(key, 0) + 1
-    lines = ["| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for m in methods:
-        row = []
-        for t in tasks:
-            vals = cells.get((m, t), [])
-            text = "–"
-            if vals:
-                std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                text = f"{statistics.fmean(vals):.1f} ± {std:.1f} (n={len(vals)})"
-            if failed.get((m, t)):
-                text += f" [{failed[(m, t)]} failed]"
-            row.append(text)
-        lines.append(f"| {m} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
 
 
 def elapsed(since: float) -> str:

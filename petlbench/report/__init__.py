@@ -1,0 +1,96 @@
+"""The reporter: paper tables (LaTeX, HTML, Markdown, CSV) from stored run records.
+
+Typical use::
+
+    from petlbench.report import load_records, build_report, render, markdown_table
+
+    loaded = load_records(["results"])                 # skips corrupt/other-schema files, with warnings
+    report = build_report(loaded.records, suite="vtab", reference="paper", delta=True)
+    tex = render(report, "latex")                      # complete pdflatex document
+    print(markdown_table(loaded.records))              # what `petlbench run` prints at the end
+
+Command line: ``petlbench report`` (``petlbench.report.cli.report``). Names are imported lazily,
+so registering the command does not import pandas, jinja2 or matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "Column": "aggregate", "Efficiency": "aggregate", "Note": "aggregate", "Report": "aggregate",
+    "Row": "aggregate", "Stat": "aggregate", "build_report": "aggregate",
+    "LoadedRecords": "loading", "ReportWarning": "loading", "load_records": "loading",
+    "list_reference_sets": "reference", "load_reference": "reference", "our_method": "reference",
+    "render": "render", "render_csv": "render", "render_html": "render", "render_latex": "render",
+    "render_markdown": "render", "tex_escape": "render",
+}
+
+__all__ = [
+    "Column", "Efficiency", "LoadedRecords", "Note", "Report", "ReportWarning", "Row", "Stat", "build_report",
+    "csv_table", "latex_table", "list_reference_sets", "load_records", "load_reference", "markdown_table",
+    "our_method", "render", "render_csv", "render_html", "render_latex", "render_markdown", "tex_escape",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'petlbench.report' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"petlbench.report.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def markdown_table(records: Iterable[Mapping[str, Any]], suite: Any = None, reference: str | None = None,
+                   efficiency: bool = False, on_warning: Callable[[str], None] | None = None) -> str:
+    """The accuracy table (plus notes) in Markdown: what a sweep prints when it finishes.
+
+    Failed records are counted in a note; records of another schema are skipped with a warning
+    (``on_warning``, default: :class:`ReportWarning` via :mod:`warnings`).
+    """
+    from petlbench.report.aggregate import build_report
+    from petlbench.report.render import render_markdown
+
+    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning)
+    return render_markdown(report, "all" if efficiency else "accuracy")
+
+
+def latex_table(records: Iterable[Mapping[str, Any]], suite: Any = None, reference: str | None = None,
+                standalone: bool = False, on_warning: Callable[[str], None] | None = None) -> str:
+    """The accuracy table as LaTeX: the table float (for ``\\input``) or a complete document."""
+    from petlbench.report.aggregate import build_report
+    from petlbench.report.render import render_latex
+
+    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning)
+    return render_latex(report, "accuracy", standalone=standalone)
+
+
+def csv_table(records: Iterable[Mapping[str, Any]], suite: Any = None, reference: str | None = None,
+              on_warning: Callable[[str], None] | None = None) -> str:
+    """The accuracy table as CSV (one row per method row; mean/std/n per task, then the means)."""
+    from petlbench.report.aggregate import build_report
+    from petlbench.report.render import render_csv
+
+    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning)
+    return render_csv(report, "accuracy")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from petlbench.report.aggregate import Column, Efficiency, Note, Report, Row, Stat, build_report
+    from petlbench.report.loading import LoadedRecords, ReportWarning, load_records
+    from petlbench.report.reference import list_reference_sets, load_reference, our_method
+    from petlbench.report.render import (
+        render,
+        render_csv,
+        render_html,
+        render_latex,
+        render_markdown,
+        tex_escape,
+    )

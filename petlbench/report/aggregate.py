@@ -1,0 +1,771 @@
+"""Aggregate run records into a methods x tasks report (numbers only; rendering is elsewhere).
+
+One :class:`Report` feeds every output format, so LaTeX, HTML, Markdown and CSV always show the
+same numbers, marks and footnotes. Rules that papers get wrong and that are enforced here:
+
+- only ``status == "ok"`` records are averaged; failed runs are counted and footnoted;
+- a group mean or overall mean exists only when every task of the group (suite) is present;
+- VTAB's two overall means are both given and labelled: "Mean of groups" (mean of the Natural,
+  Specialized and Structured means, the ARC/RepAdapter papers' "Mean") and "Mean of 19 tasks";
+- runs selected on the test set (``legacy-best-test``) get their own rows, marked with a dagger,
+  and mixed data fingerprints, weights or normalisations are footnoted, never hidden.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from petlbench.errors import PetlbenchError
+from petlbench.report.loading import record_problem, record_source, warn
+
+DIGITS = 1  # decimals of accuracies in tables; best/second are decided on the printed values
+LEGACY = "legacy-best-test"
+DAGGER = "†"
+DDAGGER = "‡"
+#: Training settings that the ``tune`` protocol chooses per run (so they may differ between seeds).
+TUNED_KEYS = ("lr", "weight_decay")
+#: Built-in methods in the order papers list them; anything else follows alphabetically.
+METHOD_ORDER = ("full", "linear", "bitfit", "vpt_shallow", "vpt_deep", "adapter", "lora", "ssf",
+                "repadapter", "arc_att", "arc")
+MAX_LISTED = 6  # failed runs etc. listed by name in a footnote before "and N more"
+
+
+@dataclass
+class Stat:
+    """One table cell: mean and sample std over seeds, or a derived mean (std None)."""
+
+    mean: float | None = None
+    std: float | None = None
+    n: int = 0
+    values: tuple[float, ...] = ()
+    failed: int = 0
+    rank: int | None = None  # 1 = best in its column, 2 = second best
+
+    @property
+    def present(self) -> bool:
+        return self.mean is not None
+
+
+@dataclass
+class Column:
+    """An accuracy column: a task, a group mean or an overall mean."""
+
+    key: str
+    label: str
+    kind: str  # "task" | "group" | "mean"
+    group: str | None = None
+    mark: str = ""  # e.g. the double dagger of a task whose data differ between runs
+
+
+@dataclass
+class Efficiency:
+    """Cost of one row, averaged over its ok runs (None where no run recorded the field)."""
+
+    trainable_m: float | None = None
+    trainable_no_head_m: float | None = None
+    extra_after_merge_m: float | None = None
+    storage_bytes: float | None = None
+    train_time_s: float | None = None
+    images_per_s: float | None = None
+    peak_mem_bytes: float | None = None
+    latency_ratio: float | None = None
+    runs: int = 0
+
+
+@dataclass
+class Row:
+    """One table row: a reproduced method (configuration, protocol), a published method or a delta."""
+
+    key: str
+    label: str
+    method: str
+    kind: str  # "reproduced" | "published" | "delta"
+    protocol: str | None = None
+    legacy: bool = False
+    values: dict[str, Stat] = field(default_factory=dict)
+    params_m: float | None = None
+    params_no_head_m: float | None = None
+    n_min: int = 0
+    n_max: int = 0
+    failed: int = 0
+    efficiency: Efficiency | None = None
+    published: Any = None  # PublishedMethod for published rows
+    compared_to: str | None = None  # delta rows: the published row's label
+
+    def value(self, key: str) -> Stat:
+        return self.values.get(key) or Stat()
+
+    @property
+    def seeds_text(self) -> str:
+        if self.kind != "reproduced" or self.n_max == 0:
+            return "–"
+        return str(self.n_max) if self.n_min == self.n_max else f"{self.n_min}–{self.n_max}"
+
+
+@dataclass
+class Note:
+    """A footnote; ``mark`` is the symbol used in the table (empty for plain notes)."""
+
+    text: str
+    mark: str = ""
+
+
+@dataclass
+class Report:
+    """Everything a renderer needs, format-independent."""
+
+    suite: str
+    suite_title: str
+    columns: list[Column]
+    groups: dict[str, list[str]]  # shown group -> shown task columns
+    rows: list[Row]
+    published: list[Row] = field(default_factory=list)
+    deltas: list[Row] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+    efficiency_notes: list[Note] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    n_ok: int = 0
+    n_failed: int = 0
+    n_skipped: int = 0
+    reference: str | None = None
+    headline_key: str | None = None  # the column plots use as "the" accuracy
+
+    @property
+    def task_columns(self) -> list[Column]:
+        return [c for c in self.columns if c.kind == "task"]
+
+    @property
+    def accuracy_rows(self) -> list[Row]:
+        return [*self.published, *self.rows]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _dig(mapping: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(mapping, Mapping):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def _join(names: Iterable[str], limit: int = MAX_LISTED) -> str:
+    names = list(dict.fromkeys(names))
+    if len(names) > limit:
+        return ", ".join(names[:limit]) + f" and {len(names) - limit} more"
+    return ", ".join(names)
+
+
+def _short_weights(source: Any) -> str:
+    """A weights tag as given, a weights file by its name (a full path says nothing in a paper)."""
+    text = str(source)
+    return os.path.basename(text) if ("/" in text or os.sep in text) else text
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt_value(v) for v in value)
+    return str(value)
+
+
+def _method_sort_key(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method.lower())
+
+
+# ---------------------------------------------------------------------------- suite
+
+
+def resolve_suite(records: Sequence[Mapping[str, Any]], suite: Any,
+                  on_warning: Callable[[str], None]) -> tuple[Any, list[dict[str, Any]]]:
+    """The suite to report and the records that belong to it (canonical task names filled in)."""
+    from petlbench.data import get_suite
+    from petlbench.data.suites import name_key
+
+    if suite is not None:
+        the_suite = get_suite(suite)
+        keys = {name_key(n) for n in (the_suite.name, *the_suite.aliases)}
+        mine = [r for r in records if name_key(str(r["suite"])) in keys]
+        others = sorted({str(r["suite"]) for r in records} - {str(r["suite"]) for r in mine})
+        if not mine:
+            raise PetlbenchError(
+                f"none of the {len(records)} records is of suite {the_suite.name!r} (they are of suite "
+                f"{', '.join(others)}). Fix: pass --suite {others[0]} or point --results elsewhere."
+            )
+        if others:
+            on_warning(f"leaving out {len(records) - len(mine)} record(s) of suite {', '.join(others)} "
+                       f"(reporting --suite {the_suite.name})")
+    else:
+        by_suite: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+        resolved: dict[str, Any] = {}
+        for name in dict.fromkeys(str(r["suite"]) for r in records):
+            try:
+                resolved[name] = get_suite(name)
+            except PetlbenchError:
+                raise PetlbenchError(
+                    f"records are of suite {name!r}, which is not registered here. Fix: pass --suite with the "
+                    "suite's YAML file (or install the package that defines it)."
+                ) from None
+        for r in records:
+            by_suite[resolved[str(r["suite"])].name].append(r)
+        if len(by_suite) > 1:
+            counts = ", ".join(f"{n} ({len(v)} records)" for n, v in sorted(by_suite.items()))
+            raise PetlbenchError(
+                f"the records mix suites {counts}. Fix: pass --suite NAME to report one of them."
+            )
+        the_suite = resolved[str(records[0]["suite"])]
+        mine = list(records)
+    out = []
+    for r in mine:
+        try:
+            task = the_suite.resolve_task(str(r["task"])).name
+        except PetlbenchError:
+            raise PetlbenchError(
+                f"record {record_source(r)} is of task {r['task']!r}, which suite {the_suite.name!r} "
+                f"({the_suite.path or 'built-in'}) does not define. Fix: pass --suite with the suite "
+                "definition these runs used, or move the record out of the results folder."
+            ) from None
+        out.append({**r, "task": task})
+    return the_suite, out
+
+
+# ---------------------------------------------------------------------------- rows
+
+
+def _config_view(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What distinguishes two configurations of one method (hyperparameters, backbone, weights)."""
+    view: dict[str, Any] = {}
+    hparams = _dig(record, "config", "method_hparams")
+    if isinstance(hparams, Mapping):
+        view.update({str(k): repr(v) for k, v in hparams.items()})
+    backbone = _dig(record, "config", "backbone")
+    if backbone:
+        view["backbone"] = str(backbone)
+    sha = _dig(record, "provenance", "weights_sha256")
+    if sha:
+        view["weights"] = str(sha)[:12]
+    return view
+
+
+@dataclass(frozen=True)
+class _RowKey:
+    method: str
+    protocol: str
+    variant: tuple
+    label: str
+
+
+def _assign_rows(records: list[dict[str, Any]]) -> tuple[dict[int, str], dict[str, _RowKey]]:
+    """Row id of every record, and what each row id stands for.
+
+    Records of one method are split into several rows only when they would otherwise be averaged
+    together although they differ: another protocol, or another value of a hyperparameter (or
+    backbone, or weights) among the runs of one task.
+    """
+    ok = [r for r in records if r["status"] == "ok"]
+    views = {id(r): _config_view(r) for r in records}
+    split_keys: dict[str, set[str]] = defaultdict(set)
+    cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in ok:
+        cells[(r["method"], r.get("protocol"), r["task"])].append(r)
+    for (method, _p, _t), rs in cells.items():
+        keys = set().union(*(views[id(r)] for r in rs))
+        for k in keys:
+            if len({views[id(r)].get(k) for r in rs}) > 1:
+                split_keys[method].add(k)
+
+    def key_of(r: Mapping[str, Any]) -> tuple:
+        keys = sorted(split_keys.get(r["method"], ()))
+        return (r["method"], str(r.get("protocol") or "?"), tuple((k, views[id(r)].get(k)) for k in keys))
+
+    key_of_record: dict[int, tuple] = {}
+    known: dict[tuple, None] = {}
+    for r in ok:
+        key_of_record[id(r)] = key = key_of(r)
+        known[key] = None
+    for r in records:
+        if r["status"] == "ok":
+            continue
+        key = key_of(r)
+        if key not in known:  # a failed run whose configuration no ok run shares
+            same = [k for k in known if k[0] == key[0] and k[1] == key[1]]
+            key = same[0] if same else key
+        key_of_record[id(r)] = key
+        known[key] = None
+
+    protocols: dict[str, set[str]] = defaultdict(set)
+    for method, protocol, _v in known:
+        if protocol != LEGACY:
+            protocols[method].add(protocol)
+    ordered = sorted(known, key=lambda k: (_method_sort_key(k[0]), k[1] == LEGACY, k[1], repr(k[2])))
+    meta: dict[str, _RowKey] = {}
+    rid_of: dict[tuple, str] = {}
+    for i, key in enumerate(ordered):
+        method, protocol, var = key
+        label = method
+        if var:
+            label += " (" + ", ".join(f"{k}={_strip_repr(v)}" for k, v in var) + ")"
+        if protocol != LEGACY and len(protocols[method]) > 1:
+            label += f" [{protocol}]"
+        if protocol == LEGACY:
+            label += DAGGER
+        rid_of[key] = f"r{i:04d}"
+        meta[rid_of[key]] = _RowKey(method, protocol, var, label)
+    return {i: rid_of[k] for i, k in key_of_record.items()}, meta
+
+
+def _strip_repr(value: Any) -> str:
+    text = "–" if value is None else str(value)
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == "'" else text
+
+
+def _frame(records: list[dict[str, Any]], row_of: Mapping[int, str]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        rows.append({
+            "row": row_of[id(r)],
+            "task": r["task"],
+            "seed": r.get("seed"),
+            "status": r["status"],
+            "top1": _num(_dig(r, "metrics", "top1")),
+            "trainable": _num(_dig(r, "params", "trainable")),
+            "trainable_no_head": _num(_dig(r, "params", "trainable_without_head")),
+            "extra_after_merge": _num(_dig(r, "params", "extra_after_merge")),
+            "storage": _num(_dig(r, "efficiency", "trainable_state_bytes")),
+            "train_time_s": _num(_dig(r, "efficiency", "train_time_s")),
+            "images_per_s": _num(_dig(r, "efficiency", "train_images_per_s")),
+            "peak_mem": _num(_dig(r, "efficiency", "peak_gpu_mem_allocated")),
+            "latency_ratio": _num(_dig(r, "efficiency", "latency_ratio")),
+            "end_time": str(_dig(r, "provenance", "end_time") or ""),
+            "source": record_source(r),
+            "idx": len(rows),
+        })
+    return pd.DataFrame(rows)
+
+
+def _series_mean(s: pd.Series) -> float | None:
+    s = s.dropna()
+    return float(s.mean()) if len(s) else None
+
+
+# ---------------------------------------------------------------------------- main entry
+
+
+def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, reference: str | None = None,
+                 delta: bool = False, skipped: int = 0,
+                 on_warning: Callable[[str], None] | None = None) -> Report:
+    """Aggregate ``records`` (dicts in the run-record schema) into a :class:`Report`.
+
+    ``suite``: a suite name/path/object; default: the suite the records name (they must agree).
+    ``reference``: a reference set name (``paper``) or CSV path, added as "(published)" rows.
+    ``delta``: also compute reproduced - published rows (implies ``reference="paper"`` when unset).
+    ``skipped``: files the caller already skipped (counted in a footnote).
+    """
+    on_warning = on_warning or warn
+    warnings_seen: list[str] = []
+
+    def say(message: str) -> None:
+        warnings_seen.append(message)
+        on_warning(message)
+
+    usable: list[dict[str, Any]] = []
+    for r in records:
+        problem = record_problem(r)
+        if problem is not None:
+            say(f"skipping {record_source(r) if isinstance(r, Mapping) else '<record>'}: {problem}")
+            skipped += 1
+            continue
+        usable.append(dict(r))
+    if not usable:
+        raise PetlbenchError("no usable run records to report. Fix: run `petlbench run` first.")
+    the_suite, recs = resolve_suite(usable, suite, say)
+    if delta and reference is None:
+        reference = "paper"
+
+    row_of, meta = _assign_rows(recs)
+    labels = {rid: m.label for rid, m in meta.items()}
+    df = _frame(recs, row_of)
+    ok = df[df.status == "ok"].sort_values(["end_time", "idx"])
+    dup = ok.duplicated(["row", "task", "seed"], keep="last")
+    notes: list[Note] = []
+    if dup.any():
+        for _, d in ok[dup].iterrows():
+            say(f"duplicate run of {labels[d.row]} on {d.task} seed {d.seed}: using the newest record, "
+                f"not {d.source}")
+        notes.append(Note(f"{int(dup.sum())} duplicate run(s) (same row, task and seed) were left out; "
+                          "the newest record of each was used."))
+        ok = ok[~dup]
+    failed = df[df.status == "failed"]
+
+    # ------------------------------------------------------------------ columns
+    shown_tasks = set(df.task)
+    published_methods: list[Any] = []
+    ref_label = None
+    if reference is not None:
+        published_methods, ref_label = _published(reference, the_suite, say)
+        for pm in published_methods:
+            shown_tasks |= set(pm.accuracy)
+    multi = len(the_suite.groups) > 1
+    columns: list[Column] = []
+    groups: dict[str, list[str]] = {}
+    for group, tasks in the_suite.groups.items():
+        shown = [t for t in tasks if t in shown_tasks]
+        if shown:
+            groups[group] = shown
+            columns += [Column(t, t, "task", group) for t in shown]
+    if multi:
+        columns += [Column(f"group:{g}", g, "group") for g in groups]
+        columns.append(Column("mean:groups", "Mean of groups", "mean"))
+    n_tasks = len(the_suite.tasks)
+    columns.append(Column("mean:tasks", f"Mean of {n_tasks} tasks", "mean"))
+    headline = "mean:groups" if multi else "mean:tasks"
+
+    # ------------------------------------------------------------------ reproduced rows
+    stats = ok.groupby(["row", "task"])["top1"].agg(["mean", "std", "count", list])
+    fails = failed.groupby(["row", "task"]).size()
+    rows: list[Row] = []
+    for key, m in meta.items():
+        row = Row(key=m.label, label=m.label, method=m.method, kind="reproduced", protocol=m.protocol,
+                  legacy=m.protocol == LEGACY)
+        for task in the_suite.task_names:
+            st = Stat(failed=int(fails.get((key, task), 0)))
+            if (key, task) in stats.index:
+                s = stats.loc[(key, task)]
+                st.mean = float(s["mean"])
+                st.std = None if pd.isna(s["std"]) else float(s["std"])
+                st.n = int(s["count"])
+                st.values = tuple(float(v) for v in s["list"])
+            if st.present or st.failed:
+                row.values[task] = st
+        row.failed = int(sum(st.failed for st in row.values.values()))
+        ns = [st.n for st in row.values.values() if st.n]
+        row.n_min, row.n_max = (min(ns), max(ns)) if ns else (0, 0)
+        _add_means(row, the_suite, multi)
+        mine = ok[ok.row == key]
+        per_task = mine.groupby("task")[["trainable", "trainable_no_head"]].mean()
+        tr = _series_mean(per_task["trainable"])
+        nh = _series_mean(per_task["trainable_no_head"])
+        row.params_m = None if tr is None else tr / 1e6
+        row.params_no_head_m = None if nh is None else nh / 1e6
+        row.efficiency = _efficiency(mine, row)
+        rows.append(row)
+
+    # ------------------------------------------------------------------ published rows and deltas
+    published: list[Row] = []
+    for pm in published_methods:
+        label = f"{pm.name} (published{', unverified' if pm.unverified else ''})"
+        row = Row(key=f"published:{pm.name}", label=label, method=pm.ours or pm.name, kind="published",
+                  params_m=pm.params_m, published=pm)
+        for task, acc in pm.accuracy.items():
+            row.values[task] = Stat(mean=acc, n=1, values=(acc,))
+        _add_means(row, the_suite, multi)
+        published.append(row)
+    deltas: list[Row] = []
+    if delta:
+        by_ours = {r.published.ours: r for r in published if r.published.ours}
+        for row in rows:
+            ref = by_ours.get(row.method)
+            if ref is None:
+                continue
+            d = Row(key=f"delta:{row.key}", label=f"{row.label} − {ref.published.name}", method=row.method,
+                    kind="delta", protocol=row.protocol, legacy=row.legacy, compared_to=ref.label)
+            for col in columns:
+                a, b = row.value(col.key), ref.value(col.key)
+                if a.present and b.present:
+                    d.values[col.key] = Stat(mean=a.mean - b.mean)
+            deltas.append(d)
+        if not deltas:
+            say("--delta: no reproduced method matches a published one "
+                f"({', '.join(sorted(by_ours)) or 'none mapped'}); no delta rows")
+
+    _rank(columns, [*published, *rows])
+
+    report = Report(suite=the_suite.name, suite_title=the_suite.title or the_suite.name, columns=columns,
+                    groups=groups, rows=rows, published=published, deltas=deltas, warnings=warnings_seen,
+                    n_ok=len(ok), n_failed=len(failed), n_skipped=skipped, reference=ref_label,
+                    headline_key=headline)
+    kept = set(ok.idx) | set(failed.idx)  # duplicates left out above do not count for the notes either
+    recs = [r for i, r in enumerate(recs) if i in kept]
+    by_row = {id(r): labels[row_of[id(r)]] for r in recs}
+    notes = _notes(report, the_suite, recs, by_row, failed, labels, multi) + notes
+    report.notes = notes + _published_notes(report, delta)
+    report.efficiency_notes = _efficiency_notes(report, recs)
+    return report
+
+
+def _published(reference: str, suite: Any, say: Callable[[str], None]) -> tuple[list[Any], str]:
+    from petlbench.data.suites import name_key
+    from petlbench.report.reference import load_reference, published_methods
+
+    df, label = load_reference(reference)
+    names = {name_key(n) for n in (suite.name, *suite.aliases)}
+    methods = published_methods(df, names, suite.resolve_task, say)
+    if not methods:
+        benches = ", ".join(sorted(set(df["benchmark"].astype(str))))
+        say(f"reference set {label!r} has no numbers for suite {suite.name!r} (it covers {benches})")
+    return methods, label
+
+
+def _add_means(row: Row, suite: Any, multi: bool) -> None:
+    """Group means and overall means, each only when all of its tasks are present."""
+    task_mean = {t: st.mean for t, st in row.values.items() if st.present}
+    group_means: list[float | None] = []
+    for group, tasks in suite.groups.items():
+        m = sum(task_mean[t] for t in tasks) / len(tasks) if all(t in task_mean for t in tasks) else None
+        group_means.append(m)
+        if multi and m is not None:
+            row.values[f"group:{group}"] = Stat(mean=m)
+    if multi and all(m is not None for m in group_means):
+        row.values["mean:groups"] = Stat(mean=sum(group_means) / len(group_means))  # type: ignore[arg-type]
+    if all(t in task_mean for t in suite.task_names):
+        row.values["mean:tasks"] = Stat(mean=sum(task_mean[t] for t in suite.task_names) / len(suite.task_names))
+
+
+def _efficiency(mine: pd.DataFrame, row: Row) -> Efficiency:
+    def per_task_mean(col: str) -> float | None:
+        return _series_mean(mine.groupby("task")[col].mean()) if len(mine) else None
+
+    extra = per_task_mean("extra_after_merge")
+    peak = mine["peak_mem"].dropna()
+    return Efficiency(
+        trainable_m=row.params_m,
+        trainable_no_head_m=row.params_no_head_m,
+        extra_after_merge_m=None if extra is None else extra / 1e6,
+        storage_bytes=per_task_mean("storage"),
+        train_time_s=_series_mean(mine["train_time_s"]),
+        images_per_s=_series_mean(mine["images_per_s"]),
+        peak_mem_bytes=float(peak.max()) if len(peak) else None,
+        latency_ratio=_series_mean(mine["latency_ratio"]),
+        runs=len(mine),
+    )
+
+
+def _rank(columns: Sequence[Column], rows: Sequence[Row]) -> None:
+    """Mark best (1) and second best (2) per column on the printed values; ties share a rank.
+
+    Rows selected on the test set are not ranked against honest ones (unless nothing else has a value).
+    """
+    for col in columns:
+        honest = [r for r in rows if not r.legacy and r.value(col.key).present]
+        pool = honest or [r for r in rows if r.value(col.key).present]
+        if len(pool) < 2:
+            continue
+        printed = sorted({round(r.value(col.key).mean, DIGITS) for r in pool}, reverse=True)  # type: ignore[arg-type]
+        for r in pool:
+            v = round(r.value(col.key).mean, DIGITS)  # type: ignore[arg-type]
+            if v == printed[0]:
+                r.values[col.key].rank = 1
+            elif len(printed) > 1 and v == printed[1]:
+                r.values[col.key].rank = 2
+
+
+# ---------------------------------------------------------------------------- footnotes
+
+
+def _rows_text(labels: Iterable[str]) -> str:
+    return _join(sorted(set(labels)))
+
+
+def _notes(report: Report, suite: Any, recs: list[dict[str, Any]], row_label: Mapping[int, str],
+           failed: pd.DataFrame, labels: Mapping[str, str], multi: bool) -> list[Note]:
+    notes: list[Note] = []
+    ok = [r for r in recs if r["status"] == "ok"]
+    group_names = list(suite.groups)
+    if multi:
+        notes.append(Note(
+            f"Group means ({', '.join(group_names)}) average the tasks of a group; “Mean of groups” averages the "
+            f"{len(group_names)} group means (the “Mean” of the ARC/RepAdapter papers); “Mean of "
+            f"{len(suite.tasks)} tasks” averages all tasks. A mean is computed only when every task it "
+            "covers is present."
+        ))
+    else:
+        notes.append(Note(f"“Mean of {len(suite.tasks)} tasks” averages all tasks of the suite; it is "
+                          "computed only when every task is present."))
+    incomplete = [r.label for r in report.accuracy_rows
+                  if any(not r.value(c.key).present for c in report.columns if c.kind != "task")]
+    if incomplete:
+        notes.append(Note(f"–: no value; in a mean column, not every task of the group (suite) is present "
+                          f"for that row ({_rows_text(incomplete)})."))
+
+    # protocols
+    protocols: dict[str, list[str]] = defaultdict(list)
+    descriptions: dict[str, str] = {}
+    for r in ok:
+        p = str(r.get("protocol") or _dig(r, "config", "protocol") or "?")
+        protocols[p].append(row_label[id(r)])
+        if r.get("protocol_description"):
+            descriptions.setdefault(p, str(r["protocol_description"]))
+    for p in sorted(protocols, key=lambda x: (x == LEGACY, x)):
+        desc = descriptions.get(p, "")
+        rows_txt = f" (rows: {_rows_text(protocols[p])})" if len(protocols) > 1 else ""
+        if p == LEGACY:
+            notes.append(Note(
+                f"Protocol {p}: {desc or 'best test accuracy over epochs'}{rows_txt}. The epoch is selected on the "
+                "TEST set, as in the official ARC/RepAdapter scripts; these rows are not ranked against the others.",
+                DAGGER))
+        else:
+            notes.append(Note(f"Protocol {p}: {desc or 'see the run records'}{rows_txt}."))
+
+    # normalisation
+    norms: dict[str, list[str]] = defaultdict(list)
+    for r in ok:
+        n = _dig(r, "config", "normalization")
+        if isinstance(n, Mapping):
+            text = str(n.get("name") or "custom")
+            if n.get("mean") is not None and n.get("std") is not None:
+                text += f" (mean {_fmt_value(n['mean'])}; std {_fmt_value(n['std'])})"
+        else:
+            text = "not recorded"
+        norms[text].append(row_label[id(r)])
+    if len(norms) == 1:
+        notes.append(Note(f"Input normalisation: {next(iter(norms))}."))
+    elif norms:
+        parts = "; ".join(f"{k} for {_rows_text(v)}" for k, v in sorted(norms.items()))
+        notes.append(Note(f"Input normalisation DIFFERS between runs: {parts}."))
+
+    # backbone and weights
+    backbones: dict[str, list[str]] = defaultdict(list)
+    for r in ok:
+        arch = str(_dig(r, "config", "backbone") or "unknown backbone")
+        kwargs = _dig(r, "config", "backbone_kwargs")
+        if isinstance(kwargs, Mapping) and kwargs:
+            arch += " (" + ", ".join(f"{k}={_fmt_value(v)}" for k, v in sorted(kwargs.items())) + ")"
+        src = _dig(r, "provenance", "weights_source") or _dig(r, "config", "pretrained")
+        sha = _dig(r, "provenance", "weights_sha256")
+        if src or sha:
+            w = f"weights {_short_weights(src) if src else 'unnamed'}"
+            w += f", SHA-256 {str(sha)[:12]}…" if sha else ", SHA-256 not recorded"
+        else:
+            w = "random initialisation (no pre-trained weights)"
+        backbones[f"{arch}; {w}"].append(row_label[id(r)])
+    if len(backbones) == 1:
+        notes.append(Note(f"Backbone: {next(iter(backbones))}."))
+    elif backbones:
+        parts = "; ".join(f"[{k}] for {_rows_text(v)}" for k, v in sorted(backbones.items()))
+        notes.append(Note(f"Backbone or weights DIFFER between runs: {parts}."))
+
+    # data fingerprints
+    prints: dict[tuple[str, str], dict[str, None]] = defaultdict(dict)
+    for r in ok:
+        fp = _dig(r, "provenance", "data_fingerprint")
+        if isinstance(fp, Mapping):
+            for split, value in fp.items():
+                if value:
+                    prints[(r["task"], str(split))][str(value)] = None
+    mixed = {k: list(v) for k, v in prints.items() if len(v) > 1}
+    if mixed:
+        for col in report.columns:
+            if any(task == col.key for task, _s in mixed):
+                col.mark = DDAGGER
+        parts = "; ".join(f"{t}/{s} has {len(v)} fingerprints ({', '.join(x[:8] for x in sorted(v))})"
+                          for (t, s), v in sorted(mixed.items()))
+        notes.append(Note(f"The data DIFFER between runs of a task (different data fingerprints): {parts}. "
+                          "Numbers in these columns are not comparable across rows.", DDAGGER))
+
+    # subsets of the protocol's data
+    limits: dict[str, list[str]] = defaultdict(list)
+    for r in ok:
+        train = _dig(r, "config", "train")
+        if isinstance(train, Mapping):
+            parts = [f"{k}={train[k]}" for k in ("limit_train", "limit_eval") if train.get(k)]
+            if parts:
+                limits[", ".join(parts)].append(row_label[id(r)])
+    for text, rows in sorted(limits.items()):
+        notes.append(Note(f"Subset runs ({text}): not the full protocol's data, for {_rows_text(rows)}."))
+
+    # training settings that differ within a cell
+    differing: dict[tuple[str, str], set[str]] = defaultdict(set)
+    by_cell: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for r in ok:
+        by_cell[(row_label[id(r)], r["task"])].append(r)
+    for cell, rs in by_cell.items():
+        trains = [_dig(r, "config", "train") or {} for r in rs]
+        skip = TUNED_KEYS if any(r.get("protocol") == "tune" for r in rs) else ()
+        for k in set().union(*trains):
+            if k not in skip and len({repr(t.get(k)) for t in trains}) > 1:
+                differing[cell].add(str(k))
+    if differing:
+        parts = [f"{row}/{task} ({', '.join(sorted(keys))})" for (row, task), keys in sorted(differing.items())]
+        notes.append(Note(f"Some cells average runs with DIFFERENT training settings: {_join(parts)}."))
+
+    # seeds
+    uneven = [r.label for r in report.rows if r.n_min != r.n_max]
+    if uneven:
+        notes.append(Note(f"The number of seeds differs between tasks for {_rows_text(uneven)}; cells with fewer "
+                          "seeds than their row's maximum show (n=…)."))
+
+    # failures and skipped files
+    if len(failed):
+        items = [f"{labels[f.row]}/{f.task} seed {f.seed}" for _, f in failed.sort_values(["task", "seed"]).iterrows()]
+        errors = []
+        for r in recs:
+            if r["status"] == "failed":
+                err = r.get("error") if isinstance(r.get("error"), Mapping) else {}
+                errors.append(str(err.get("type") or "error"))
+        kinds = ", ".join(f"{k} ×{errors.count(k)}" for k in sorted(set(errors)))
+        notes.append(Note(f"{len(failed)} failed run(s) are not included ({kinds}): {_join(items)}."))
+    if report.n_skipped:
+        notes.append(Note(f"{report.n_skipped} file(s) were skipped as unreadable or of another record schema "
+                          "(see the warnings)."))
+    return notes
+
+
+def _published_notes(report: Report, delta: bool) -> list[Note]:
+    notes: list[Note] = []
+    if report.published:
+        notes.append(Note(
+            f"(published): reference set ‘{report.reference}’, numbers as printed by the papers below; group and "
+            "overall means of these rows are computed here from the per-task values (rounding may move them by "
+            "about 0.02); Params (M) as printed (normally including the head)."))
+        by_source: dict[str, list[str]] = defaultdict(list)
+        by_prov: dict[str, list[str]] = defaultdict(list)
+        for row in report.published:
+            pm = row.published
+            by_source["; ".join(pm.sources) or "source not stated"].append(pm.name)
+            by_prov[" / ".join(pm.provenance) or "not stated"].append(pm.name)
+        notes.append(Note("Published numbers first reported by: " + "; ".join(
+            f"{k} for {', '.join(v)}" for k, v in by_source.items()) + "."))
+        notes.append(Note("Where they were copied from: " + "; ".join(
+            f"{', '.join(v)}: {k}" for k, v in by_prov.items()) + "."))
+        unverified = [r.published.name for r in report.published if r.published.unverified]
+        if unverified:
+            notes.append(Note(f"UNVERIFIED published numbers: {_join(unverified)}; check them against the paper "
+                              "before citing."))
+    if delta:
+        if report.deltas:
+            notes.append(Note("Δ rows: reproduced minus published accuracy (points) for methods that are the same "
+                              "method under both names; – where either number is missing."))
+    return notes
+
+
+def _efficiency_notes(report: Report, recs: list[dict[str, Any]]) -> list[Note]:
+    devices = sorted({str(_dig(r, "provenance", "device") or "unknown device") for r in recs if r["status"] == "ok"})
+    notes = [
+        Note("Params: trainable parameters (M) averaged over tasks, with and without the classification head; "
+             "extra after merge: parameters the deployed model has beyond the backbone once mergeable modules are "
+             "folded in; storage: bytes of trainable state saved per task."),
+        Note("Train time: wall-clock seconds of training per run; images/s: training throughput; peak memory: "
+             "largest peak GPU memory allocated (– on CPU); latency: inference latency of the deployed model "
+             "relative to the plain backbone (– when not measured). All averaged over the row's runs."),
+    ]
+    if len(devices) == 1:
+        notes.append(Note(f"Device: {devices[0]}."))
+    elif devices:
+        notes.append(Note(f"Runs were made on DIFFERENT devices ({', '.join(devices)}); costs are not comparable "
+                          "across rows."))
+    return notes
