@@ -289,7 +289,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     }
 
 
-def deployed_latency(model, device: torch.device, size: int, dtype: str = "fp32", iters: int = 5) -> dict[str, Any]:
+def deployed_latency(model, device: torch.device, size: int, dtype: str = "fp32", iters: int = 11) -> dict[str, Any]:
     """Batch-1 latency of ``model`` as deployed (merged when it merges) against the same backbone
     without the method, timed interleaved; cheap enough to record with every run."""
     import copy
@@ -304,7 +304,7 @@ def deployed_latency(model, device: torch.device, size: int, dtype: str = "fp32"
     deployed = merge(model) if model.method.mergeable else model
     x = torch.randn(1, 3, size, size, device=device)
     t = interleaved({"plain": _forward(plain, x, device, dtype), "deployed": _forward(deployed, x, device, dtype)},
-                    device, warmup=2, iters=iters, min_sample_s=0.01)
+                    device, warmup=2, iters=iters, min_sample_s=0.02)
     model.train(was_training)
     return {"deployed": "merged" if model.method.mergeable else "unmerged",
             "latency_b1_s": t["deployed"]["median_s"], "plain_latency_b1_s": t["plain"]["median_s"],
