@@ -31,6 +31,7 @@ TRAIN_HPARAMS: dict[str, HParam] = {
     "precision": HParam("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16")),
     "normalization": HParam("backbone", "input normalisation: the backbone's pretrained config or a preset",
                             choices=("backbone", "imagenet", "inception")),
+    "compile": HParam(False, "torch.compile the model (falls back to eager mode if compilation fails)"),
     "eval_every": HParam(0, "evaluate every N epochs for the learning curve (0 = only at the end)", low=0),
     "tune_lr": HParam("1e-3,1e-2", "learning rates tried by the `tune` protocol (comma-separated)"),
     "tune_weight_decay": HParam("1e-4,1e-3", "weight decays tried by the `tune` protocol (comma-separated)"),

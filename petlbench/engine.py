@@ -23,6 +23,30 @@ class RunFailed(RuntimeError):
     """A run that cannot produce a number (non-finite loss, ...); recorded as failed."""
 
 
+class MaybeCompiled:
+    """``torch.compile(fn)`` with a measured fallback: if the first compiled call fails, the run
+    continues eagerly and says so (``compiled`` is then False)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], enabled: bool) -> None:
+        self.fn = fn
+        self.compiled_fn = torch.compile(fn) if enabled else None
+        self.compiled: bool | None = None if enabled else False
+        self.error: str | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled_fn is None or self.compiled is False:
+            return self.fn(x)
+        try:
+            out = self.compiled_fn(x)
+        except Exception as exc:  # compilation problems only: after a first success errors are real
+            if self.compiled:
+                raise
+            self.compiled, self.error = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return self.fn(x)
+        self.compiled = True
+        return out
+
+
 @dataclass
 class TrainResult:
     curve: list[dict[str, Any]] = field(default_factory=list)
@@ -33,6 +57,8 @@ class TrainResult:
     best_state: dict[str, torch.Tensor] | None = None
     best_epoch: int | None = None
     best_val: float | None = None
+    compiled: bool | None = None
+    compile_error: str | None = None
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: Mapping[str, Any]) -> float:
@@ -134,7 +160,8 @@ def train(
         forward_train, forward_eval = head, head
     else:
         train_iter, eval_sets = train_loader, dict(eval_loaders)
-        forward_train = forward_eval = model
+        forward_train = MaybeCompiled(model, cfg.get("compile", False))
+        forward_eval = model
 
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     steps_per_epoch = len(train_iter)
@@ -183,6 +210,8 @@ def train(
             result.eval_time_s += time.perf_counter() - t1
         if on_epoch is not None:
             on_epoch(epoch + 1, epochs, mean_loss)
+    if isinstance(forward_train, MaybeCompiled):
+        result.compiled, result.compile_error = forward_train.compiled, forward_train.error
     return result
 
 

@@ -14,7 +14,8 @@ Schema (``schema_version`` 1); every record has these top-level keys:
 - ``config``: ``method_hparams``, ``train`` (fully resolved), ``protocol``, ``backbone``,
   ``backbone_kwargs``, ``pretrained``, ``normalization``, ``splits`` (train/eval split names and sizes).
 - ``efficiency``: ``train_time_s``, ``train_images_per_s``, ``eval_time_s``, ``peak_gpu_mem_allocated``,
-  ``peak_gpu_mem_reserved`` (bytes, null on CPU), ``trainable_state_bytes``, and the deployed
+  ``peak_gpu_mem_reserved`` (bytes, null on CPU), ``trainable_state_bytes``, ``compiled`` (whether
+  ``torch.compile`` was used, with ``compile_error`` when it fell back to eager), and the deployed
   model's batch-1 latency next to the plain backbone's: ``deployed`` (merged/unmerged),
   ``latency_b1_s``, ``plain_latency_b1_s``, ``latency_ratio``.
 - ``provenance``: ``petlbench_version``, ``git_commit``, ``git_dirty``, ``python``, ``torch``,

@@ -231,6 +231,8 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
         "peak_gpu_mem_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "peak_gpu_mem_reserved": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
         "trainable_state_bytes": counts.trainable_bytes,
+        "compiled": res.compiled,
+        "compile_error": res.compile_error,
         **deployed_latency(model, device, data.suite.image_size,
                            "bf16" if cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and device.type == "cuda")
                            else "fp32"),

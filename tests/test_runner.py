@@ -228,3 +228,16 @@ def test_config_file_and_local_launcher(tmp_path) -> None:
     bad.write_text("methods:\n  lora:\n    rnk: 2\n")
     result = run("run", "--suite", "demo", "--method", "lora", "--config", str(bad), "--output", str(out))
     assert result.exit_code == 2 and "Did you mean 'rank'" in result.output
+
+
+def test_compile_falls_back_to_eager_and_says_so(tmp_path, monkeypatch) -> None:
+    def broken(fn, *args, **kwargs):
+        def call(x):
+            raise RuntimeError("no compiler on this machine")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    spec = plan("demo", ["arc"], ["faces"], [0], output=str(tmp_path), sets={**FAST_SETS, "compile": True}).specs[0]
+    rec = execute_spec(spec)
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["efficiency"]["compiled"] is False and "no compiler" in rec["efficiency"]["compile_error"]
