@@ -252,7 +252,10 @@ class _OutputHook(_PetlHook):
 
 class _ParallelHook(_PetlHook):
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + self.fn(args[0])
+        delta = self.fn(args[0])
+        if type(module) is nn.Linear and delta.dtype == output.dtype and delta.shape == output.shape:
+            return output.add_(delta)  # a Linear's backward never reads its output: no extra buffer
+        return output + delta
 
 
 def petl_hooks(model: nn.Module) -> Iterator[tuple[nn.Module, dict, int, _PetlHook]]:
