@@ -200,18 +200,21 @@ def save_trainable(model: PETLModel, path: str | os.PathLike) -> Path:
     path = Path(path)
     meta = {
         "method": model.method.name,
-        "hparams": json.dumps(model.method.config, sort_keys=True),
+        "hparams": model.method.config,
         "arch": model.arch,
-        "num_classes": str(model.num_classes),
+        "num_classes": model.num_classes,
         "weights_sha256": model.weights.sha256 if model.weights else "",
     }
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}, str(tmp), metadata=meta)
+    # One metadata key: safetensors writes a multi-key metadata map in arbitrary order, and the
+    # same state must always give the same bytes (and SHA-256).
+    save_file({k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}, str(tmp),
+              metadata={"petlbench": json.dumps(meta, sort_keys=True)})
     os.replace(tmp, path)
     return path
 
 
-def load_trainable(model: PETLModel, path: str | os.PathLike) -> dict[str, str]:
+def load_trainable(model: PETLModel, path: str | os.PathLike) -> dict[str, Any]:
     """Load a file written by :func:`save_trainable`; returns its metadata."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -219,7 +222,7 @@ def load_trainable(model: PETLModel, path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
+            meta = json.loads((fh.metadata() or {}).get("petlbench", "{}"))
         state = load_file(str(path))
     except Exception as exc:
         raise PetlbenchError(f"trainable-state file {path} cannot be read ({exc}).") from None

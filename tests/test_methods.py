@@ -192,3 +192,11 @@ def test_variants_merge_exactly(method: str, hp: dict, family: str, images: torc
         expected = model(images)
         got = petlbench.merge(model).eval()(images)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_trainable_state_files_are_byte_stable(tmp_path) -> None:
+    """The same state always gives the same bytes, so its SHA-256 can identify it."""
+    model = build("repadapter", "vit")
+    a = petlbench.save_trainable(model, tmp_path / "a.safetensors").read_bytes()
+    for _ in range(3):
+        assert petlbench.save_trainable(model, tmp_path / "b.safetensors").read_bytes() == a

@@ -56,7 +56,7 @@ DEMO_PRETRAIN: dict[str, Any] = {
 }
 # About 12 s on 2 CPU cores. Frozen features + logistic regression on the demo tasks (test split):
 # digits 0.87 vs 0.44 from a random-init micro-ViT, digits_rotation 0.67 vs 0.51, faces 0.97 vs 0.84.
-DEMO_WEIGHTS_VERSION = "v1"
+DEMO_WEIGHTS_VERSION = "v2"
 
 Sample = tuple[np.ndarray, int]  # (uint8 H x W grey image, label)
 
@@ -366,7 +366,9 @@ def demo_weights(cache_dir: str | Path | None = None, *, log: Callable[[str], No
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        save_file(state, str(tmp), metadata=meta)
+        # A single metadata key: safetensors orders a multi-key map arbitrarily, and the demo
+        # weights must have the same bytes (so the same SHA-256 in results) on every machine.
+        save_file(state, str(tmp), metadata={"petlbench_demo": json.dumps(meta, sort_keys=True)})
         os.replace(tmp, path)
     finally:
         if tmp.exists():

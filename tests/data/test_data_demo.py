@@ -88,7 +88,7 @@ def test_pretrained_backbone_learned_something(weights: Path, demo_root: Path) -
     state = load_file(str(weights))
     assert not any(k.startswith("head") for k in state)
     with safe_open(str(weights), "pt") as f:
-        assert f.metadata()["arch"] == "vit_tiny_patch16_224"
+        assert json.loads(f.metadata()["petlbench_demo"])["arch"] == "vit_tiny_patch16_224"
     arch, kwargs = demo_backbone()
     scores = {}
     for name in ("pretrained", "random"):
