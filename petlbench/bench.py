@@ -141,14 +141,15 @@ def _forward(model: nn.Module, x, device, dtype) -> Callable[[], None]:
     return fwd
 
 
-def _maybe_compile(model: nn.Module, enabled: bool, notes: list[str], name: str) -> nn.Module:
+def _maybe_compile(model: nn.Module, enabled: bool, wrappers: dict[str, Any], name: str
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The engine's compile-with-fallback, so the benchmark measures what training would run."""
+    from petlbench.engine import MaybeCompiled
+
     if not enabled:
         return model
-    try:
-        return torch.compile(model)
-    except Exception as exc:  # measured fallback: eager mode, said so in the output
-        notes.append(f"torch.compile failed for {name} ({type(exc).__name__}); measured eagerly")
-        return model
+    wrappers[name] = MaybeCompiled(model, True)
+    return wrappers[name]
 
 
 def _peak_memory(step: Callable[[], None], device: torch.device) -> dict[str, int] | None:
@@ -189,7 +190,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         raise petlbench.PetlbenchError("--device cuda asked for, but no CUDA device is visible. Fix: --device cpu.")
     name, peak = device_peak(device)
     notes: list[str] = []
+    compiled: dict[str, Any] = {}
     torch.manual_seed(0)
+    petlbench.model.resolve_arch(cfg.backbone)  # an unknown name is one clear line, not timm's traceback
     plain = timm.create_model(cfg.backbone, num_classes=cfg.num_classes, **cfg.backbone_kwargs).to(device).eval()
     size = plain.pretrained_cfg.get("input_size", (3, 224, 224))[-1] if not cfg.backbone_kwargs.get("img_size") \
         else cfg.backbone_kwargs["img_size"]
@@ -199,7 +202,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     methods = list(dict.fromkeys([*cfg.methods, "full"]))  # full fine-tuning is the memory reference
     train_fns: dict[str, Callable] = {}
-    lat_fns: dict[str, Callable] = {"plain": _forward(_maybe_compile(plain, cfg.compile, notes, "plain"), x1,
+    lat_fns: dict[str, Callable] = {"plain": _forward(_maybe_compile(plain, cfg.compile, compiled, "plain"), x1,
                                                       device, cfg.dtype)}
     thr_fns: dict[str, Callable] = {"plain": _forward(plain, xb, device, cfg.dtype)}
     rows: dict[str, dict[str, Any]] = {}
@@ -213,7 +216,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             for p in model.petl.parameters():
                 p.add_(torch.randn_like(p) * 1e-3)
         params = [p for p in model.parameters() if p.requires_grad]
-        trained = _maybe_compile(model.train(), cfg.compile, notes, method)
+        trained = _maybe_compile(model.train(), cfg.compile, compiled, method)
         step = _train_step(trained, params, xb, y, device, cfg.dtype)
         step_flops = count_flops(step)
         counts = petlbench.count_params(model)
@@ -236,7 +239,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         if method == "full" or method in cfg.methods:
             train_fns[method] = step
         if method in cfg.methods:
-            lat_fns[method] = _forward(_maybe_compile(deployed, cfg.compile, notes, f"{method} deployed"), x1,
+            lat_fns[method] = _forward(_maybe_compile(deployed, cfg.compile, compiled, f"{method} deployed"), x1,
                                        device, cfg.dtype)
             thr_fns[method] = _forward(deployed, xb, device, cfg.dtype)
     peft_model = None
@@ -257,6 +260,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     lat_t = interleaved(lat_fns, device, cfg.warmup, cfg.iters)
     thr_t = interleaved(thr_fns, device, cfg.warmup, max(2, cfg.iters // 2))
 
+    notes += [f"torch.compile failed for {k} ({w.error}); measured eagerly" for k, w in compiled.items()
+              if w.compiled is False]
     full_step = train_t.get("full", {}).get("median_s")
     full_mem = (rows["full"]["peak_memory"] or {}).get("allocated")
     for method in cfg.methods:

@@ -178,13 +178,12 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
     import time
 
     from petlbench import launchers, sweep
-    from petlbench.records import is_done
 
     started = time.perf_counter()
     plan = sweep.plan(suite, [m.strip() for m in methods.split(",") if m.strip()], tasks, _seeds(seeds),
                       backbone=backbone, pretrained=pretrained, data_root=data_root, output=output,
                       protocol=protocol, sets=parse_sets(sets), config_file=config_file)
-    todo = [s for s in plan.specs if force or not is_done(s.record_path)]
+    todo = sweep.pending(plan, force)
     if not quiet or dry_run:
         click.echo(f"{len(plan.specs)} runs ({len(plan.specs) - len(todo)} already done), protocol {plan.protocol}, "
                    f"backbone {plan.backbone}, weights {plan.pretrained or 'random init'}"
@@ -198,7 +197,7 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
         slurm_account=slurm_account, slurm_qos=slurm_qos, slurm_gpus_per_task=slurm_gpus_per_task,
         slurm_array_parallelism=slurm_array_parallelism, slurm_folder=str(Path(output) / ".slurm"),
     )
-    sweep.execute(plan, launcher, options, force=force, quiet=quiet, device=device)
+    sweep.execute(plan, todo, launcher, options, quiet=quiet, device=device)
     records = sweep.collect(plan.specs)
     failed = [r for r in records if r.get("status") != "ok"]
     if records:
@@ -240,7 +239,11 @@ def bench_cmd(methods: str, backbone: str, backbone_args: tuple[str, ...], batch
     for name in names:
         get_method(name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = {k: yaml.safe_load(v) for k, v in parse_sets(backbone_args, "--backbone-arg").items()}
+    try:
+        kwargs = {k: yaml.safe_load(v) for k, v in parse_sets(backbone_args, "--backbone-arg").items()}
+    except yaml.YAMLError as exc:
+        raise PetlbenchError(f"--backbone-arg: a value is not valid YAML ({str(exc).splitlines()[0]}). "
+                             "Fix: e.g. --backbone-arg depth=2") from None
     cfg = BenchConfig(methods=names, backbone=backbone, backbone_kwargs=kwargs, batch_size=batch_size, device=device,
                       dtype=dtype or ("bf16" if device == "cuda" else "fp32"), iters=iters, warmup=warmup,
                       compile=use_compile, peft=not no_peft)

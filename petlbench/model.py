@@ -103,7 +103,8 @@ def supported_backbones() -> list[str]:
     return [n for n in names if "distilled" not in n]
 
 
-def _split_arch(backbone: str) -> str:
+def resolve_arch(backbone: str) -> str:
+    """The timm architecture of ``backbone`` (``arch`` or ``arch.tag``); unknown names get a suggestion."""
     import timm
 
     arch = backbone.split(".", 1)[0]
@@ -139,7 +140,7 @@ def create_model(
     hparams = method_cls.resolve(method_hparams, suite=suite, task=task)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise PetlbenchError(f"num_classes must be a positive integer, got {num_classes!r}.")
-    arch = _split_arch(backbone)
+    arch = resolve_arch(backbone)
     kwargs = dict(backbone_kwargs or {})
     if device is not None and str(device) == "meta" and pretrained:
         raise PetlbenchError("cannot load weights onto the meta device; build on a real device instead.")

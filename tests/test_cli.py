@@ -60,6 +60,9 @@ def test_params_table_with_presets() -> None:
         (["params", "-m", "lora", "--set", "rank"], "is not key=value"),
         (["params", "-m", "arc", "--pretrained", "/nonexistent/ViT-B_16.npz"], "does not exist"),
         (["params", "-m", "vpt_deep", "-b", "swin_base_patch4_window7_224"], "not defined on swin"),
+        (["bench", "-m", "lora", "-b", "vit_bse_patch16_224"], "Did you mean 'vit_base_patch16_224'"),
+        (["bench", "-m", "lora", "--backbone-arg", "depth=[1"], "--backbone-arg: a value is not valid YAML"),
+        (["bench", "-m", "lroa"], "Did you mean 'lora'"),
     ],
 )
 def test_user_errors_are_one_line(args: list[str], needle: str) -> None:
