@@ -23,6 +23,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_pipeline(loader: DeviceLoader, steps: int, warmup: int, device: torch.device) -> float:
+def images_per_s(loader: Iterable, steps: int, warmup: int, device: torch.device) -> float:
+    """Batches drawn (restarting the loader as needed) and moved to ``device``, per second."""
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -81,9 +83,11 @@ def time_pipeline(loader: DeviceLoader, steps: int, warmup: int, device: torch.d
         except StopIteration:
             it = iter(loader)
             x, _ = next(it)
+        x = x.to(device, non_blocking=True)
         n += x.shape[0]
     sync(device)
     return n / (time.perf_counter() - start)
+
 
 
 def time_model(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int, warmup: int,
@@ -162,20 +166,7 @@ def time_baseline(images: list[Image.Image], spec, batch_size: int, steps: int, 
 
         loader = DataLoader(Files(), batch_size=batch_size, shuffle=True, num_workers=workers,
                             pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
-        it = iter(loader)
-        next(it)
-        n = 0
-        start = time.perf_counter()
-        for _ in range(steps):
-            try:
-                x, _ = next(it)
-            except StopIteration:
-                it = iter(loader)
-                x, _ = next(it)
-            x = x.to(device, non_blocking=True)
-            n += x.shape[0]
-        sync(device)
-        return n / (time.perf_counter() - start)
+        return images_per_s(loader, steps, 1, device)
 
 
 def main() -> None:
@@ -218,7 +209,7 @@ def main() -> None:
         model = model.to(memory_format=torch.channels_last)
     batches = [b for _, b in zip(range(4), loader, strict=False)]
 
-    pipe = time_pipeline(loader, args.steps, args.warmup, device)
+    pipe = images_per_s(loader, args.steps, args.warmup, device)
     step = time_model(model, batches, args.steps, args.warmup, device, args.bf16)
     both = time_end_to_end(model, loader, args.steps, args.warmup, device, args.bf16)
 

@@ -46,7 +46,7 @@ def _check(values: Mapping[str, Any], source: str) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         if key not in TRAIN_HPARAMS:
-            raise PetlbenchError(f"{source}: " + did_you_mean(key, TRAIN_HPARAMS, _WHERE).replace("Registered", "Known"))
+            raise PetlbenchError(f"{source}: " + did_you_mean(key, TRAIN_HPARAMS, _WHERE, label="Known"))
         out[key] = TRAIN_HPARAMS[key].coerce(source, key, value)
     return out
 
@@ -98,7 +98,7 @@ def split_overrides(
         if not owners:
             known = set(TRAIN_HPARAMS) | {h for m in methods for h in m.hparams}
             raise PetlbenchError(
-                "--set: " + did_you_mean(key, known, "setting").replace("Registered", "Known")
+                "--set: " + did_you_mean(key, known, "setting", label="Known")
                 + " (training settings, or hyperparameters of the selected methods)"
             )
         for m in owners:

@@ -117,13 +117,13 @@ def extract_features(model, loader: Iterable, device: torch.device, precision: s
 @torch.no_grad()
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: torch.device,
              precision: str) -> float:
-    correct = total = 0
+    correct, total = torch.zeros((), dtype=torch.int64, device=device), 0
     for x, y in loader:
         with autocast(device, precision):
             logits = forward(x)
-        correct += int((logits.argmax(dim=-1) == y).sum())
-        total += int(y.numel())
-    return 100.0 * correct / max(1, total)
+        correct += (logits.argmax(dim=-1) == y).sum()  # stays on the device: one sync per evaluation
+        total += y.shape[0]
+    return 100.0 * int(correct) / max(1, total)
 
 
 def train(
@@ -145,10 +145,10 @@ def train(
     precision = cfg["precision"]
     epochs = cfg["epochs"]
     params = [p for p in model.parameters() if p.requires_grad]
-    probe = getattr(model.method, "frozen_features", False) and not getattr(train_loader, "random_crop", False) \
-        and not getattr(train_loader, "flip", False)
+    # Linear probing on fixed inputs (no augmentation): features once, then only the head per step.
+    probe = model.method.frozen_features and not train_loader.random_crop and not train_loader.flip
     head = model.backbone.head
-    if probe:  # linear probing: features once, then only the head's matmul per step
+    if probe:
         t0 = time.perf_counter()
         feats, labels = extract_features(model, train_loader_no_shuffle(train_loader), device, precision)
         train_iter = FeatureLoader(feats, labels, cfg["batch_size"], True, seed, cfg["drop_last"])
@@ -160,7 +160,7 @@ def train(
         forward_train, forward_eval = head, head
     else:
         train_iter, eval_sets = train_loader, dict(eval_loaders)
-        forward_train = MaybeCompiled(model, cfg.get("compile", False))
+        forward_train = MaybeCompiled(model, cfg["compile"])
         forward_eval = model
 
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -170,9 +170,7 @@ def train(
     step = 0
     best = -1.0
     for epoch in range(epochs):
-        model.train()
-        if probe:
-            model.eval()  # dropout etc. irrelevant: only the head runs
+        model.train(not probe)  # probing runs only the head on fixed features
         train_iter.set_epoch(epoch)
         t0 = time.perf_counter()
         running, batches = torch.zeros((), device=device), 0

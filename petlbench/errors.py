@@ -21,10 +21,12 @@ class NotMergeableError(PetlbenchError):
     """Raised by :func:`petlbench.merge` for methods whose change is not linear."""
 
 
-def did_you_mean(name: str, choices: Iterable[str], what: str, list_all: bool = True) -> str:
-    """Build a one-line "unknown X" message with close matches (and the full list when short)."""
+def did_you_mean(name: str, choices: Iterable[str], what: str, list_all: bool = True,
+                 label: str = "Registered") -> str:
+    """Build a one-line "unknown X" message with close matches (and, with ``list_all``, every choice
+    after ``label``)."""
     choices = sorted(set(choices))
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    known = f" Registered: {', '.join(choices) if choices else '(none)'}." if list_all else ""
+    known = f" {label}: {', '.join(choices) if choices else '(none)'}." if list_all else ""
     return f"unknown {what} {name!r}.{hint}{known}"

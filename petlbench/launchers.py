@@ -92,8 +92,6 @@ def default_execute(spec: RunSpec, device: str = "auto") -> dict[str, Any]:
     """The engine, imported lazily so that importing launchers (and pickling this) stays cheap."""
     from petlbench.runner import execute_spec
 
-    if device == "auto":
-        return execute_spec(spec, quiet=True)
     return execute_spec(spec, quiet=True, device=device)
 
 

@@ -127,8 +127,8 @@ class Method:
         """Check names and coerce values; with ``complete`` fill in the defaults."""
         unknown = [k for k in values if k not in cls.hparams]
         if unknown:
-            msg = did_you_mean(unknown[0], cls.hparams, f"hyperparameter of method {cls.name!r}:")
-            raise PetlbenchError(msg.replace("Registered:", "Known:"))
+            raise PetlbenchError(did_you_mean(unknown[0], cls.hparams, f"hyperparameter of method {cls.name!r}:",
+                                              label="Known"))
         out = {k: h.default for k, h in cls.hparams.items()} if complete else {}
         out.update({k: cls.hparams[k].coerce(cls.name, k, v) for k, v in values.items()})
         return out

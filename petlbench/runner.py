@@ -56,7 +56,7 @@ def check_protocol(name: str) -> str:
     if name not in PROTOCOLS:
         from petlbench.errors import did_you_mean
 
-        raise PetlbenchError("--protocol: " + did_you_mean(name, PROTOCOLS, "protocol").replace("Registered", "Known"))
+        raise PetlbenchError("--protocol: " + did_you_mean(name, PROTOCOLS, "protocol", label="Known"))
     return name
 
 
@@ -282,7 +282,3 @@ def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int
     write_record(spec.record_path, record)
     return record
 
-
-def execute_spec_dict(spec: dict[str, Any], device: str = "auto") -> dict[str, Any]:
-    """Picklable entry point for other processes and Slurm jobs."""
-    return execute_spec(RunSpec.from_dict(spec), device=device)

@@ -155,12 +155,16 @@ class Progress:
             self.bar.close()
 
 
-def execute(plan_: Plan, launcher: str = "inline", options: Any = None, *, force: bool = False,
+def pending(plan_: Plan, force: bool = False) -> list[RunSpec]:
+    """The planned runs without a finished record (all of them with ``force``)."""
+    return [s for s in plan_.specs if force or not is_done(s.record_path)]
+
+
+def execute(plan_: Plan, todo: list[RunSpec], launcher: str = "inline", options: Any = None, *,
             quiet: bool = False, device: str = "auto") -> list[dict[str, Any]]:
-    """Run every planned spec that has no finished record; returns the records of the runs made."""
+    """Run ``todo`` (see :func:`pending`); returns the records of the runs made."""
     from petlbench import launchers
 
-    todo = [s for s in plan_.specs if force or not is_done(s.record_path)]
     progress = Progress(len(plan_.specs), len(plan_.specs) - len(todo), quiet)
     if options is None:
         options = launchers.LaunchOptions()

@@ -20,8 +20,9 @@ for torch until a torch-backed name is used.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from petlbench._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     # suites
@@ -48,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "materialize_demo": "demo", "demo_backbone": "demo", "demo_weights": "demo",
 }
 
+# Listed out (not derived from _EXPORTS) so linters and IDEs can check the names.
 __all__ = [
     "CACHE_ENV", "CachedSplit", "CheckReport", "DataError", "DeviceLoader", "ENTRY_POINT_GROUP",
     "NORMALIZATIONS", "Normalization", "Problem", "SUITE_PATH_ENV", "SplitIndex", "Suite", "Task",
@@ -59,17 +61,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'petlbench.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"petlbench.data.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -15,9 +15,10 @@ so registering the command does not import pandas, jinja2 or matplotlib.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
+
+from petlbench._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Column": "aggregate", "Efficiency": "aggregate", "Note": "aggregate", "Report": "aggregate",
@@ -28,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "render_markdown": "render", "tex_escape": "render",
 }
 
+# Listed out (not derived from _EXPORTS) so linters and IDEs can check the names.
 __all__ = [
     "Column", "Efficiency", "LoadedRecords", "Note", "Report", "ReportWarning", "Row", "Stat", "build_report",
     "csv_table", "latex_table", "list_reference_sets", "load_records", "load_reference", "markdown_table",
@@ -35,17 +37,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'petlbench.report' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"petlbench.report.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 def markdown_table(records: Iterable[Mapping[str, Any]], suite: Any = None, reference: str | None = None,

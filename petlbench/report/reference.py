@@ -104,7 +104,7 @@ def load_reference(name: str) -> tuple[pd.DataFrame, str]:
     if path.suffix.lower() == ".csv" and path.is_file():
         return _read_csv(path.read_text(encoding="utf-8"), str(path)), path.name
     raise PetlbenchError(
-        "--reference: " + did_you_mean(name, REFERENCE_SETS, "reference set").replace("Registered", "Available")
+        "--reference: " + did_you_mean(name, REFERENCE_SETS, "reference set", label="Available")
         + " A CSV file with the same columns also works."
     )
 
