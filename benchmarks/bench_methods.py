@@ -5,6 +5,7 @@ that writes ``benchmarks/results/<device>-<date>.{json,md}``.
 
     python benchmarks/bench_methods.py                      # GPU if present: ViT-B/16, bf16, batch 64
     python benchmarks/bench_methods.py --quick              # CPU smoke run on a tiny ViT
+    python benchmarks/bench_methods.py --memory-only        # ViT-B/16, batch 64: counts, FLOPs, peak memory
 """
 
 from __future__ import annotations
@@ -26,12 +27,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--methods", default=METHODS)
+    ap.add_argument("--memory-only", action="store_true", help="no timing (ViT-B at batch 64 on a CPU)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    out = Path(__file__).parent / "results" / f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}-" \
-        f"{time.strftime('%Y%m%d')}{'-quick' if args.quick else ''}"
-    argv = ["bench", "--method", args.methods, "--device", device, "--out", str(out)]
+    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    parts = [re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower(), "vit_tiny-quick" if args.quick else "vit_base-b64",
+             dtype, *(["memory"] if args.memory_only else []), time.strftime("%Y%m%d")]
+    out = Path(__file__).parent / "results" / "-".join(parts)
+    argv = ["bench", "--method", args.methods, "--device", device, "--dtype", dtype, "--out", str(out)]
+    argv += ["--no-timing"] if args.memory_only else []
     if args.quick:
         argv += ["--backbone", "vit_tiny_patch16_224", "--batch-size", "8", "--iters", "3", "--warmup", "1",
                  "--no-peft"] + [x for kv in ("img_size=32", "patch_size=8", "embed_dim=32", "depth=2", "num_heads=2")

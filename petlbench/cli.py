@@ -223,11 +223,13 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the models (falls back to eager).")
 @click.option("--no-peft", is_flag=True, help="Skip the LoRA-vs-peft comparison.")
+@click.option("--no-timing", is_flag=True,
+              help="Counts, FLOPs and peak memory only (e.g. ViT-B at batch 64 on a CPU, where timing takes hours).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @click.option("--out", default=None, help="Write <out>.json and <out>.md (e.g. benchmarks/results/h100).")
 def bench_cmd(methods: str, backbone: str, backbone_args: tuple[str, ...], batch_size: int, device: str | None,
-              dtype: str | None, iters: int, warmup: int, use_compile: bool, no_peft: bool, as_json: bool,
-              out: str | None) -> None:
+              dtype: str | None, iters: int, warmup: int, use_compile: bool, no_peft: bool, no_timing: bool,
+              as_json: bool, out: str | None) -> None:
     """Train-step speed, memory, deployed latency/throughput and FLOPs of METHOD(s) vs the plain backbone."""
     import torch
     import yaml
@@ -246,8 +248,8 @@ def bench_cmd(methods: str, backbone: str, backbone_args: tuple[str, ...], batch
                              "Fix: e.g. --backbone-arg depth=2") from None
     cfg = BenchConfig(methods=names, backbone=backbone, backbone_kwargs=kwargs, batch_size=batch_size, device=device,
                       dtype=dtype or ("bf16" if device == "cuda" else "fp32"), iters=iters, warmup=warmup,
-                      compile=use_compile, peft=not no_peft)
-    result = run_bench(cfg)
+                      compile=use_compile, peft=not no_peft, timing=not no_timing)
+    result = run_bench(cfg, log=lambda line: click.echo(line, err=True))
     markdown = to_markdown(result)
     if out:
         target = Path(out)

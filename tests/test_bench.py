@@ -24,9 +24,23 @@ def test_bench_runs_on_cpu_and_reports_every_ratio() -> None:
     assert rows["vpt_deep"]["deployed"] == "unmerged" and rows["vpt_deep"]["flops_ratio_deployed"] > 1
     for r in rows.values():
         assert r["train_step_s"]["median_s"] > 0 and r["latency_ratio"] > 0 and r["train_step_vs_full"] > 0
-        assert r["peak_memory"] is None and r["mfu"] is None  # CPU: not measurable, and said so
+        assert r["mfu"] is None  # CPU: no bf16 peak to divide by, and said so
+        assert set(r["peak_memory"]) == {"tensors"} and r["memory_vs_full"] > 0  # CPU: live tensor bytes
     text = to_markdown(result)
     assert "not measured here: MFU" in text and "deployed latency / plain" in text
+    assert "peak train memory (live tensors) / full FT" in text and "not measured here: CUDA allocator" in text
+
+
+def test_bench_no_timing_reports_memory_and_flops_only() -> None:
+    arch, kw = TINY_VIT
+    result = run_bench(BenchConfig(methods=["arc", "ssf"], backbone=arch, backbone_kwargs=kw, batch_size=2,
+                                   timing=False))
+    for r in result["methods"]:
+        assert r["train_step_s"] is None and r["latency_ratio"] is None and r["train_step_flops"] > 0
+        assert r["memory_vs_full"] > 0
+    text = to_markdown(result)
+    assert "no timing" in text and "not measured here: latency, throughput, MFU and LoRA vs peft" in text
+    assert not any("latency" in v["target"] for v in result["verdicts"] if v["ok"] is not None)
 
 
 def test_bench_cli_json(tmp_path) -> None:
@@ -37,6 +51,6 @@ def test_bench_cli_json(tmp_path) -> None:
         args += ["--backbone-arg", f"{k}={v}"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)  # progress lines go to stderr
     assert data["methods"][0]["method"] == "ssf" and data["device"].startswith("cpu")
     assert (tmp_path / "r.json").exists() and (tmp_path / "r.md").exists()

@@ -1,0 +1,90 @@
+"""Peak memory of live tensors, counted at the dispatcher, on any device.
+
+CUDA's caching allocator keeps a peak counter; the CPU has none. This mode sees every tensor an
+op creates (forward activations, the tensors autograd saves, gradients, optimiser state) and is
+told when each storage is freed, so its peak is what a training step needs in tensors, on CPU
+as on GPU. It leaves out what the allocator adds on top (block rounding, fragmentation, library
+workspaces), so on CUDA it sits slightly below ``torch.cuda.max_memory_allocated``; the
+benchmark reports both there.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class TensorMemory(TorchDispatchMode):
+    """Current and peak bytes of distinct live tensor storages while the mode is active.
+
+    ``existing`` are tensors alive before the mode starts that the measurement must include
+    (parameters, gradients, optimiser state, inputs): they count from the start and, if freed
+    inside (a gradient set to None), stop counting.
+    """
+
+    def __init__(self, existing: Iterable[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._live: dict[int, int] = {}
+        self._finalizers: list[weakref.finalize] = []
+        for t in existing:
+            self._track(t)
+
+    def _track(self, t: Any) -> None:
+        if not isinstance(t, torch.Tensor) or t.is_sparse or t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata  # the C++ storage, shared by every view of it
+        if key in self._live:
+            return
+        size = storage.nbytes()
+        self._live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        # Storages keep their Python object while the C++ storage lives, so this fires on the real free.
+        self._finalizers.append(weakref.finalize(storage, self._free, key))
+
+    def _free(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            self._track(t)
+        return out
+
+    def __exit__(self, *exc: Any) -> None:
+        for fin in self._finalizers:  # frees after the measurement must not call back into it
+            fin.detach()
+        self._finalizers.clear()
+        return super().__exit__(*exc)
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                   *extra: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor a training step starts with: parameters, their gradients, buffers, optimiser
+    state and the given inputs."""
+    out: list[torch.Tensor] = [*model.parameters(), *model.buffers(), *extra]
+    out += [p.grad for p in model.parameters() if p.grad is not None]
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            out += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and shared tensors count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage._cdata] = storage.nbytes()
+    return sum(seen.values())
