@@ -19,6 +19,7 @@ def test_bench_runs_on_cpu_and_reports_every_ratio() -> None:
     rows = {r["method"]: r for r in result["methods"]}
     for name in ("lora", "arc"):
         assert rows[name]["deployed"] == "merged" and rows[name]["extra_after_merge"] == 0
+        assert rows[name]["same_structure_as_plain"] is True  # same module classes, same parameter count
         assert rows[name]["flops_deployed"] == result["plain"]["flops"]  # merged = plain: same compute
         assert rows[name]["flops_unmerged"] > rows[name]["flops_deployed"]
     assert rows["vpt_deep"]["deployed"] == "unmerged" and rows["vpt_deep"]["flops_ratio_deployed"] > 1
@@ -28,6 +29,7 @@ def test_bench_runs_on_cpu_and_reports_every_ratio() -> None:
         assert set(r["peak_memory"]) == {"tensors"} and r["memory_vs_full"] > 0  # CPU: live tensor bytes
     text = to_markdown(result)
     assert "not measured here: MFU" in text and "deployed latency / plain" in text
+    assert "PASS lora: merged model has the plain backbone's modules and parameter count\n" in text
     assert "peak train memory (live tensors) / full FT" in text and "not measured here: CUDA allocator" in text
 
 
