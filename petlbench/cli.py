@@ -154,7 +154,8 @@ def _seeds(text: str) -> list[int]:
 @click.option("--protocol", default=None, help="vtab1k | tune | fgvc | legacy-best-test [default: by suite].")
 @click.option("--launcher", type=click.Choice(["inline", "local", "slurm"]), default="inline", show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="local: parallel runs (default: GPUs).")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda (inline/local).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto | cpu | cuda | cuda:N (local launcher: cuda uses every visible GPU, cuda:N only that one).")
 @click.option("--slurm-partition", default=None)
 @click.option("--slurm-time", "slurm_time_min", type=click.IntRange(min=1), default=240, show_default=True,
               help="Minutes per run.")

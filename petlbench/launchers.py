@@ -114,7 +114,9 @@ def launch(
     _validate(options)
     specs = list(specs)
     if execute is None:
-        execute = functools.partial(default_execute, device=options.device)
+        # A local worker is pinned to its one GPU, which it sees as device 0: "cuda:N" chose the GPU.
+        worker_device = "cuda" if launcher == "local" and options.device.startswith("cuda:") else options.device
+        execute = functools.partial(default_execute, device=worker_device)
     on_start = on_start or _noop
     on_done = on_done or _noop
     if not specs:  # nothing to run needs no cluster
@@ -261,6 +263,13 @@ def detect_gpus() -> list[int]:
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
+def _cuda_index(device: str) -> int:
+    try:
+        return int(device.split(":", 1)[1])
+    except ValueError:
+        raise PetlbenchError(f"--device {device!r} is not cuda:<index>. Fix: e.g. --device cuda:0") from None
+
+
 def plan_local_slots(
     options: LaunchOptions, n_runs: int, gpus: list[int] | None = None, cpus: int | None = None
 ) -> list[Slot]:
@@ -269,6 +278,12 @@ def plan_local_slots(
     cpus = cpus or usable_cpus()
     if gpus is None:
         gpus = [] if options.device == "cpu" else (options.gpus if options.gpus is not None else detect_gpus())
+        if options.device.startswith("cuda:") and options.gpus is None:
+            index = _cuda_index(options.device)
+            if index >= len(gpus):
+                raise PetlbenchError(f"--device {options.device}: only {len(gpus)} GPU(s) are visible. "
+                                     f"Fix: --device cuda:0 .. cuda:{max(0, len(gpus) - 1)}, or --device cuda for all.")
+            gpus = [gpus[index]]
     if options.device.startswith("cuda") and not gpus:
         raise PetlbenchError("--device cuda was asked for but no GPU is visible. Fix: use --device cpu.")
     if gpus:

@@ -151,6 +151,18 @@ def test_plan_local_slots_cpu_and_gpu() -> None:
         plan_local_slots(LaunchOptions(device="cuda"), n_runs=1, gpus=[], cpus=2)
 
 
+def test_local_cuda_index_pins_that_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cuda:N with the local launcher runs on the N-th visible GPU (the worker then sees
+    it as its only device), instead of asking the pinned worker for a device it cannot see."""
+    monkeypatch.setattr(launchers, "detect_gpus", lambda: [2, 5, 7])
+    slots = plan_local_slots(LaunchOptions(device="cuda:1"), n_runs=4, cpus=8)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["5"]
+    with pytest.raises(PetlbenchError, match=r"--device cuda:3: only 3 GPU\(s\) are visible"):
+        plan_local_slots(LaunchOptions(device="cuda:3"), n_runs=1, cpus=8)
+    with pytest.raises(PetlbenchError, match="not cuda:<index>"):
+        plan_local_slots(LaunchOptions(device="cuda:x"), n_runs=1, cpus=8)
+
+
 def test_detect_gpus_honours_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
