@@ -39,7 +39,7 @@ class QVLoRA(nn.Module):
         b = self.lora_b.to(x.dtype)
         # (3d, 2r): q rows read the first r columns, v rows the last r, k rows nothing.
         up = torch.cat([F.pad(b[0], (0, r)), b.new_zeros(d, 2 * r), F.pad(b[1], (r, 0))])
-        return F.linear(z, up) * self.scaling
+        return F.linear(z * self.scaling, up)  # scale the rank-r activations, not the qkv-wide output
 
     def delta(self, which: int) -> torch.Tensor:
         return self.scaling * self.lora_b[which].double() @ self.lora_a[which].double()
@@ -58,7 +58,7 @@ class FusedLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.linear(self.dropout(x), self.lora_a.to(x.dtype))
-        return F.linear(z, self.lora_b.to(x.dtype)) * self.scaling
+        return F.linear(z * self.scaling, self.lora_b.to(x.dtype))  # scaled at rank r, not at 3 * dim
 
     def delta(self) -> torch.Tensor:
         return self.scaling * self.lora_b.double() @ self.lora_a.double()

@@ -37,9 +37,12 @@ class TensorMemory(TorchDispatchMode):
             self._track(t)
 
     def _track(self, t: Any) -> None:
-        if not isinstance(t, torch.Tensor) or t.is_sparse or t.device.type == "meta":
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
-        storage = t.untyped_storage()
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse or opaque layouts have no plain storage
+            return
         key = storage._cdata  # the C++ storage, shared by every view of it
         if key in self._live:
             return
