@@ -134,11 +134,20 @@ def _noop(*_args: Any) -> None:
     return None
 
 
+def _cuda_index(device: str) -> int:
+    try:
+        return int(device.split(":", 1)[1])
+    except ValueError:
+        raise PetlbenchError(f"--device {device!r} is not cuda:<index>. Fix: e.g. --device cuda:0") from None
+
+
 def _validate(options: LaunchOptions) -> None:
     if options.workers is not None and options.workers < 1:
         raise PetlbenchError(f"workers must be at least 1, got {options.workers}.")
     if options.device not in ("auto", "cpu", "cuda") and not options.device.startswith("cuda:"):
         raise PetlbenchError(f"unknown device {options.device!r}. Use auto, cpu or cuda.")
+    if options.device.startswith("cuda:"):
+        _cuda_index(options.device)  # every launcher: a malformed index is one line before anything runs
     if options.threads_per_worker is not None and options.threads_per_worker < 1:
         raise PetlbenchError(f"threads per worker must be at least 1, got {options.threads_per_worker}.")
     if options.slurm_time_min < 1:
@@ -263,13 +272,6 @@ def detect_gpus() -> list[int]:
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
-def _cuda_index(device: str) -> int:
-    try:
-        return int(device.split(":", 1)[1])
-    except ValueError:
-        raise PetlbenchError(f"--device {device!r} is not cuda:<index>. Fix: e.g. --device cuda:0") from None
-
-
 def plan_local_slots(
     options: LaunchOptions, n_runs: int, gpus: list[int] | None = None, cpus: int | None = None
 ) -> list[Slot]:
@@ -278,7 +280,7 @@ def plan_local_slots(
     cpus = cpus or usable_cpus()
     if gpus is None:
         gpus = [] if options.device == "cpu" else (options.gpus if options.gpus is not None else detect_gpus())
-        if options.device.startswith("cuda:") and options.gpus is None:
+        if options.device.startswith("cuda:"):
             index = _cuda_index(options.device)
             if index >= len(gpus):
                 raise PetlbenchError(f"--device {options.device}: only {len(gpus)} GPU(s) are visible. "

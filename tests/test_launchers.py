@@ -161,6 +161,8 @@ def test_local_cuda_index_pins_that_gpu(monkeypatch: pytest.MonkeyPatch) -> None
         plan_local_slots(LaunchOptions(device="cuda:3"), n_runs=1, cpus=8)
     with pytest.raises(PetlbenchError, match="not cuda:<index>"):
         plan_local_slots(LaunchOptions(device="cuda:x"), n_runs=1, cpus=8)
+    with pytest.raises(PetlbenchError, match="not cuda:<index>"):  # any launcher, before anything runs
+        launch([], "inline", LaunchOptions(device="cuda:x"))
 
 
 def test_detect_gpus_honours_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
