@@ -364,22 +364,7 @@ def read_split(
     return index
 
 
-def resolve_data_root(suite: Suite | str, data_root: str | Path | None, cache_dir: str | Path | None = None) -> Path:
-    """The data root to read: the given one, or the built data of a suite with a generator (the demo)."""
-    suite = get_suite(suite)
-    if data_root is not None:
-        return check_data_root(data_root)
-    if suite.generator == "demo":
-        from petlbench.data.demo import materialize_demo
-
-        return materialize_demo(cache_dir)
-    raise PetlbenchError(
-        f"suite {suite.name!r} needs its data on disk. Fix: pass --data-root (the folder that holds "
-        f"{', '.join(suite.task_names[:3])}, ...)."
-    )
-
-
 __all__ = [
     "SplitIndex", "check_data_root", "collect_split", "find_task_dir",
-    "parse_fgvc_file", "parse_vtab_file", "probe_image_root", "read_split", "resolve_data_root", "split_path",
+    "parse_fgvc_file", "parse_vtab_file", "probe_image_root", "read_split", "split_path",
 ]
