@@ -116,13 +116,15 @@ class DeviceLoader:
         shuffle: bool | None = None,
         **kwargs: Any,
     ) -> DeviceLoader:
-        """A loader applying ``cached.spec``'s train or eval recipe; shuffles when training unless told."""
+        """A loader applying ``cached.spec``'s train or eval recipe (and the device resize of a split
+        stored at native resolution); shuffles when training unless told."""
         spec = cached.spec
         mode = spec.crop_mode(train)
         return cls(
             cached.images, cached.labels, batch_size=batch_size, normalization=normalization,
             crop=spec.image_size if mode != "none" else None, random_crop=mode == "random",
-            flip=spec.flip(train), shuffle=train if shuffle is None else shuffle, **kwargs,
+            flip=spec.flip(train), shuffle=train if shuffle is None else shuffle,
+            resize=cached.device_resize, **kwargs,
         )
 
     def _fits_on_device(self) -> bool:
