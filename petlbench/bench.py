@@ -414,7 +414,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [head, "",
              "| method | deployed | trainable w/o head | extra after merge | state KiB | train step | img/s | "
              "vs full FT | latency b1 | latency / plain | throughput / plain | FLOPs deployed / plain | "
-             "peak mem MiB | peak mem / full | MFU | VTAB-1k sweep (est.) |",
+             "peak mem MiB | peak mem / full | MFU | VTAB-1k images x step/img (naive) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(v: float | None, fmt: str = "{:.3f}") -> str:
@@ -436,4 +436,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             value = "" if v["value"] is None else f": {v['value']:.3f}"
             lines.append(f"- {'PASS' if v['ok'] else 'FAIL'} {v['target']}{value}")
     lines += [f"- note: {n}" for n in result["notes"]]
+    lines.append("- note: the naive VTAB-1k column is images x per-image time at this batch size; "
+                 "`petlbench bench --sweep-estimate` models the sweep with each method's own batch size, "
+                 "eval and fixed costs")
     return "\n".join(lines)

@@ -69,6 +69,7 @@ VTAB_NATIVE_SIZES: dict[str, tuple[int, int]] = {
 }
 
 _MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward",
+               "flash_attention_forward", "flash_attention_backward",
                "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
                "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward"}
@@ -94,33 +95,85 @@ class OpCounts:
 
     def summary(self) -> dict[str, Any]:
         mm = [o for o in self.ops if o[0] in _MATMUL_OPS]
-        return {"ops": self.n_ops, "flops": self.flops, "bytes": self.bytes, "matmul_ops": len(mm),
+        return {"ops": self.n_ops, "kernels": sum(not o[0].endswith("(no data)") for o in self.ops),
+                "flops": self.flops, "bytes": self.bytes, "matmul_ops": len(mm),
                 "matmul_flops": sum(f for _, f, _, _ in mm)}
 
 
+# Ops that move no data (views, reshapes of the same storage, allocations): host work, no kernel.
+_NO_TRAFFIC = {"_unsafe_view", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
+               "new_empty_strided", "zeros_like", "_to_copy_meta"}
+
+
+def _nbytes(*tensors: Any) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in tree_leaves(tensors):
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
 class _Recorder(TorchDispatchMode):
-    """Records every aten op with its FLOPs (torch's formulas) and the bytes of its tensors."""
+    """Records every aten op with its FLOPs (torch's formulas) and the bytes its kernel moves
+    (every tensor operand read or written once; zero for views and allocations)."""
 
     def __init__(self, counts: OpCounts) -> None:
         super().__init__()
         self.counts = counts
         self.optimizer_phase = False
 
+    def record(self, name: str, flops: int, nbytes: int) -> None:
+        self.counts.ops.append((name, flops, nbytes, self.optimizer_phase))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = func._overloadpacket
-        flops = 0
-        if packet in flop_registry:
-            flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
-        seen: set[int] = set()
-        nbytes = 0
-        for t in tree_leaves((args, kwargs, out)):
-            if isinstance(t, torch.Tensor) and id(t) not in seen:
-                seen.add(id(t))
-                nbytes += t.numel() * t.element_size()
-        self.counts.ops.append((packet.__name__, flops, nbytes, self.optimizer_phase))
+        name = packet.__name__
+        flops = int(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0
+        moves = not (func.is_view or name in _NO_TRAFFIC)
+        self.record(name if moves else f"{name} (no data)", flops, _nbytes(args, kwargs, out) if moves else 0)
         return out
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Scaled dot-product attention counted as the fused (flash) kernels a GPU runs, instead of
+    the math path ``meta`` falls back to (which materialises every N x N score matrix)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rec: _Recorder) -> torch.Tensor:
+        ctx.rec = rec
+        ctx.save_for_backward(q, k, v)
+        out = torch.empty_like(q)
+        flops = 4 * q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * q.shape[-1]
+        ctx.flops = flops
+        rec.record("flash_attention_forward", flops, _nbytes(q, k, v, out))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # recomputes the scores and runs five matmuls where the forward ran two
+        ctx.rec.record("flash_attention_backward", int(2.5 * ctx.flops), _nbytes(q, k, v, grad, grad, dq, dk, dv))
+        return dq, dk, dv, None
+
+
+class _FlashAttention(torch.overrides.TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` (plain calls, as timm's ViT makes) to :class:`_FusedAttention`."""
+
+    def __init__(self, rec: _Recorder) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        plain = not kwargs.get("attn_mask") and len(args) == 3 and not kwargs.get("dropout_p")
+        if func is nn.functional.scaled_dot_product_attention and plain:
+            return _FusedAttention.apply(*args, self.rec)
+        return func(*args, **kwargs)
 
 
 def _step_fn(model: nn.Module, batch: int, classes: int, size: int, device: torch.device, grad_clip: float
@@ -160,11 +213,11 @@ def count(model: nn.Module, batch: int, eval_batch: int, classes: int, size: int
     step, _ = _step_fn(model, batch, classes, size, device, grad_clip)
     step()  # creates the optimiser state
     train = OpCounts()
-    with _Recorder(train) as rec:
+    with _Recorder(train) as rec, _FlashAttention(rec):
         step(rec)
     _, forward = _step_fn(model, eval_batch, classes, size, device, grad_clip)
     evals = OpCounts()
-    with _Recorder(evals):
+    with _Recorder(evals) as rec, _FlashAttention(rec):
         forward()
     return {"train_step": train, "eval_batch": evals}
 
@@ -178,6 +231,8 @@ def gpu_time(counts: OpCounts, gpu: GpuModel, host_per_op_s: float, autocast_cas
     bw = gpu.hbm_bytes_s * a["bandwidth_efficiency"]
     eager = compiled = matmul = 0.0
     for name, flops, nbytes, optimizer in counts.ops:
+        if name.endswith("(no data)"):
+            continue  # host work only (counted in the host time below)
         moved = nbytes if optimizer else nbytes * a["activation_bytes_factor"]  # AdamW keeps fp32 state
         if name in _MATMUL_OPS:
             t = max(flops / peak, moved / bw)
@@ -408,9 +463,10 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"{r['train_steps']:,} train steps, {r['test_images']:,} test images in {r['eval_batches']:,} eval batches "
         f"of {r['eval_batch_size']}.",
         "",
-        f"Counted (exact, meta device): train step {c['train_step']['ops']:,} aten ops, "
+        f"Counted (exact, meta device): train step {c['train_step']['ops']:,} aten ops "
+        f"({c['train_step']['kernels']:,} that move data), "
         f"{c['train_step']['flops'] / 1e12:.3f} TFLOP ({c['train_step']['matmul_ops']} matmul-class ops), "
-        f"{c['train_step']['bytes'] / 1e9:.2f} GB of fp32 tensor operands; eval batch "
+        f"{c['train_step']['bytes'] / 1e9:.2f} GB of fp32 operands (unfused; attention as flash kernels); eval batch "
         f"{c['eval_batch']['ops']:,} ops, {c['eval_batch']['flops'] / 1e12:.3f} TFLOP; autocast casts "
         f"{c['autocast_casts']} Linear weights per forward ({c['autocast_cast_bytes'] / 1e6:.0f} MB moved).",
         "",

@@ -33,13 +33,23 @@ def test_counts_agree_with_torchs_flop_counter() -> None:
     with torch.device("meta"):
         model = petlbench.create_model("vit_base_patch16_224", "arc", 10, backbone_kwargs=TINY)
     counted = estimate.count(model, 4, 8, 10, 32, grad_clip=1.0)
-    step, forward = estimate._step_fn(model, 4, 10, 32, torch.device("meta"), 1.0)
+    step, _ = estimate._step_fn(model, 4, 10, 32, torch.device("meta"), 1.0)
+    _, forward = estimate._step_fn(model, 8, 10, 32, torch.device("meta"), 1.0)
     step()
     with FlopCounterMode(display=False) as fc:
         step()
-    assert counted["train_step"].flops == fc.get_total_flops() > 0
+    with FlopCounterMode(display=False) as fc_eval:
+        forward()
+    assert counted["eval_batch"].flops == fc_eval.get_total_flops() > 0  # attention: same FLOPs fused or not
+    # training: the flash backward recomputes the scores (2.5x the forward's attention FLOPs, not 2x)
+    assert fc.get_total_flops() < counted["train_step"].flops < 1.05 * fc.get_total_flops()
+    names = [o[0] for o in counted["train_step"].ops]
+    assert "flash_attention_forward" in names and "flash_attention_backward" in names
+    assert "bmm" not in names  # no N x N score matrices are counted
     assert counted["train_step"].n_ops > counted["eval_batch"].n_ops > 0
     assert any(o[3] for o in counted["train_step"].ops)  # the optimiser phase is marked
+    views = [o for o in counted["train_step"].ops if o[0].endswith("(no data)")]
+    assert views and all(o[2] == 0 for o in views)  # views move no bytes
 
 
 def test_gpu_model_orders_its_modes() -> None:
