@@ -106,6 +106,9 @@ class FakeEvent:
     def synchronize(self) -> None:
         self.cuda.note("event.synchronize", self.stream)
 
+    def elapsed_time(self, other: FakeEvent) -> float:
+        return 1.0
+
 
 def test_streaming_on_cuda1_runs_every_call_on_that_device(vtab_cached, monkeypatch: pytest.MonkeyPatch) -> None:
     expected = list(DeviceLoader(vtab_cached.images, vtab_cached.labels, **AUGMENTED))
