@@ -57,7 +57,8 @@ class BenchConfig:
 
 def device_peak(device: torch.device) -> tuple[str, float | None]:
     if device.type != "cuda":
-        return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)", None
+        n = torch.get_num_threads()
+        return f"cpu: {platform.processor() or platform.machine()} ({n} thread{'' if n == 1 else 's'})", None
     name = torch.cuda.get_device_name(device)
     for key, value in BF16_PEAK.items():
         if all(part in name for part in key.split()):

@@ -269,6 +269,8 @@ def detect_gpus() -> list[int]:
     return list(range(count))
 
 
+#: Runs in flight at once on this machine (one per local worker), recorded with each run's train time.
+PARALLEL_VAR = "PETLBENCH_PARALLEL_RUNS"
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -293,14 +295,15 @@ def plan_local_slots(
         chosen = chosen[: max(1, n_runs)]
         threads = options.threads_per_worker or max(1, cpus // len(chosen))
         return [
-            Slot(f"gpu{g}", {"CUDA_VISIBLE_DEVICES": str(g), **{v: str(threads) for v in _THREAD_VARS}}, threads)
+            Slot(f"gpu{g}", {"CUDA_VISIBLE_DEVICES": str(g), PARALLEL_VAR: str(len(chosen)),
+                             **{v: str(threads) for v in _THREAD_VARS}}, threads)
             for g in chosen
         ]
     workers = options.workers or max(1, cpus // 2)
     workers = min(workers, max(1, n_runs))
     threads = options.threads_per_worker or max(1, cpus // workers)
     # Hide GPUs from CPU workers: a CPU run must not grab a device behind the user's back.
-    env = {"CUDA_VISIBLE_DEVICES": "", **{v: str(threads) for v in _THREAD_VARS}}
+    env = {"CUDA_VISIBLE_DEVICES": "", PARALLEL_VAR: str(workers), **{v: str(threads) for v in _THREAD_VARS}}
     return [Slot(f"cpu{i}", env, threads) for i in range(workers)]
 
 

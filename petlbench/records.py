@@ -47,6 +47,7 @@ def base_record(spec: Any, status: str) -> dict[str, Any]:
         "method": spec.method,
         "seed": spec.seed,
         "protocol": spec.protocol,
+        "identity": spec.identity() if hasattr(spec, "identity") else {},
         "status": status,
         "error": None,
         "metrics": {},
