@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from petlbench.errors import PetlbenchError
+from petlbench.report.formats import ORDERS
 from petlbench.report.loading import record_problem, record_source, warn
 
 DIGITS = 1  # decimals of accuracies in tables; best/second are decided on the printed values
@@ -38,7 +39,6 @@ METHOD_ORDER = ("full", "linear", "bitfit", "vpt_shallow", "vpt_deep", "adapter"
                 "repadapter", "arc_att", "arc")
 #: Training settings that change how fast a run goes, not what it trains: they never split a row.
 EXECUTION_KEYS = ("compile", "eval_batch_size")
-ORDERS = ("given", "params", "mean")
 MAX_LISTED = 6  # failed runs etc. listed by name in a footnote before "and N more"
 
 
@@ -722,7 +722,9 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
             ref = by_ours.get(row.method)
             if ref is None:
                 continue
-            d = Row(key=f"delta:{row.key}", label=f"{row.label} − {ref.published.name}", method=row.method,
+            name = ref.published.name
+            label = f"Δ {row.label}" if name == row.label else f"{row.label} − {name}"
+            d = Row(key=f"delta:{row.key}", label=label, method=row.method,
                     kind="delta", protocol=row.protocol, legacy=row.legacy, compared_to=ref.label,
                     display=row.display, block=row.block)
             for col in columns:
@@ -1081,7 +1083,10 @@ def _efficiency_notes(report: Report, recs: list[dict[str, Any]]) -> list[Note]:
         if row.efficiency is not None:
             for text in row.efficiency.concurrency:
                 conc[text].append(row.label)
-    if len(conc) == 1:
+    if set(conc) == {"concurrency not recorded"}:
+        notes.append(Note("Under which concurrency (runs sharing the machine) the train times were measured was "
+                          "not recorded for these runs."))
+    elif len(conc) == 1:
         notes.append(Note(f"Train times were measured with {next(iter(conc))}."))
     elif conc:
         parts = "; ".join(f"{k} for {_rows_text(v)}" for k, v in sorted(conc.items()))

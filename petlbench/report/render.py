@@ -187,9 +187,9 @@ def _acc_cell(st: Stat, row: Row) -> CellView:
 def _lead_header(report: Report) -> list[HeaderCell]:
     return [
         HeaderCell("Method", "Method", numeric=False, align="l"),
-        HeaderCell("Params (M)", "Params (M)", align="r"),
-        HeaderCell("w/o head (M)", "Params w/o head (M)", align="r"),
-        HeaderCell("Seeds", "Seeds", align="c"),
+        HeaderCell("Params (M)", "Params (M)", align="r", rotate=True),
+        HeaderCell("w/o head (M)", "Params w/o head (M)", align="r", rotate=True),
+        HeaderCell("Seeds", "Seeds", align="c", rotate=True),
     ]
 
 
@@ -377,8 +377,9 @@ def tex_escape(value: Any) -> str:
     return "".join(out)
 
 
-def latex_cell(cell: CellView) -> str:
-    """``\\textbf{75.0}\\textsubscript{$\\pm$2.2}``: bold best, underlined second, std as a subscript."""
+def latex_cell(cell: CellView, stacked: bool = False) -> str:
+    """``\\textbf{75.0}\\textsubscript{$\\pm$2.2}``: bold best, underlined second, std as a subscript;
+    ``stacked`` (``--wide``) puts the std in small type under the mean, which halves the column width."""
     if cell.missing:
         return "--"
     text = tex_escape(cell.text)
@@ -386,11 +387,17 @@ def latex_cell(cell: CellView) -> str:
         text = rf"\textbf{{{text}}}"
     elif cell.rank == 2:
         text = rf"\underline{{{text}}}"
-    if cell.std is not None:
-        text += rf"\textsubscript{{$\pm${tex_escape(cell.std)}}}"
-    if cell.n_note:
-        text += rf"\textsuperscript{{{tex_escape(cell.n_note)}}}"
-    return text
+    note = rf"\textsuperscript{{{tex_escape(cell.n_note)}}}" if cell.n_note else ""
+    if cell.std is None:
+        return text + note
+    if stacked:
+        return (rf"\begin{{tabular}}[t]{{@{{}}c@{{}}}}{text}{note}\\[-2pt]"
+                rf"{{\scriptsize$\pm${tex_escape(cell.std)}}}\end{{tabular}}")
+    return text + rf"\textsubscript{{$\pm${tex_escape(cell.std)}}}" + note
+
+
+def latex_stacked_cell(cell: CellView) -> str:
+    return latex_cell(cell, stacked=True)
 
 
 def latex_header(cell: HeaderCell) -> str:
@@ -418,7 +425,8 @@ def _latex_env(**extra: Any) -> jinja2.Environment:
         line_comment_prefix="%#", trim_blocks=True, lstrip_blocks=True, autoescape=False,
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, **extra,
     )
-    env.filters.update(tex=tex_escape, cell=latex_cell, header=latex_header, colspec=latex_colspec,
+    env.filters.update(tex=tex_escape, cell=latex_cell, stacked_cell=latex_stacked_cell, header=latex_header,
+                       colspec=latex_colspec,
                        note=latex_note)
     return env
 

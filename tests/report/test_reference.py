@@ -87,7 +87,7 @@ def test_delta_implies_the_paper_set():
     report = build_report(published_records("linear", {"cifar": 63.4}), delta=True, **_quiet())
     assert report.reference == "paper"
     assert report.deltas[0].value("cifar").mean == pytest.approx(0.0)
-    assert "| Linear probing − Linear probing | ±0.0 |" in render(report, "markdown")
+    assert "| Δ Linear probing | ±0.0 |" in render(report, "markdown")
 
 
 def test_unknown_set_lists_the_available_ones():
