@@ -332,10 +332,10 @@ def _view_text(key: str, value: str | None) -> str:
     if value is None:
         return f"{name} unset"
     try:
-        shown = _fmt_value(json.loads(value))
+        parsed = json.loads(value)
     except ValueError:
-        shown = value
-    return f"{name}={shown}"
+        return f"{name}={value}"
+    return f"{name} unset" if parsed is None else f"{name}={_fmt_value(parsed)}"
 
 
 @dataclass(frozen=True)
@@ -480,7 +480,10 @@ def _matches(value: Any, wanted: str) -> bool:
     if isinstance(value, str):
         return value == wanted
     try:
-        parsed = yaml.safe_load(wanted)
+        parsed = float(wanted) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else yaml.safe_load(wanted)
+    except ValueError:
+        return False
     except yaml.YAMLError:
         return str(value) == wanted
     if isinstance(value, bool) or isinstance(parsed, bool):
@@ -777,12 +780,20 @@ def _order_rows(rows: list[Row], order: str, headline: str, given: Sequence[str]
     block_rank = {b: i for i, b in enumerate(sorted(sizes, key=lambda b: (-sizes[b], b)))}
     position = {id(r): i for i, r in enumerate(rows)}
 
+    # "mean": the headline mean; when some row lacks it, the mean over the tasks every row has.
+    score: dict[int, float | None] = {id(r): r.value(headline).mean for r in rows}
+    if order == "mean" and any(v is None for v in score.values()):
+        tasks = set.intersection(*({k for k, st in r.values.items() if st.present and ":" not in k} for r in rows)) \
+            if rows else set()
+        score = {id(r): (sum(r.value(t).mean for t in tasks) / len(tasks) if tasks else None)  # type: ignore[misc]
+                 for r in rows}
+
     def key(r: Row) -> tuple:
         base: tuple = (block_rank.get(r.block, 0),)
         if order == "params":
             base += (r.params_m is None, r.params_m or 0.0)
         elif order == "mean":
-            m = r.value(headline).mean
+            m = score[id(r)]
             base += (m is None, -(m or 0.0))
         return (*base, r.legacy, method_rank(r), position[id(r)])
 

@@ -55,7 +55,7 @@ def fmt_params(value: float | None) -> str:
         return MISSING
     if value == 0:
         return "0"
-    if round(value, 2) >= 0.01:
+    if value >= 0.01:
         return f"{value:.2f}"
     k = value * 1e3
     return f"{k:.1f}K" if k >= 1 else f"{k:.2f}K"
