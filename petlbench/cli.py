@@ -271,9 +271,9 @@ def _interrupted(plan: Any, todo: Sequence[Any], output: str, started: float) ->
         click.echo(f"  finished  {spec.label}  {record.get('status')}", err=True)
     shown = missing[:20]
     for spec, _r in shown:
-        click.echo(f"  not run   {spec.label}", err=True)
+        click.echo(f"  not done  {spec.label}", err=True)
     if len(missing) > len(shown):
-        click.echo(f"  ... and {len(missing) - len(shown)} more not run", err=True)
+        click.echo(f"  ... and {len(missing) - len(shown)} more not done", err=True)
     click.echo(f"Records of the finished runs are in {output}; the same command runs only what is missing.", err=True)
     sys.exit(130)
 

@@ -108,7 +108,7 @@ def test_ctrl_c_says_what_finished_and_what_did_not(tmp_path, monkeypatch):
     assert result.exit_code == 130, result.output
     assert "of the 3 run(s) this sweep had to make, 1 finished and 2 did not" in result.stderr
     assert "finished  demo/digits/linear/seed0  ok" in result.stderr
-    assert "not run   demo/faces/linear/seed0" in result.stderr and "not run   demo/textures/linear/seed0" in result.stderr
+    assert "not done  demo/faces/linear/seed0" in result.stderr and "not done  demo/textures/linear/seed0" in result.stderr
 
 
 def test_builtin_methods_are_identified_by_the_petlbench_version():

@@ -22,7 +22,7 @@ from petlbench._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Column": "aggregate", "Efficiency": "aggregate", "Note": "aggregate", "Report": "aggregate",
-    "Row": "aggregate", "Stat": "aggregate", "build_report": "aggregate",
+    "Row": "aggregate", "Stat": "aggregate", "build_report": "aggregate", "filter_where": "aggregate",
     "LoadedRecords": "loading", "ReportWarning": "loading", "load_records": "loading",
     "list_reference_sets": "reference", "load_reference": "reference", "our_method": "reference",
     "render": "render", "render_csv": "render", "render_html": "render", "render_latex": "render",
@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
 # Listed out (not derived from _EXPORTS) so linters and IDEs can check the names.
 __all__ = [
     "Column", "Efficiency", "LoadedRecords", "Note", "Report", "ReportWarning", "Row", "Stat", "build_report",
+    "filter_where",
     "csv_table", "latex_table", "list_reference_sets", "load_records", "load_reference", "markdown_table",
     "our_method", "render", "render_csv", "render_html", "render_latex", "render_markdown", "tex_escape",
 ]
@@ -75,7 +76,16 @@ def csv_table(records: Iterable[Mapping[str, Any]], suite: Any = None, reference
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from petlbench.report.aggregate import Column, Efficiency, Note, Report, Row, Stat, build_report
+    from petlbench.report.aggregate import (
+        Column,
+        Efficiency,
+        Note,
+        Report,
+        Row,
+        Stat,
+        build_report,
+        filter_where,
+    )
     from petlbench.report.loading import LoadedRecords, ReportWarning, load_records
     from petlbench.report.reference import list_reference_sets, load_reference, our_method
     from petlbench.report.render import (

@@ -126,6 +126,8 @@ def test_backbones_are_separate_blocks_ranked_apart():
     assert "ranked only within their block" in md
     tex = render(report, "latex", table="accuracy")
     assert r"\textit{Backbone: vit\_small\_patch16\_224" in tex
+    html = render(report, "html")
+    assert html.count('<tr class="block') == 4 and "Backbone: vit_small_patch16_224" in html
 
 
 def test_display_and_registry_names():
