@@ -421,7 +421,7 @@ def _assign_rows(records: list[dict[str, Any]], names: str = "display"
         if protocol != LEGACY:
             protocols[method].add(protocol)
         codes[(method, bkey)].add(code)
-    arch_of = {backbone_of(r)[0]: backbone_of(r)[1] for r in records}
+    arch_of = _block_names(records)
     ordered = sorted(known, key=lambda k: (_method_sort_key(k[0]), k[1] == LEGACY, k[1], k[2], k[3], repr(k[4])))
     meta: dict[str, _RowKey] = {}
     rid_of: dict[tuple, str] = {}
@@ -439,6 +439,12 @@ def _assign_rows(records: list[dict[str, Any]], names: str = "display"
             label += DAGGER
         rid_of[key] = f"r{i:04d}"
         meta[rid_of[key]] = _RowKey(method, protocol, bkey, code, var, label, displays[method])
+    seen: dict[str, int] = defaultdict(int)
+    for rid, m in meta.items():  # labels name rows in notes and plots: they must be unique
+        seen[m.label] += 1
+        if seen[m.label] > 1:
+            meta[rid] = _RowKey(m.method, m.protocol, m.backbone, m.code, m.variant, f"{m.label} #{seen[m.label]}",
+                                m.display)
     notes = []
     for b, keys in sorted(split_keys.items()):
         rows = [m.label for m in meta.values() if (m.method, m.protocol, m.backbone, m.code) == b]
@@ -446,6 +452,26 @@ def _assign_rows(records: list[dict[str, Any]], names: str = "display"
         notes.append(f"{displays[b[0]]}: runs of one task differ in {shown}; they are shown as separate rows "
                      f"({_join(rows)}), never averaged together. Select one with --where.")
     return {i: rid_of[k] for i, k in key_of_record.items()}, meta, notes
+
+
+def _block_names(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """A short name per backbone block for row labels: the architecture (with its arguments), plus
+    the weights (file or tag, and SHA-256 prefix) where two blocks share an architecture."""
+    arch: dict[str, str] = {}
+    tag: dict[str, str] = {}
+    for r in records:
+        key, a, _w = backbone_of(r)
+        arch[key] = a
+        sha = _dig(r, "provenance", "weights_sha256")
+        src = _dig(r, "provenance", "weights_source") or _dig(r, "config", "pretrained")
+        if sha or src:
+            tag[key] = " ".join(x for x in (_short_weights(src) if src else "", str(sha)[:8] if sha else "") if x)
+        else:
+            tag[key] = "random init"
+    counts: dict[str, int] = defaultdict(int)
+    for a in arch.values():
+        counts[a] += 1
+    return {key: (f"{a}, {tag[key]}" if counts[a] > 1 else a) for key, a in arch.items()}
 
 
 def _strip_repr(value: Any) -> str:
@@ -625,9 +651,9 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
             raise PetlbenchError(f"--method {','.join(missing)}: no record of {'this method' if len(missing) == 1 else 'these methods'} "
                                  f"(the records have {', '.join(sorted(present))}). Fix: pass methods that ran.")
         usable = [r for r in usable if r["method"] in wanted]
-    if where:
-        usable = filter_where(usable, where)
     the_suite, recs = resolve_suite(usable, suite, say)
+    if where:  # after the suite: task names are canonical (an alias on disk matches --where task=cifar)
+        recs = filter_where(recs, where)
     if delta and reference is None:
         reference = "paper"
 

@@ -221,3 +221,20 @@ def test_no_notes():
     for fmt in ("markdown", "latex"):
         with_notes, without = render(report, fmt), render(report, fmt, notes=False)
         assert "Protocol vtab1k" in with_notes and "Protocol vtab1k" not in without
+
+
+def test_same_architecture_other_weights_get_distinct_labels():
+    a = make_record("lora", "cifar", 0, 70.0)
+    b = make_record("lora", "cifar", 0, 60.0)
+    b["provenance"]["weights_sha256"] = "ef" * 32
+    b["provenance"]["weights_source"] = "/w/other.npz"
+    report = build_report([a, b], **_quiet())
+    labels = sorted(r.label for r in report.rows)
+    assert labels == ["LoRA (vit_base_patch16_224, ViT-B_16.npz 3f8a1b2c)", "LoRA (vit_base_patch16_224, other.npz efefefef)"]
+    assert all(r.value("cifar").rank is None for r in report.rows)  # each alone in its block: never ranked
+
+
+def test_where_matches_canonical_task_names():
+    alias = make_record("lora", "cifar100", 0, 70.0)
+    report = build_report([alias, make_record("lora", "dtd", 0, 60.0)], where=["task=cifar"], **_quiet())
+    assert [c.key for c in report.task_columns] == ["cifar"]
