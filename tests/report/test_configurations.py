@@ -238,3 +238,25 @@ def test_where_matches_canonical_task_names():
     alias = make_record("lora", "cifar100", 0, 70.0)
     report = build_report([alias, make_record("lora", "dtd", 0, 60.0)], where=["task=cifar"], **_quiet())
     assert [c.key for c in report.task_columns] == ["cifar"]
+
+
+def test_report_cli_plots_wide_and_mistakes(tmp_path):
+    from petlbench.cli import main
+
+    results = tmp_path / "results"
+    write_records(results, [make_record(m, t, 0, 60.0 + i) for i, (m, t) in
+                            enumerate((("linear", "cifar"), ("lora", "cifar"), ("lora", "dtd")))])
+    runner = CliRunner()
+    out = tmp_path / "t.tex"
+    ok = runner.invoke(main, ["report", "--results", str(results), "--out", str(out), "--wide", "--no-notes",
+                              "--plots", str(tmp_path / "fig"), "--order", "mean", "--names", "registry"])
+    assert ok.exit_code == 0, ok.output
+    tex = out.read_text()
+    assert r"\begin{table*}" in tex and "Protocol vtab1k" not in tex and "\nlinear &" in tex
+    assert len(list((tmp_path / "fig").glob("vtab_*.pdf"))) == 3 and len(list((tmp_path / "fig").glob("*.svg"))) == 3
+    for args, needle in ((["--wide"], "--wide applies to --format latex only"),
+                         (["--format", "csv", "--where", "rank"], "--where 'rank' is not key=value"),
+                         (["--where", "nothing=1"], "no record has a field 'nothing'")):
+        bad = runner.invoke(main, ["report", "--results", str(results), *args])
+        lines = [x for x in bad.output.splitlines() if x.strip()]
+        assert bad.exit_code == 2 and lines[-1].startswith("error: ") and needle in lines[-1], bad.output
