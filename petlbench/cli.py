@@ -223,7 +223,8 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
                       config_file=config_file, log=lambda line: click.echo(line, err=True))
     todo = sweep.pending(plan, force)
     if not quiet or dry_run:
-        click.echo(f"{len(plan.specs)} runs ({len(plan.specs) - len(todo)} already done), protocol {plan.protocol}, "
+        n = len(plan.specs)
+        click.echo(f"{n} run{'' if n == 1 else 's'} ({n - len(todo)} already done), protocol {plan.protocol}, "
                    f"backbone {plan.backbone}, weights {plan.pretrained or 'random init'}"
                    + (f" (sha256 {plan.weights_sha256[:12]})" if plan.weights_sha256 else ""), err=True)
     for note in sweep.code_notes(plan, force):

@@ -217,7 +217,7 @@ def resolve_suite(records: Sequence[Mapping[str, Any]], suite: Any,
         others = sorted({str(r["suite"]) for r in records} - {str(r["suite"]) for r in mine})
         if not mine:
             raise PetlbenchError(
-                f"none of the {len(records)} records is of suite {the_suite.name!r} (they are of suite "
+                f"none of the {len(records)} record(s) is of suite {the_suite.name!r} (they are of suite "
                 f"{', '.join(others)}). Fix: pass --suite {others[0]} or point --results elsewhere."
             )
         if others:
@@ -237,7 +237,7 @@ def resolve_suite(records: Sequence[Mapping[str, Any]], suite: Any,
         for r in records:
             by_suite[resolved[str(r["suite"])].name].append(r)
         if len(by_suite) > 1:
-            counts = ", ".join(f"{n} ({len(v)} records)" for n, v in sorted(by_suite.items()))
+            counts = ", ".join(f"{n} ({len(v)} record{'' if len(v) == 1 else 's'})" for n, v in sorted(by_suite.items()))
             raise PetlbenchError(
                 f"the records mix suites {counts}. Fix: pass --suite NAME to report one of them."
             )

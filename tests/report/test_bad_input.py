@@ -87,7 +87,7 @@ def test_mixed_suites_need_suite(tmp_path):
     write_records(tmp_path, [make_record("lora", "cifar", 0, 70.0),
                              make_record("lora", "digits", 0, 60.0, suite="demo", classes=10)])
     _fatal(_invoke("--results", str(tmp_path)),
-           r"the records mix suites demo \(1 records\), vtab \(1 records\). Fix: pass --suite NAME")
+           r"the records mix suites demo \(1 record\), vtab \(1 record\). Fix: pass --suite NAME")
     result = _invoke("--results", str(tmp_path), "--suite", "vtab")
     assert result.exit_code == 0, result.output
     assert "warning: leaving out 1 record(s) of suite demo (reporting --suite vtab)" in result.stderr
@@ -97,7 +97,7 @@ def test_mixed_suites_need_suite(tmp_path):
 def test_suite_with_no_records(tmp_path):
     write_records(tmp_path, [make_record("lora", "cifar", 0, 70.0)])
     _fatal(_invoke("--results", str(tmp_path), "--suite", "fgvc"),
-           r"none of the 1 records is of suite 'fgvc' \(they are of suite vtab\)")
+           r"none of the 1 record\(s\) is of suite 'fgvc' \(they are of suite vtab\)")
 
 
 def test_task_not_in_suite(tmp_path):
