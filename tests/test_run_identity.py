@@ -206,3 +206,28 @@ def test_a_record_carries_identity_method_code_and_concurrency(tmp_path):
     assert record["efficiency"]["concurrency"]["parallel_runs"] == 1
     assert record["efficiency"]["concurrency"]["torch_threads"] >= 1
     assert record["efficiency"]["latency_ratio_spread"] >= 0
+
+
+def test_dry_run_names_presets(tmp_path):
+    from petlbench import HParam, Method, register_method, unregister_method
+
+    class Presetted(Method):
+        name = "presetted_probe"
+        hparams = {"k": HParam(1, "a knob", low=1)}
+        presets = {"demo": {"digits": {"k": 3}}}
+        train_presets = {"demo": {"*": {"lr": 0.01}}}
+
+        def trainable(self, backbone, petl):
+            return backbone.head_parameters()
+
+    register_method(Presetted)
+    try:
+        plan = sweep.plan("demo", ["presetted_probe"], ["digits", "faces"], [0], pretrained="none",
+                          output=str(tmp_path), sets={"epochs": 2})
+        digits, faces = (sweep.describe(plan, s) for s in plan.specs)
+        assert digits.startswith("method: k=3 [preset]; train: epochs=2 [set], batch_size=32 [suite], lr=0.01 [preset]")
+        assert faces.startswith("method: k=1; train:")  # no preset for faces: the default, untagged
+        code = registry.method_code("presetted_probe")  # registered from a test module: no distribution
+        assert code["distribution"] is None and code["module"] == __name__ and len(code["source_sha256"]) == 64
+    finally:
+        unregister_method("presetted_probe")
