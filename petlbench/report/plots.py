@@ -184,7 +184,12 @@ def accuracy_vs_params(report: Report) -> Plot | None:
     colors = _color(report.rows)
     fig = _figure(7.5, 4.8)
     ax = fig.add_subplot()
-    front = pareto_front([(x, y) for x, y, _ in pts])
+    # Rows on another backbone are never ranked against the main block: the front covers the first
+    # block (and the published ViT-B/16 rows) only.
+    main = report.blocks[0] if report.blocks else None
+    ranked = [i for i, (_x, _y, r) in enumerate(pts) if r.kind == "published" or main is None or r.block == main]
+    sub = pareto_front([(pts[i][0], pts[i][1]) for i in ranked])
+    front = [ranked[i] for i in sub]
     ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="#d62728", linewidth=1.5,
             alpha=0.6, zorder=1, label="Pareto front")
     seen: set[str] = set()
@@ -209,6 +214,9 @@ def accuracy_vs_params(report: Report) -> Plot | None:
     caption = ("Filled markers: reproduced rows; hollow grey: published rows. The red line joins the Pareto "
                "front (no other row has fewer parameters and higher accuracy); front markers have a red edge. "
                + s.note)
+    if len(report.blocks) > 1:
+        caption += (f" Rows of {len(report.blocks)} backbones are shown; the Pareto front covers only the rows on "
+                    f"{main} (and the published rows), since rows on different backbones are not ranked together.")
     if left_out:
         caption += f" Not shown on the log axis (0 or unknown parameters): {', '.join(left_out)}."
     return Plot("pareto", "Accuracy vs trainable parameters", caption, _png(fig), fig)

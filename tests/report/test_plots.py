@@ -64,3 +64,14 @@ def test_plots_are_exported_as_png_pdf_and_svg(records, tmp_path):
                                                    for e in ("png", "pdf", "svg"))
     assert (tmp_path / "vtab_pareto.pdf").read_bytes().startswith(b"%PDF")
     assert b"<svg" in (tmp_path / "vtab_tasks.svg").read_bytes()
+
+
+def test_pareto_front_stays_within_the_main_backbone():
+    recs = [make_record("lora", "cifar", 0, 70.0), make_record("linear", "cifar", 0, 60.0)]
+    small = make_record("arc", "cifar", 0, 90.0, hparams={})  # better and smaller, but another backbone
+    small["config"]["backbone"] = "vit_small_patch16_224"
+    report = build_report([*recs, small], on_warning=lambda m: None)
+    plot = next(p for p in all_plots(report) if p.key == "pareto")
+    assert "the Pareto front covers only the rows on vit_base_patch16_224" in plot.caption
+    front = plot.figure.axes[0].lines[0]  # the step line
+    assert 90.0 not in list(front.get_ydata())
