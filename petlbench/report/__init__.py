@@ -42,37 +42,41 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 def markdown_table(records: Iterable[Mapping[str, Any]], suite: Any = None, reference: str | None = None,
-                   efficiency: bool = False, on_warning: Callable[[str], None] | None = None) -> str:
+                   efficiency: bool = False, on_warning: Callable[[str], None] | None = None, **options: Any) -> str:
     """The accuracy table (plus notes) in Markdown: what a sweep prints when it finishes.
 
     Failed records are counted in a note; records of another schema are skipped with a warning
-    (``on_warning``, default: :class:`ReportWarning` via :mod:`warnings`).
+    (``on_warning``, default: :class:`ReportWarning` via :mod:`warnings`). ``options`` go to
+    :func:`build_report` (``where``, ``methods``, ``order``, ``names``).
     """
     from petlbench.report.aggregate import build_report
     from petlbench.report.render import render_markdown
 
-    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning)
+    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning, **options)
     return render_markdown(report, "all" if efficiency else "accuracy")
 
 
 def latex_table(records: Iterable[Mapping[str, Any]], suite: Any = None, reference: str | None = None,
-                standalone: bool = False, on_warning: Callable[[str], None] | None = None) -> str:
-    """The accuracy table as LaTeX: the table float (for ``\\input``) or a complete document."""
+                standalone: bool = False, on_warning: Callable[[str], None] | None = None, wide: bool = False,
+                notes: bool = True, **options: Any) -> str:
+    """The accuracy table as LaTeX: the table float (for ``\\input``) or a complete document;
+    ``wide``: a ``table*`` for two-column papers; ``notes``: the footnotes."""
     from petlbench.report.aggregate import build_report
     from petlbench.report.render import render_latex
 
-    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning)
-    return render_latex(report, "accuracy", standalone=standalone)
+    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning, **options)
+    return render_latex(report, "accuracy", standalone=standalone, wide=wide, notes=notes)
 
 
 def csv_table(records: Iterable[Mapping[str, Any]], suite: Any = None, reference: str | None = None,
-              on_warning: Callable[[str], None] | None = None) -> str:
-    """The accuracy table as CSV (one row per method row; mean/std/n per task, then the means)."""
+              on_warning: Callable[[str], None] | None = None, long: bool = False, **options: Any) -> str:
+    """The accuracy table as CSV (one row per table row; mean/std/n per task, then the means), or
+    with ``long`` one row per run."""
     from petlbench.report.aggregate import build_report
     from petlbench.report.render import render_csv
 
-    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning)
-    return render_csv(report, "accuracy")
+    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning, **options)
+    return render_csv(report, "accuracy", long=long)
 
 
 if TYPE_CHECKING:  # pragma: no cover
