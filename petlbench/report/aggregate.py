@@ -815,13 +815,13 @@ def _order_rows(rows: list[Row], order: str, headline: str, given: Sequence[str]
                  for r in rows}
 
     def key(r: Row) -> tuple:
-        base: tuple = (block_rank.get(r.block, 0),)
+        base: tuple = (block_rank.get(r.block, 0), r.legacy)  # rows selected on test: always last in a block
         if order == "params":
             base += (r.params_m is None, r.params_m or 0.0)
         elif order == "mean":
             m = score[id(r)]
             base += (m is None, -(m or 0.0))
-        return (*base, r.legacy, method_rank(r), position[id(r)])
+        return (*base, method_rank(r), position[id(r)])
 
     return sorted(rows, key=key)
 

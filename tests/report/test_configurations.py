@@ -177,6 +177,9 @@ def test_row_order_options():
     assert order(methods=["arc", "linear", "lora"]) == ["arc", "linear", "lora"]  # as given
     assert order(order="params") == ["linear", "arc", "lora"]  # fewest trainable parameters first
     assert order(order="mean") == ["lora", "arc", "linear"]  # best mean first
+    legacy = make_record("arc", "dtd", 0, 99.0, hparams={}, protocol="legacy-best-test")
+    best_first = [r.label for r in build_report([*recs, legacy], **_quiet(order="mean")).rows]
+    assert best_first[-1].endswith("†")  # selected on test: last, whatever its mean
     with pytest.raises(PetlbenchError, match="--method full: no record of this method"):
         build_report(recs, methods=["full"], **_quiet())
 
