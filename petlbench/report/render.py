@@ -614,9 +614,12 @@ def efficiency_frame(report: Report) -> Any:
             "extra_after_merge_M": _r(e.extra_after_merge_m, 6) if e else None,
             "storage_bytes_per_task": _r(e.storage_bytes, 1) if e else None,
             "train_time_s": _r(e.train_time_s, 4) if e else None,
+            "train_time_std_s": _r(e.train_time_std, 4) if e else None,
+            "train_concurrency": "; ".join(e.concurrency) if e else "",
             "train_images_per_s": _r(e.images_per_s, 2) if e else None,
             "peak_gpu_mem_allocated_bytes": None if e is None or e.peak_mem_bytes is None else int(e.peak_mem_bytes),
             "latency_ratio": _r(e.latency_ratio, 4) if e else None,
+            "latency_ratio_std": _r(e.latency_ratio_std, 4) if e else None,
             "runs": e.runs if e else 0,
         })
     df = pd.DataFrame(records)
