@@ -79,6 +79,7 @@ def list_methods_cmd(as_json: bool) -> None:
         cls = get_method(name)
         rows.append({
             "name": name,
+            "display_name": cls.display_name or name,
             "mergeable": cls.mergeable,
             "families": sorted(cls.families),
             "summary": cls.summary,
@@ -91,7 +92,8 @@ def list_methods_cmd(as_json: bool) -> None:
     for r in rows:
         merge = "merges" if r["mergeable"] else "no merge"
         hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
-        click.echo(f"{r['name']:<{width}}  [{merge}; {'/'.join(r['families'])}]  {r['summary']}")
+        shown = f" ({r['display_name']})" if r["display_name"] != r["name"] else ""
+        click.echo(f"{r['name']:<{width}}  [{merge}; {'/'.join(r['families'])}]{shown}  {r['summary']}")
         if hp:
             click.echo(f"{'':<{width}}    {hp}")
 

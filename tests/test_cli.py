@@ -21,6 +21,8 @@ def test_list_methods() -> None:
         assert name in result.output
     rows = json.loads(run("list", "methods", "--json").output)
     assert {r["name"]: r["mergeable"] for r in rows}["adapter"] is False
+    assert {r["name"]: r["display_name"] for r in rows}["repadapter"] == "RepAdapter"
+    assert "(RepAdapter)" in result.output
 
 
 def test_list_backbones() -> None:
