@@ -114,6 +114,8 @@ def check_backbone(arch: str, kwargs: Mapping[str, Any], image_size: int | None,
     try:
         model = create_model(arch, "linear", 2, backbone_kwargs=dict(kwargs), device="meta")
     except PetlbenchError as exc:
+        if not kwargs:  # e.g. an unknown architecture: the message names --backbone itself
+            raise
         raise PetlbenchError(f"{option}: {exc}") from None
     except Exception as exc:  # timm validates lazily: whatever it raises is a bad argument
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
