@@ -395,6 +395,18 @@ def _assign_rows(records: list[dict[str, Any]], names: str = "display"
             if len({views[id(r)].get(k) for r in rs}) > 1:
                 split_keys[b].add(k)
 
+    # A failed run that recorded its configuration (the engine's records do; a launcher's crash
+    # record does not) and matches no ok run of its cell is its own row too: a failed smoke run
+    # must not be counted as a failed seed of the real runs.
+    for r in records:
+        if r["status"] == "ok" or not _dig(r, "config", "train"):
+            continue
+        rs = cells.get((base(r), r["task"]), [])
+        mine = views[id(r)]  # compared on what it recorded: a failed run has no data fingerprint yet
+        diffs = [{k for k in mine if mine[k] != views[id(o)].get(k)} for o in rs]
+        if diffs and all(diffs):
+            split_keys[base(r)] |= diffs[0]
+
     def key_of(r: Mapping[str, Any]) -> tuple:
         b = base(r)
         return (*b, tuple((k, views[id(r)].get(k)) for k in sorted(split_keys.get(b, ()))))
@@ -408,7 +420,7 @@ def _assign_rows(records: list[dict[str, Any]], names: str = "display"
         if r["status"] == "ok":
             continue
         key = key_of(r)
-        if key not in known:  # a failed run whose configuration no ok run shares
+        if key not in known and not _dig(r, "config", "train"):  # a crash record without its configuration
             same = [k for k in known if k[:4] == key[:4]] or [k for k in known if k[:2] == key[:2]]
             key = same[0] if same else key
         key_of_record[id(r)] = key

@@ -263,3 +263,26 @@ def test_report_cli_plots_wide_and_mistakes(tmp_path):
         bad = runner.invoke(main, ["report", "--results", str(results), *args])
         lines = [x for x in bad.output.splitlines() if x.strip()]
         assert bad.exit_code == 2 and lines[-1].startswith("error: ") and needle in lines[-1], bad.output
+
+
+def test_failed_smoke_run_is_not_a_failed_seed_of_the_real_runs():
+    real = [make_record("lora", "cifar", s, 70.0 + s) for s in (0, 1, 2)]
+    smoke = _smoke()
+    smoke.update(status="failed", metrics={}, params={}, efficiency={},
+                 error={"type": "RuntimeError", "message": "boom", "traceback": "..."})
+    report = build_report([*real, smoke], **_quiet())
+    by_label = {r.label: r for r in report.rows}
+    assert by_label["LoRA (epochs=100, limit_train unset)"].failed == 0
+    assert by_label["LoRA (epochs=2, limit_train=64)"].failed == 1
+    crashed = make_record("lora", "cifar", 3, None, status="failed", config={})  # a launcher's crash record
+    report = build_report([*real, crashed], **_quiet())
+    assert [(r.label, r.failed) for r in report.rows] == [("LoRA", 1)]
+
+
+def test_engine_failure_without_fingerprint_joins_its_row():
+    """The engine writes a failed record before the data were read: no fingerprint, same configuration."""
+    real = [make_record("lora", "cifar", s, 70.0 + s) for s in (0, 1)]
+    failed = make_record("lora", "cifar", 2, None, status="failed")
+    failed["provenance"].pop("data_fingerprint")
+    report = build_report([*real, failed], **_quiet())
+    assert [(r.label, r.failed, r.value("cifar").n) for r in report.rows] == [("LoRA", 1, 2)]
