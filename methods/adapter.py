@@ -32,6 +32,7 @@ class Bottleneck(nn.Module):
 
 class Adapter(Method):
     name = "adapter"
+    display_name = "Adapter"
     summary = "Bottleneck adapter (dim 8) after every MLP; the VPT/NOAH baseline."
     paper = "Pfeiffer et al. 2021 / Houlsby et al. 2019, as the VPT & NOAH baseline"
     hparams = {

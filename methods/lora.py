@@ -66,6 +66,7 @@ class FusedLoRA(nn.Module):
 
 class LoRA(Method):
     name = "lora"
+    display_name = "LoRA"
     summary = "LoRA rank 8 on the query and value projections (separate low-rank pairs)."
     paper = "Hu et al., LoRA, ICLR 2022"
     mergeable = True

@@ -82,6 +82,7 @@ class RepBlock(nn.Module):
 
 class RepAdapter(Method):
     name = "repadapter"
+    display_name = "RepAdapter"
     summary = "RepAdapter: re-parameterisable linear adapters before qkv (and fc1 for repblock)."
     paper = "Luo et al., Towards Efficient Visual Adaption via Structural Re-parameterization, arXiv 2302.08106"
     mergeable = True

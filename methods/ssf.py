@@ -45,6 +45,7 @@ def _sites(backbone: Backbone) -> list[tuple[str, nn.Module, nn.Module, int]]:
 
 class SSF(Method):
     name = "ssf"
+    display_name = "SSF"
     summary = "SSF: learnable per-channel scale and shift after every operation."
     paper = "Lian et al., Scaling & Shifting Your Features, NeurIPS 2022"
     mergeable = True

@@ -76,12 +76,14 @@ class _VPT(Method):
 
 class VPTShallow(_VPT):
     name = "vpt_shallow"
+    display_name = "VPT-Shallow"
     summary = "VPT-Shallow: learnable prompt tokens at the input of the first block."
     paper = "Jia et al., Visual Prompt Tuning, ECCV 2022"
 
 
 class VPTDeep(_VPT):
     name = "vpt_deep"
+    display_name = "VPT-Deep"
     summary = "VPT-Deep: learnable prompt tokens at the input of every block."
     paper = "Jia et al., Visual Prompt Tuning, ECCV 2022"
     deep = True

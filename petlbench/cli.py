@@ -27,6 +27,25 @@ def parse_sets(pairs: Sequence[str], option: str = "--set") -> dict[str, str]:
     return out
 
 
+def parse_backbone_args(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--backbone-arg key=value`` strings -> timm keyword arguments (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for key, value in parse_sets(pairs, "--backbone-arg").items():
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise PetlbenchError(f"--backbone-arg {key}={value!r}: not a valid YAML value "
+                                 f"({str(exc).splitlines()[0]}). Fix: e.g. --backbone-arg depth=2") from None
+    return out
+
+
+def split_list(values: Sequence[str]) -> list[str]:
+    """Repeatable and comma-separated at once: ``--task a,b --task c`` -> [a, b, c]."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
 class _Group(click.Group):
     """Turns PetlbenchError into one line + exit 2, wherever it is raised."""
 
@@ -60,6 +79,7 @@ def list_methods_cmd(as_json: bool) -> None:
         cls = get_method(name)
         rows.append({
             "name": name,
+            "display_name": cls.display_name or name,
             "mergeable": cls.mergeable,
             "families": sorted(cls.families),
             "summary": cls.summary,
@@ -72,7 +92,8 @@ def list_methods_cmd(as_json: bool) -> None:
     for r in rows:
         merge = "merges" if r["mergeable"] else "no merge"
         hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
-        click.echo(f"{r['name']:<{width}}  [{merge}; {'/'.join(r['families'])}]  {r['summary']}")
+        shown = f" ({r['display_name']})" if r["display_name"] != r["name"] else ""
+        click.echo(f"{r['name']:<{width}}  [{merge}; {'/'.join(r['families'])}]{shown}  {r['summary']}")
         if hp:
             click.echo(f"{'':<{width}}    {hp}")
 
@@ -94,22 +115,33 @@ def list_backbones_cmd(pattern: str) -> None:
 @click.option("--method", "-m", required=True, help="Registered method name (see `petlbench list methods`).")
 @click.option("--backbone", "-b", default="vit_base_patch16_224", show_default=True, help="timm architecture.")
 @click.option("--num-classes", "-c", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--backbone-arg", "backbone_args", multiple=True, metavar="KEY=VALUE",
+              help="timm.create_model argument, e.g. img_size=32 (values parsed as YAML; repeatable).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Method hyperparameter override.")
 @click.option("--suite", default=None, help="Apply the method's presets for this suite (e.g. vtab).")
 @click.option("--task", default=None, help="Apply the method's presets for this task (e.g. cifar).")
 @click.option("--pretrained", default=None, help="Weights file (count only; loading verifies it).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def params_cmd(method: str, backbone: str, num_classes: int, sets: tuple[str, ...], suite: str | None,
-               task: str | None, pretrained: str | None, as_json: bool) -> None:
+def params_cmd(method: str, backbone: str, backbone_args: tuple[str, ...], num_classes: int, sets: tuple[str, ...],
+               suite: str | None, task: str | None, pretrained: str | None, as_json: bool) -> None:
     """Parameter accounting of METHOD on BACKBONE (random init, offline; nothing is downloaded)."""
     from petlbench.accounting import count_params
     from petlbench.model import create_model
+    from petlbench.sweep import check_backbone
 
+    bkw = parse_backbone_args(backbone_args)
+    if bkw or suite:
+        image_size = None
+        if suite:
+            from petlbench.data import get_suite
+
+            image_size = get_suite(suite).image_size
+        check_backbone(backbone, bkw, image_size)
     model = create_model(backbone, method, num_classes, pretrained=pretrained, suite=suite, task=task,
-                         device=None if pretrained else "meta", **parse_sets(sets))
+                         backbone_kwargs=bkw, device=None if pretrained else "meta", **parse_sets(sets))
     counts = count_params(model).to_dict()
     if as_json:
-        click.echo(json.dumps({"method": method, "arch": backbone, "num_classes": num_classes,
+        click.echo(json.dumps({"method": method, "arch": backbone, "backbone_kwargs": bkw, "num_classes": num_classes,
                                "hparams": model.method.config, **counts}))
         return
     click.echo(f"{method} on {backbone} ({num_classes} classes), {model.method!r}")
@@ -141,11 +173,16 @@ def _seeds(text: str) -> list[int]:
 @main.command("run")
 @click.option("--suite", "-s", required=True, help="Suite name (vtab, fgvc, demo, or your own YAML suite).")
 @click.option("--method", "-m", "methods", required=True, help="Method(s), comma-separated: arc,repadapter.")
-@click.option("--task", "-t", "tasks", multiple=True, help="Task (repeatable; aliases accepted). Default: all.")
+@click.option("--task", "-t", "tasks", multiple=True,
+              help="Task(s), comma-separated or repeated: cifar,dtd (aliases accepted). Default: all.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
 @click.option("--backbone", "-b", default=None, help="timm architecture [default: vit_base_patch16_224; demo: micro-ViT].")
+@click.option("--backbone-arg", "backbone_args", multiple=True, metavar="KEY=VALUE",
+              help="timm.create_model argument, e.g. img_size=32 (values parsed as YAML; repeatable); checked "
+                   "against the suite's input size before anything runs.")
 @click.option("--pretrained", default=None,
-              help="Weights file or cached timm tag ('none' = random init) [default: vit_base_patch16_224.orig_in21k].")
+              help="Weights file or cached timm tag; 'none' = random init on any suite "
+                   "[default: vit_base_patch16_224.orig_in21k; demo: the pretrained micro-ViT].")
 @click.option("--data-root", default=None, help="Folder holding the suite's task folders (not needed for demo).")
 @click.option("--output", "-o", default="results", show_default=True, help="Where run records are written.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -165,9 +202,10 @@ def _seeds(text: str) -> list[int]:
 @click.option("--slurm-array-parallelism", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--force", is_flag=True, help="Redo runs that already have a finished record.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (for logs).")
-@click.option("--dry-run", is_flag=True, help="Validate and list the runs without executing them.")
+@click.option("--dry-run", is_flag=True,
+              help="Validate and list the runs (with resolved hyperparameters and presets) without executing them.")
 def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbone: str | None,
-            pretrained: str | None, data_root: str | None, output: str, sets: tuple[str, ...],
+            backbone_args: tuple[str, ...], pretrained: str | None, data_root: str | None, output: str, sets: tuple[str, ...],
             config_file: str | None, protocol: str | None, launcher: str, workers: int | None, device: str,
             slurm_partition: str | None, slurm_time_min: int, slurm_account: str | None, slurm_qos: str | None,
             slurm_gpus_per_task: int, slurm_array_parallelism: int, force: bool, quiet: bool,
@@ -182,24 +220,32 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
     from petlbench.launch import LaunchOptions
 
     started = time.perf_counter()
-    plan = sweep.plan(suite, [m.strip() for m in methods.split(",") if m.strip()], tasks, _seeds(seeds),
-                      backbone=backbone, pretrained=pretrained, data_root=data_root, output=output,
-                      protocol=protocol, sets=parse_sets(sets), config_file=config_file)
+    plan = sweep.plan(suite, split_list([methods]), split_list(tasks), _seeds(seeds),
+                      backbone=backbone, backbone_kwargs=parse_backbone_args(backbone_args), pretrained=pretrained,
+                      data_root=data_root, output=output, protocol=protocol, sets=parse_sets(sets),
+                      config_file=config_file, log=lambda line: click.echo(line, err=True))
     todo = sweep.pending(plan, force)
     if not quiet or dry_run:
-        click.echo(f"{len(plan.specs)} runs ({len(plan.specs) - len(todo)} already done), protocol {plan.protocol}, "
+        n = len(plan.specs)
+        click.echo(f"{n} run{'' if n == 1 else 's'} ({n - len(todo)} already done), protocol {plan.protocol}, "
                    f"backbone {plan.backbone}, weights {plan.pretrained or 'random init'}"
                    + (f" (sha256 {plan.weights_sha256[:12]})" if plan.weights_sha256 else ""), err=True)
+    for note in sweep.code_notes(plan, force):
+        click.echo(f"note: {note}", err=True)
     if dry_run:
         for spec in plan.specs:
             click.echo(f"{'done' if spec not in todo else 'todo'}  {spec.label}  {spec.record_path}")
+            click.echo(f"      {sweep.describe(plan, spec)}")
         return
     options = LaunchOptions(
         workers=workers, device=device, slurm_partition=slurm_partition, slurm_time_min=slurm_time_min,
         slurm_account=slurm_account, slurm_qos=slurm_qos, slurm_gpus_per_task=slurm_gpus_per_task,
         slurm_array_parallelism=slurm_array_parallelism, slurm_folder=str(Path(output) / ".slurm"),
     )
-    sweep.execute(plan, todo, launcher, options, quiet=quiet, device=device)
+    try:
+        sweep.execute(plan, todo, launcher, options, quiet=quiet, device=device)
+    except KeyboardInterrupt:
+        _interrupted(plan, todo, output, started)
     records = sweep.collect(plan.specs)
     failed = [r for r in records if r.get("status") != "ok"]
     if records:
@@ -211,6 +257,29 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
                f"records in {output} ({sweep.elapsed(started)})", err=True)
     if failed or len(records) < len(plan.specs):
         sys.exit(1)
+
+
+def _interrupted(plan: Any, todo: Sequence[Any], output: str, started: float) -> None:
+    """Ctrl-C: say which runs of this sweep finished and which did not, then exit 130."""
+    from petlbench import sweep
+    from petlbench.records import read_record
+
+    finished, missing = [], []
+    for spec in todo:
+        record = read_record(spec.record_path)
+        (finished if record is not None and record.get("status") in ("ok", "failed") else missing).append(
+            (spec, record))
+    click.echo(f"\ninterrupted after {sweep.elapsed(started)}: of the {len(todo)} run(s) this sweep had to make, "
+               f"{len(finished)} finished and {len(missing)} did not.", err=True)
+    for spec, record in finished:
+        click.echo(f"  finished  {spec.label}  {record.get('status')}", err=True)
+    shown = missing[:20]
+    for spec, _r in shown:
+        click.echo(f"  not done  {spec.label}", err=True)
+    if len(missing) > len(shown):
+        click.echo(f"  ... and {len(missing) - len(shown)} more not done", err=True)
+    click.echo(f"Records of the finished runs are in {output}; the same command runs only what is missing.", err=True)
+    sys.exit(130)
 
 
 @main.command("bench")
@@ -239,20 +308,18 @@ def bench_cmd(ctx: click.Context, methods: str, backbone: str, backbone_args: tu
               no_timing: bool, as_json: bool, out: str | None, sweep_estimate: bool, suite: str) -> None:
     """Train-step speed, memory, deployed latency/throughput and FLOPs of METHOD(s) vs the plain backbone."""
     import torch
-    import yaml
 
     from petlbench.bench import BenchConfig, run_bench, to_markdown
     from petlbench.registry import get_method
+    from petlbench.sweep import check_backbone
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    names = split_list([methods])
     for name in names:
         get_method(name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        kwargs = {k: yaml.safe_load(v) for k, v in parse_sets(backbone_args, "--backbone-arg").items()}
-    except yaml.YAMLError as exc:
-        raise PetlbenchError(f"--backbone-arg: a value is not valid YAML ({str(exc).splitlines()[0]}). "
-                             "Fix: e.g. --backbone-arg depth=2") from None
+    kwargs = parse_backbone_args(backbone_args)
+    size = kwargs.get("img_size") if isinstance(kwargs.get("img_size"), int) else None
+    check_backbone(backbone, kwargs, size)
     if sweep_estimate:
         from petlbench import estimate
 

@@ -25,6 +25,7 @@ from petlbench.errors import NotMergeableError, PetlbenchError, did_you_mean
 
 _TRUE = {"1", "true", "yes", "on", "y"}
 _FALSE = {"0", "false", "no", "off", "n"}
+_TYPE_WORDS = {bool: "true or false", int: "an int", float: "a number", str: "a string"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ class HParam:
                     raise ValueError
         except (TypeError, ValueError):
             raise PetlbenchError(
-                f"{where} must be a {kind.__name__}, got {value!r}. Fix: e.g. --set {name}={self.default}"
+                f"{where} must be {_TYPE_WORDS.get(kind, kind.__name__)}, got {value!r}. "
+                f"Fix: e.g. --set {name}={self.default}"
             ) from None
         if self.choices is not None and value not in self.choices:
             allowed = ", ".join(str(c) for c in self.choices)
@@ -94,6 +96,8 @@ class Method:
     Class attributes a subclass sets:
 
     - ``name``: registry name (``[a-z0-9_]+``).
+    - ``display_name``: how tables and plots name the method ("LoRA", "RepAdapter"); default:
+      the registry name (a subclass that sets another ``name`` does not inherit its parent's).
     - ``summary`` and ``paper``: one line each, shown by ``petlbench list methods``.
     - ``hparams``: ``{name: HParam}``; the method reads resolved values from ``self.hp``.
     - ``presets``: ``{suite: {task or "*": {hparam: value}}}`` for values the paper publishes
@@ -108,6 +112,7 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     hparams: ClassVar[Mapping[str, HParam]] = {}
@@ -116,6 +121,13 @@ class Method:
     families: ClassVar[frozenset[str]] = frozenset({"vit", "swin"})
     mergeable: ClassVar[bool] = False
     frozen_features: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Default ``display_name``: the class's own registry name, never a parent's display name."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("display_name")
+        if not own and ("name" in cls.__dict__ or not cls.display_name):
+            cls.display_name = cls.name
 
     def __init__(self, **hparams: Any) -> None:
         self.config: dict[str, Any] = self.validate(hparams, complete=True)

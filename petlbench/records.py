@@ -4,6 +4,9 @@ Schema (``schema_version`` 1); every record has these top-level keys:
 
 - ``schema_version`` (int), ``run_id`` (16 hex chars, hash of the run's identity), ``label``.
 - ``suite``, ``task``, ``method``, ``seed``, ``protocol``.
+- ``identity``: everything ``run_id`` hashes (:meth:`petlbench.runspec.RunSpec.identity`), including
+  ``method_code`` (the method's distribution and version), so a tool can tell which planned run a
+  record belongs to and whether another version of the method's code made it.
 - ``status``: ``"ok"`` or ``"failed"``; ``error``: null, or ``{type, message, traceback}``.
 - ``metrics``: ``top1`` (percent, the protocol's reported number: final-epoch test accuracy for
   ``vtab1k``/``tune``, test at the best-validation epoch for ``fgvc``, best test epoch for
@@ -12,13 +15,18 @@ Schema (``schema_version`` 1); every record has these top-level keys:
   ``tune`` the grid in ``tuning``.
 - ``params``: the parameter accounting (:class:`petlbench.ParamCounts`).
 - ``config``: ``method_hparams``, ``train`` (fully resolved), ``protocol``, ``backbone``,
-  ``backbone_kwargs``, ``pretrained``, ``normalization``, ``splits`` (train/eval split names and sizes).
+  ``backbone_kwargs``, ``pretrained``, ``method_code`` (``{distribution, version}``, or ``{module,
+  source_sha256}`` for a method registered from a script), ``normalization``, ``splits``
+  (train/eval split names and sizes).
 - ``efficiency``: ``train_time_s``, ``train_images_per_s``, ``eval_time_s``, ``peak_gpu_mem_allocated``,
   ``peak_gpu_mem_reserved`` (bytes, null on CPU), ``trainable_state_bytes``, ``compiled`` (whether
   ``torch.compile`` was used, with ``compile_error`` when it fell back to eager), and the deployed
   model's batch-1 latency next to the plain backbone's: ``deployed`` (merged/unmerged),
-  ``latency_b1_s``, ``plain_latency_b1_s``, ``latency_ratio``.
-- ``provenance``: ``petlbench_version``, ``git_commit``, ``git_dirty``, ``python``, ``torch``,
+  ``latency_b1_s``, ``plain_latency_b1_s``, ``latency_ratio`` and its relative half-spread
+  ``latency_ratio_spread``; ``concurrency`` (``parallel_runs`` on the machine, ``torch_threads``,
+  ``device``): under which load ``train_time_s`` was measured.
+- ``provenance``: ``petlbench_version``, ``git_commit``, ``git_dirty``, ``method_code`` (distribution,
+  version, ``class``, ``source_sha256`` of its file, ``display_name``), ``python``, ``torch``,
   ``timm``, ``device``, ``hostname``, ``weights_sha256``, ``weights_source``, ``data_root``,
   ``data_fingerprint`` (per split), ``start_time``, ``end_time`` (ISO 8601, UTC).
 """
@@ -47,6 +55,7 @@ def base_record(spec: Any, status: str) -> dict[str, Any]:
         "method": spec.method,
         "seed": spec.seed,
         "protocol": spec.protocol,
+        "identity": spec.identity() if hasattr(spec, "identity") else {},
         "status": status,
         "error": None,
         "metrics": {},

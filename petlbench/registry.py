@@ -6,8 +6,17 @@ broken third-party plugin cannot break ``petlbench`` for everything else.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import re
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import (
+    EntryPoint,
+    PackageNotFoundError,
+    distribution,
+    entry_points,
+    packages_distributions,
+)
+from typing import Any
 
 from petlbench.errors import PetlbenchError, did_you_mean
 from petlbench.method import Method
@@ -16,6 +25,7 @@ GROUP = "petlbench.methods"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 _registered: dict[str, type[Method]] = {}
+_dist_of: dict[str, tuple[str, str]] = {}  # method name -> (distribution, version) of its entry point
 _entry_points: dict[str, list[EntryPoint]] | None = None
 
 
@@ -85,4 +95,50 @@ def get_method(name: str) -> type[Method]:
             "Fix: make the entry-point name equal the class's `name`."
         )
     _registered[name] = cls
+    dist = getattr(ep, "dist", None)
+    if dist is not None and dist.metadata is not None and dist.metadata.get("Name"):
+        _dist_of[name] = (str(dist.metadata["Name"]), str(dist.version))
     return cls
+
+
+def _source_sha256(cls: type[Method]) -> str | None:
+    """SHA-256 of the source file that defines ``cls`` (None when it has no readable file)."""
+    try:
+        path = inspect.getsourcefile(cls)
+        if path is None:
+            return None
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except (OSError, TypeError):
+        return None
+
+
+def method_code(name: str) -> dict[str, Any]:
+    """Which code implements method ``name``: part of every run's identity, so that a plugin
+    re-run after a version bump is a new run, not "already done".
+
+    ``{"distribution", "version"}`` of the installed package that provides it (built-ins:
+    ``petlbench`` and its version); a method registered in-process from a script or notebook
+    has no version, so its module and the SHA-256 of its source file stand in.
+    """
+    cls = get_method(name)
+    found = _dist_of.get(name)
+    if found is None:
+        top = cls.__module__.split(".")[0]
+        for dist_name in packages_distributions().get(top, []):
+            try:
+                found = (dist_name, distribution(dist_name).version)
+                break
+            except PackageNotFoundError:
+                continue
+    if found is not None:
+        return {"distribution": found[0], "version": found[1]}
+    return {"distribution": None, "version": None, "module": cls.__module__, "source_sha256": _source_sha256(cls)}
+
+
+def method_provenance(name: str) -> dict[str, Any]:
+    """:func:`method_code` plus the class, its file's SHA-256 and (when known) the display name,
+    recorded with every run; the file hash tells an edited-but-not-bumped plugin apart."""
+    cls = get_method(name)
+    return {**method_code(name), "class": f"{cls.__module__}.{cls.__qualname__}",
+            "source_sha256": _source_sha256(cls), "display_name": cls.display_name or name}

@@ -94,7 +94,16 @@ def _device(name: str) -> torch.device:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu ({platform.processor() or platform.machine()}, {n} thread{'' if n == 1 else 's'})"
+
+
+def _parallel_runs() -> int:
+    """Runs in flight on this machine while this one trained (the local launcher's worker count)."""
+    try:
+        return max(1, int(os.environ.get("PETLBENCH_PARALLEL_RUNS", "1")))
+    except ValueError:
+        return 1
 
 
 class _Data:
@@ -231,6 +240,9 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
         "peak_gpu_mem_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "peak_gpu_mem_reserved": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
         "trainable_state_bytes": counts.trainable_bytes,
+        # Train time depends on what else ran at the same time: say under which concurrency it was measured.
+        "concurrency": {"parallel_runs": _parallel_runs(), "torch_threads": torch.get_num_threads(),
+                        "device": device.type},
         "compiled": res.compiled,
         "compile_error": res.compile_error,
         **deployed_latency(model, device, data.suite.image_size,
@@ -259,6 +271,7 @@ def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int
         "config": {
             "method_hparams": spec.method_hparams, "train": spec.train, "protocol": spec.protocol,
             "backbone": spec.backbone, "backbone_kwargs": spec.backbone_kwargs, "pretrained": spec.pretrained,
+            "method_code": spec.method_code,
         },
         "provenance": {
             "petlbench_version": petlbench.__version__, "git_commit": commit, "git_dirty": dirty,
@@ -266,6 +279,12 @@ def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int
             "hostname": socket.gethostname(), "pid": os.getpid(), "start_time": _now(),
         },
     })
+    try:
+        from petlbench.registry import method_provenance
+
+        record["provenance"]["method_code"] = method_provenance(spec.method)
+    except PetlbenchError:  # an unknown method fails below, with its own message
+        pass
     try:
         dev = _device(device)
         record["provenance"]["device"] = device_name(dev)

@@ -36,6 +36,9 @@ class RunSpec:
     weights_sha256: str | None = None
     data_root: str | None = None
     output: str = "results"
+    #: Which code implements the method (:func:`petlbench.registry.method_code`): a plugin's
+    #: distribution and version, so a version bump makes a new run instead of "already done".
+    method_code: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same experiment (paths and output folder excluded)."""
@@ -50,6 +53,7 @@ class RunSpec:
             "weights_sha256": self.weights_sha256,
             "method_hparams": self.method_hparams,
             "train": self.train,
+            "method_code": self.method_code,
         }
 
     @property

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from petlbench.config import load_config_file, resolve_train, split_overrides
 from petlbench.errors import PetlbenchError
 from petlbench.records import is_done
-from petlbench.registry import get_method
+from petlbench.registry import get_method, method_code
 from petlbench.runner import check_protocol, default_protocol
 from petlbench.runspec import RunSpec
 
@@ -35,17 +35,62 @@ class Plan:
     backbone: str
     pretrained: str | None
     weights_sha256: str | None
+    #: Per method: the user's hyperparameter overrides, and the user's training overrides (for --dry-run).
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    train_overrides: dict[str, Any] = field(default_factory=dict)
 
 
-def _resolve_weights(suite, backbone: str | None, pretrained: str | None,
-                     backbone_kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], str | None]:
+def _demo_weights(log: Callable[[str], None]) -> str:
+    """The demo's pretrained micro-ViT, saying what happens when it is trained (first use only)."""
+    from petlbench.data import demo_weights
+    from petlbench.data.cache import cache_root
+    from petlbench.data.demo import _weights_name
+
+    if not (cache_root() / "weights" / _weights_name()).is_file():
+        log("demo: first use: pretraining the demo micro-ViT on the upstream digits (once, cached; "
+            "about 15 s on 2 cores)")
+        started = time.perf_counter()
+        path = demo_weights(log=lambda line: log(f"demo: pretraining: {line}"))
+        log(f"demo: micro-ViT ready ({elapsed(started)})")
+        return str(path)
+    return str(demo_weights())
+
+
+def _demo_data(suite: Any, log: Callable[[str], None]) -> Path:
+    """The demo's data root, saying what happens when it is built (first use only)."""
+    from petlbench import data as D
+    from petlbench.data.cache import cache_root
+    from petlbench.data.demo import DEMO_DATA_VERSION, DEMO_SUITE, _demo_hash
+
+    built = cache_root() / "demo" / f"{DEMO_DATA_VERSION}-{_demo_hash(D.get_suite(DEMO_SUITE))}"
+    if (built / "MANIFEST.json").is_file():
+        return D.resolve_data_root(suite, None)
+    log(f"demo: first use: writing the demo data ({len(suite.tasks)} tasks of real images from the "
+        "scikit-learn/scikit-image wheels, VTAB-1k layout; once, cached)")
+    started = time.perf_counter()
+    root = D.resolve_data_root(suite, None)
+    log(f"demo: data ready in {root} ({elapsed(started)})")
+    return root
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def _resolve_weights(suite, backbone: str | None, pretrained: str | None, backbone_kwargs: dict[str, Any],
+                     log: Callable[[str], None] = _quiet) -> tuple[str, dict[str, Any], str | None]:
     """Defaults: the demo suite brings its own micro-ViT; otherwise ViT-B/16 with the paper weights."""
+    random_init = pretrained is not None and str(pretrained).lower() == "none"
     if suite.generator == "demo" and backbone is None:
-        from petlbench.data import demo_backbone, demo_weights
+        from petlbench.data import demo_backbone
 
         arch, kwargs = demo_backbone()
-        return arch, {**kwargs, **backbone_kwargs}, str(pretrained or demo_weights())
+        if random_init:
+            return arch, {**kwargs, **backbone_kwargs}, None
+        return arch, {**kwargs, **backbone_kwargs}, str(pretrained or _demo_weights(log))
     backbone = backbone or DEFAULT_BACKBONE
+    if random_init:
+        return backbone, backbone_kwargs, None
     if pretrained is None:
         if backbone.split(".")[0] != DEFAULT_BACKBONE:
             raise PetlbenchError(
@@ -53,9 +98,42 @@ def _resolve_weights(suite, backbone: str | None, pretrained: str | None,
                 "tag, or --pretrained none for random init (meaningless for transfer results)."
             )
         pretrained = PAPER_WEIGHTS_TAG  # resolved from the local cache only; the error says what to pass
-    if str(pretrained).lower() == "none":
-        return backbone, backbone_kwargs, None
     return backbone, backbone_kwargs, str(pretrained)
+
+
+def check_backbone(arch: str, kwargs: Mapping[str, Any], image_size: int | None,
+                   option: str = "--backbone-arg") -> None:
+    """Build ``arch`` with ``kwargs`` on the meta device and push one ``image_size`` input through it,
+    so a bad backbone argument or an input size the backbone does not take is one line at plan time,
+    not a timm assertion in the middle of training."""
+    import torch
+
+    from petlbench.model import create_model
+
+    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "its default settings"
+    try:
+        model = create_model(arch, "linear", 2, backbone_kwargs=dict(kwargs), device="meta")
+    except PetlbenchError as exc:
+        if not kwargs:  # e.g. an unknown architecture: the message names --backbone itself
+            raise
+        raise PetlbenchError(f"{option}: {exc}") from None
+    except Exception as exc:  # timm validates lazily: whatever it raises is a bad argument
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise PetlbenchError(f"{option}: timm cannot build {arch} with {shown} ({type(exc).__name__}: {first}). "
+                             f"Fix: check the values (e.g. {option} img_size=224).") from None
+    if image_size is None:
+        return
+    try:
+        with torch.no_grad():
+            model.eval()(torch.empty(1, 3, image_size, image_size, device="meta"))
+    except NotImplementedError:  # an op without a meta kernel: the size cannot be checked here
+        return
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise PetlbenchError(
+            f"backbone {arch} with {shown} does not take the suite's {image_size}x{image_size} inputs ({first}). "
+            f"Fix: pass {option} img_size={image_size} (or a backbone/suite whose input sizes agree)."
+        ) from None
 
 
 def plan(
@@ -72,8 +150,12 @@ def plan(
     protocol: str | None = None,
     sets: Mapping[str, Any] | None = None,
     config_file: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Plan:
-    """Validate everything a sweep needs and return its runs; raises PetlbenchError on bad input."""
+    """Validate everything a sweep needs and return its runs; raises PetlbenchError on bad input.
+
+    ``log`` hears about slow first-use work (building the demo data, pretraining its micro-ViT).
+    """
     from petlbench import data as D
     from petlbench.model import create_model
 
@@ -90,12 +172,17 @@ def plan(
     train_user, per_method = split_overrides({**file_cfg["set"], **(sets or {})}, method_classes)
     protocol = check_protocol(protocol or default_protocol(the_suite.layout))
 
-    arch, bkw, weights = _resolve_weights(the_suite, backbone, pretrained, dict(backbone_kwargs or {}))
+    log = log or _quiet
+    arch, bkw, weights = _resolve_weights(the_suite, backbone, pretrained, dict(backbone_kwargs or {}), log)
+    check_backbone(arch, bkw, the_suite.image_size)
     probe = create_model(arch, "linear", selected[0].classes, pretrained=weights, backbone_kwargs=bkw)
     sha = probe.weights.sha256 if probe.weights else None
     del probe
 
-    root = D.resolve_data_root(the_suite, data_root)
+    if the_suite.generator == "demo" and data_root is None:
+        root = _demo_data(the_suite, log)
+    else:
+        root = D.resolve_data_root(the_suite, data_root)
     roles = {"train", "test"} | ({"tune_train", "tune_val"} if protocol == "tune" else set()) \
         | ({"tune_val"} if protocol == "fgvc" else set())
     report = D.check_suite(the_suite, root, [t.name for t in selected],
@@ -103,6 +190,7 @@ def plan(
     report.raise_for_errors()
 
     specs = []
+    codes = {cls.name: method_code(cls.name) for cls in method_classes}
     suite_defaults = dict(getattr(the_suite, "train_defaults", {}) or {})
     for task in selected:
         for cls in method_classes:
@@ -113,9 +201,44 @@ def plan(
                 specs.append(RunSpec(
                     suite=the_suite.name, task=task.name, method=cls.name, seed=int(seed), protocol=protocol,
                     backbone=arch, method_hparams=hparams, train=train, backbone_kwargs=bkw, pretrained=weights,
-                    weights_sha256=sha, data_root=str(root), output=str(output),
+                    weights_sha256=sha, data_root=str(root), output=str(output), method_code=codes[cls.name],
                 ))
-    return Plan(specs, the_suite, root, protocol, arch, weights, sha)
+    return Plan(specs, the_suite, root, protocol, arch, weights, sha,
+                method_overrides={cls.name: {**file_cfg["methods"].get(cls.name, {}), **per_method[cls.name]}
+                                  for cls in method_classes},
+                train_overrides=dict(train_user))
+
+
+def describe(plan_: Plan, spec: RunSpec) -> str:
+    """The resolved hyperparameters and training settings of ``spec``, each non-default value tagged
+    with where it came from: ``[preset]`` (the method's published values), ``[suite]`` (the suite's
+    train_defaults) or ``[set]`` (--set / --config)."""
+    from petlbench.config import TRAIN_HPARAMS
+
+    cls = get_method(spec.method)
+    user = plan_.method_overrides.get(spec.method, {})
+    current = {**{k: h.default for k, h in cls.hparams.items()}, **cls.validate(user)}
+    preset = cls.preset(spec.suite, spec.task, current)
+
+    def tag(key: str, value: Any, default: Any, sources: list[tuple[str, Mapping[str, Any]]]) -> str:
+        text = f"{key}={value}"
+        for name, table in sources:
+            if key in table:
+                return f"{text} [{name}]"
+        return text if value == default else f"{text} [?]"
+
+    hp = [tag(k, v, cls.hparams[k].default, [("set", user), ("preset", preset)])
+          for k, v in spec.method_hparams.items()] if spec.method_hparams else ["(none)"]
+    suite_defaults = dict(getattr(plan_.suite, "train_defaults", {}) or {})
+    table = cls.train_presets.get(spec.suite, {})
+    train_preset = {**table.get("*", {}), **table.get(spec.task, {})}
+    shown = [k for k in ("epochs", "batch_size", "lr", "weight_decay") if k in spec.train]
+    shown += [k for k, v in spec.train.items() if k not in shown and k in TRAIN_HPARAMS
+              and v != TRAIN_HPARAMS[k].default]
+    train = [tag(k, spec.train[k], TRAIN_HPARAMS[k].default if k in TRAIN_HPARAMS else None,
+                 [("set", plan_.train_overrides), ("preset", train_preset), ("suite", suite_defaults)])
+             for k in shown]
+    return f"method: {', '.join(hp)}; train: {', '.join(train)}"
 
 
 class Progress:
@@ -158,6 +281,66 @@ class Progress:
 def pending(plan_: Plan, force: bool = False) -> list[RunSpec]:
     """The planned runs without a finished record (all of them with ``force``)."""
     return [s for s in plan_.specs if force or not is_done(s.record_path)]
+
+
+def _without_code(identity: Mapping[str, Any]) -> str:
+    from petlbench.runspec import canonical_json
+
+    return canonical_json({k: v for k, v in identity.items() if k != "method_code"})
+
+
+def _code_text(code: Any) -> str:
+    if not isinstance(code, Mapping) or not code:
+        return "an unrecorded version"
+    if code.get("distribution"):
+        return f"{code['distribution']} {code.get('version')}"
+    return f"module {code.get('module')} (source {str(code.get('source_sha256'))[:12]})"
+
+
+def code_notes(plan_: Plan, force: bool = False) -> list[str]:
+    """What the method-code part of the runs' identity changes about this sweep, one line per method:
+
+    runs whose only finished records were made by another version of the method's code are run
+    again (the old records stay, and the report shows them as rows of their own); finished runs
+    of the same version whose source file has changed since are kept, with a hint to --force.
+    """
+    from petlbench.records import read_record
+    from petlbench.registry import method_provenance
+
+    rerun: dict[str, dict[str, None]] = {}
+    edited: dict[str, int] = {}
+    folders: dict[Path, list[dict[str, Any]]] = {}
+    current_sha = {}
+    for spec in plan_.specs:
+        if spec.method not in current_sha:
+            current_sha[spec.method] = method_provenance(spec.method).get("source_sha256")
+        done = is_done(spec.record_path)
+        if done and not force:
+            record = read_record(spec.record_path) or {}
+            old = (record.get("provenance") or {}).get("method_code") or {}
+            if old.get("source_sha256") and current_sha[spec.method] and \
+                    old["source_sha256"] != current_sha[spec.method]:
+                edited[spec.method] = edited.get(spec.method, 0) + 1
+            continue
+        folder = spec.record_path.parent
+        if folder not in folders:
+            folders[folder] = [r for f in sorted(folder.glob("*.json")) if (r := read_record(f)) is not None] \
+                if folder.is_dir() else []
+        mine = _without_code(spec.identity())
+        for record in folders[folder]:
+            ident = record.get("identity")
+            if record.get("status") == "ok" and isinstance(ident, Mapping) and _without_code(ident) == mine \
+                    and ident.get("method_code") != spec.method_code:
+                rerun.setdefault(spec.method, {})[_code_text(ident.get("method_code"))] = None
+    notes = []
+    for method, olds in rerun.items():
+        now = _code_text(next(s.method_code for s in plan_.specs if s.method == method))
+        notes.append(f"method {method!r} is now {now}; its finished runs made by {', '.join(olds)} are run again "
+                     "(the old records stay, and `petlbench report` shows them as separate rows)")
+    for method, n in edited.items():
+        notes.append(f"method {method!r}: the source file changed since {n} finished run(s) were made, with the "
+                     "same version; they are kept as done (pass --force to redo them, or bump the plugin's version)")
+    return notes
 
 
 def execute(plan_: Plan, todo: list[RunSpec], launcher: str = "inline", options: Any = None, *,

@@ -21,6 +21,8 @@ def test_list_methods() -> None:
         assert name in result.output
     rows = json.loads(run("list", "methods", "--json").output)
     assert {r["name"]: r["mergeable"] for r in rows}["adapter"] is False
+    assert {r["name"]: r["display_name"] for r in rows}["repadapter"] == "RepAdapter"
+    assert "(RepAdapter)" in result.output
 
 
 def test_list_backbones() -> None:
@@ -54,14 +56,18 @@ def test_params_table_with_presets() -> None:
         (["params", "-m", "arc", "-b", "vit_bse_patch16_224"], "Did you mean 'vit_base_patch16_224'"),
         (["params", "-m", "lora", "--set", "rnk=4"], "Did you mean 'rank'"),
         (["params", "-m", "lora", "--set", "rank=0"], "'rank' must be >= 1, got 0"),
-        (["params", "-m", "lora", "--set", "rank=eight"], "'rank' must be a int"),
+        (["params", "-m", "lora", "--set", "rank=eight"], "'rank' must be an int"),
         (["params", "-m", "repadapter", "--set", "scale=-1"], "'scale' must be > 0.0, got -1.0"),
         (["params", "-m", "repadapter", "--set", "variant=rep"], "must be one of repblock, repattn"),
         (["params", "-m", "lora", "--set", "rank"], "is not key=value"),
         (["params", "-m", "arc", "--pretrained", "/nonexistent/ViT-B_16.npz"], "does not exist"),
         (["params", "-m", "vpt_deep", "-b", "swin_base_patch4_window7_224"], "not defined on swin"),
         (["bench", "-m", "lora", "-b", "vit_bse_patch16_224"], "Did you mean 'vit_base_patch16_224'"),
-        (["bench", "-m", "lora", "--backbone-arg", "depth=[1"], "--backbone-arg: a value is not valid YAML"),
+        (["bench", "-m", "lora", "--backbone-arg", "depth=[1"], "not a valid YAML value"),
+        (["bench", "-m", "lora", "--backbone-arg", "img_size=abc"], "--backbone-arg: "),
+        (["params", "-m", "lora", "--backbone-arg", "img_size=abc"], "--backbone-arg: "),
+        (["params", "-m", "lora", "--suite", "vtab", "--backbone-arg", "img_size=32"],
+         "does not take the suite's 224x224 inputs"),
         (["bench", "-m", "lroa"], "Did you mean 'lora'"),
     ],
 )

@@ -65,7 +65,7 @@ def test_demo_sweep_end_to_end(tmp_path) -> None:
         assert len(prov["weights_sha256"]) == 64 and prov["data_fingerprint"]["test"]
         assert prov["torch"] == torch.__version__ and prov["start_time"] <= prov["end_time"]
         assert r["efficiency"]["train_images_per_s"] > 0
-    assert "| arc |" in result.output and "digits_rotation" in result.output
+    assert "| ARC |" in result.output and "Digits-Rotation" in result.output
 
 
 def test_rerun_skips_finished_runs_and_force_redoes(tmp_path) -> None:

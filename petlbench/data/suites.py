@@ -36,6 +36,7 @@ The YAML schema (``?`` = optional)::
     groups:                    # ordered: group name -> list of tasks
       Natural:
         - name: cifar
+          display_name?: CIFAR-100    # how tables name it; default: the name
           classes: 100
           aliases?: [cifar100]
           sizes?: {train800: 800, val200: 200, train800val200: 1000, test: 10000}
@@ -92,7 +93,7 @@ _SUITE_KEYS = {
     "name", "aliases", "title", "description", "layout", "image_size", "transform",
     "splits", "roles", "generator", "groups", "train_defaults",
 }
-_TASK_KEYS = {"name", "classes", "aliases", "sizes", "image_roots", "source", "description"}
+_TASK_KEYS = {"name", "display_name", "classes", "aliases", "sizes", "image_roots", "source", "description"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -114,6 +115,12 @@ class Task:
     image_roots: tuple[str, ...] = ()
     source: str = ""
     description: str = ""
+    display_name: str = ""  # how tables name the task ("Flowers102"); default: the name
+
+    @property
+    def label(self) -> str:
+        """The name a table shows: ``display_name`` when the suite gives one, else ``name``."""
+        return self.display_name or self.name
 
     @property
     def id(self) -> str:
@@ -346,6 +353,7 @@ def parse_suite(data: Any, source: str) -> Suite:
                     sizes=MappingProxyType(sizes), image_roots=roots,
                     source=_str(entry.get("source"), source, f"{tw}.source"),
                     description=_str(entry.get("description"), source, f"{tw}.description"),
+                    display_name=_str(entry.get("display_name"), source, f"{tw}.display_name"),
                 )
             )
             names.append(tname)

@@ -29,6 +29,8 @@ StartFn = Callable[[RunSpec], Any]
 DoneFn = Callable[[RunSpec, dict[str, Any]], Any]
 
 #: Thread-count variables set for local workers and Slurm jobs so parallel runs do not oversubscribe cores.
+#: Runs in flight at once on this machine (one per local worker), recorded with each run's train time.
+PARALLEL_VAR = "PETLBENCH_PARALLEL_RUNS"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 log = logging.getLogger("petlbench.launch")

@@ -23,6 +23,7 @@ from typing import Any
 
 from petlbench.errors import PetlbenchError
 from petlbench.launch.common import (
+    PARALLEL_VAR,
     THREAD_VARS,
     DoneFn,
     ExecuteFn,
@@ -146,7 +147,7 @@ def plan_local_slots(
         threads = options.threads_per_worker or max(1, cpus // len(chosen))
         order = os.environ.get("CUDA_DEVICE_ORDER", DEVICE_ORDER)  # an explicit choice of the user's stands
         return [
-            Slot(_slot_name(g), {"CUDA_VISIBLE_DEVICES": g, "CUDA_DEVICE_ORDER": order,
+            Slot(_slot_name(g), {"CUDA_VISIBLE_DEVICES": g, "CUDA_DEVICE_ORDER": order, PARALLEL_VAR: str(len(chosen)),
                                  **{v: str(threads) for v in THREAD_VARS}}, threads)
             for g in chosen
         ]
@@ -154,7 +155,7 @@ def plan_local_slots(
     workers = min(workers, max(1, n_runs))
     threads = options.threads_per_worker or max(1, cpus // workers)
     # Hide GPUs from CPU workers: a CPU run must not grab a device behind the user's back.
-    env = {"CUDA_VISIBLE_DEVICES": "", **{v: str(threads) for v in THREAD_VARS}}
+    env = {"CUDA_VISIBLE_DEVICES": "", PARALLEL_VAR: str(workers), **{v: str(threads) for v in THREAD_VARS}}
     return [Slot(f"cpu{i}", env, threads) for i in range(workers)]
 
 

@@ -22,7 +22,7 @@ from petlbench._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Column": "aggregate", "Efficiency": "aggregate", "Note": "aggregate", "Report": "aggregate",
-    "Row": "aggregate", "Stat": "aggregate", "build_report": "aggregate",
+    "Row": "aggregate", "Stat": "aggregate", "build_report": "aggregate", "filter_where": "aggregate",
     "LoadedRecords": "loading", "ReportWarning": "loading", "load_records": "loading",
     "list_reference_sets": "reference", "load_reference": "reference", "our_method": "reference",
     "render": "render", "render_csv": "render", "render_html": "render", "render_latex": "render",
@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
 # Listed out (not derived from _EXPORTS) so linters and IDEs can check the names.
 __all__ = [
     "Column", "Efficiency", "LoadedRecords", "Note", "Report", "ReportWarning", "Row", "Stat", "build_report",
+    "filter_where",
     "csv_table", "latex_table", "list_reference_sets", "load_records", "load_reference", "markdown_table",
     "our_method", "render", "render_csv", "render_html", "render_latex", "render_markdown", "tex_escape",
 ]
@@ -41,41 +42,54 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 def markdown_table(records: Iterable[Mapping[str, Any]], suite: Any = None, reference: str | None = None,
-                   efficiency: bool = False, on_warning: Callable[[str], None] | None = None) -> str:
+                   efficiency: bool = False, on_warning: Callable[[str], None] | None = None, **options: Any) -> str:
     """The accuracy table (plus notes) in Markdown: what a sweep prints when it finishes.
 
     Failed records are counted in a note; records of another schema are skipped with a warning
-    (``on_warning``, default: :class:`ReportWarning` via :mod:`warnings`).
+    (``on_warning``, default: :class:`ReportWarning` via :mod:`warnings`). ``options`` go to
+    :func:`build_report` (``where``, ``methods``, ``order``, ``names``).
     """
     from petlbench.report.aggregate import build_report
     from petlbench.report.render import render_markdown
 
-    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning)
+    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning, **options)
     return render_markdown(report, "all" if efficiency else "accuracy")
 
 
 def latex_table(records: Iterable[Mapping[str, Any]], suite: Any = None, reference: str | None = None,
-                standalone: bool = False, on_warning: Callable[[str], None] | None = None) -> str:
-    """The accuracy table as LaTeX: the table float (for ``\\input``) or a complete document."""
+                standalone: bool = False, on_warning: Callable[[str], None] | None = None, wide: bool = False,
+                notes: bool = True, **options: Any) -> str:
+    """The accuracy table as LaTeX: the table float (for ``\\input``) or a complete document;
+    ``wide``: a ``table*`` for two-column papers; ``notes``: the footnotes."""
     from petlbench.report.aggregate import build_report
     from petlbench.report.render import render_latex
 
-    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning)
-    return render_latex(report, "accuracy", standalone=standalone)
+    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning, **options)
+    return render_latex(report, "accuracy", standalone=standalone, wide=wide, notes=notes)
 
 
 def csv_table(records: Iterable[Mapping[str, Any]], suite: Any = None, reference: str | None = None,
-              on_warning: Callable[[str], None] | None = None) -> str:
-    """The accuracy table as CSV (one row per method row; mean/std/n per task, then the means)."""
+              on_warning: Callable[[str], None] | None = None, long: bool = False, **options: Any) -> str:
+    """The accuracy table as CSV (one row per table row; mean/std/n per task, then the means), or
+    with ``long`` one row per run."""
     from petlbench.report.aggregate import build_report
     from petlbench.report.render import render_csv
 
-    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning)
-    return render_csv(report, "accuracy")
+    report = build_report(records, suite=suite, reference=reference, on_warning=on_warning, **options)
+    return render_csv(report, "accuracy", long=long)
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from petlbench.report.aggregate import Column, Efficiency, Note, Report, Row, Stat, build_report
+    from petlbench.report.aggregate import (
+        Column,
+        Efficiency,
+        Note,
+        Report,
+        Row,
+        Stat,
+        build_report,
+        filter_where,
+    )
     from petlbench.report.loading import LoadedRecords, ReportWarning, load_records
     from petlbench.report.reference import list_reference_sets, load_reference, our_method
     from petlbench.report.render import (

@@ -13,6 +13,8 @@ same numbers, marks and footnotes. Rules that papers get wrong and that are enfo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from collections import defaultdict
@@ -23,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from petlbench.errors import PetlbenchError
+from petlbench.report.formats import ORDERS
 from petlbench.report.loading import record_problem, record_source, warn
 
 DIGITS = 1  # decimals of accuracies in tables; best/second are decided on the printed values
@@ -34,6 +37,8 @@ TUNED_KEYS = ("lr", "weight_decay")
 #: Built-in methods in the order papers list them; anything else follows alphabetically.
 METHOD_ORDER = ("full", "linear", "bitfit", "vpt_shallow", "vpt_deep", "adapter", "lora", "ssf",
                 "repadapter", "arc_att", "arc")
+#: Training settings that change how fast a run goes, not what it trains: they never split a row.
+EXECUTION_KEYS = ("compile", "eval_batch_size")
 MAX_LISTED = 6  # failed runs etc. listed by name in a footnote before "and N more"
 
 
@@ -76,6 +81,9 @@ class Efficiency:
     images_per_s: float | None = None
     peak_mem_bytes: float | None = None
     latency_ratio: float | None = None
+    train_time_std: float | None = None  # sample std over the row's runs (None for one run)
+    latency_ratio_std: float | None = None
+    concurrency: tuple[str, ...] = ()  # how many runs shared the machine while these trained
     runs: int = 0
 
 
@@ -98,6 +106,9 @@ class Row:
     efficiency: Efficiency | None = None
     published: Any = None  # PublishedMethod for published rows
     compared_to: str | None = None  # delta rows: the published row's label
+    display: str = ""  # the method's display name ("LoRA"), without the row's configuration
+    block: str = ""  # backbone and weights: rows of different blocks are never ranked together
+    params_by_task: dict[str, float] = field(default_factory=dict)  # trainable params (M) per task
 
     def value(self, key: str) -> Stat:
         return self.values.get(key) or Stat()
@@ -136,6 +147,8 @@ class Report:
     n_skipped: int = 0
     reference: str | None = None
     headline_key: str | None = None  # the column plots use as "the" accuracy
+    blocks: list[str] = field(default_factory=list)  # backbone blocks of the reproduced rows, in order
+    runs: list[dict[str, Any]] = field(default_factory=list)  # one flat dict per reported run (long CSV)
 
     @property
     def task_columns(self) -> list[Column]:
@@ -204,7 +217,7 @@ def resolve_suite(records: Sequence[Mapping[str, Any]], suite: Any,
         others = sorted({str(r["suite"]) for r in records} - {str(r["suite"]) for r in mine})
         if not mine:
             raise PetlbenchError(
-                f"none of the {len(records)} records is of suite {the_suite.name!r} (they are of suite "
+                f"none of the {len(records)} record(s) is of suite {the_suite.name!r} (they are of suite "
                 f"{', '.join(others)}). Fix: pass --suite {others[0]} or point --results elsewhere."
             )
         if others:
@@ -224,7 +237,7 @@ def resolve_suite(records: Sequence[Mapping[str, Any]], suite: Any,
         for r in records:
             by_suite[resolved[str(r["suite"])].name].append(r)
         if len(by_suite) > 1:
-            counts = ", ".join(f"{n} ({len(v)} records)" for n, v in sorted(by_suite.items()))
+            counts = ", ".join(f"{n} ({len(v)} record{'' if len(v) == 1 else 's'})" for n, v in sorted(by_suite.items()))
             raise PetlbenchError(
                 f"the records mix suites {counts}. Fix: pass --suite NAME to report one of them."
             )
@@ -247,51 +260,156 @@ def resolve_suite(records: Sequence[Mapping[str, Any]], suite: Any,
 # ---------------------------------------------------------------------------- rows
 
 
-def _config_view(record: Mapping[str, Any]) -> dict[str, Any]:
-    """What distinguishes two configurations of one method (hyperparameters, backbone, weights)."""
-    view: dict[str, Any] = {}
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def method_code_of(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The identity part of the record's method code (distribution and version), None when not recorded."""
+    code = _dig(record, "config", "method_code") or _dig(record, "identity", "method_code")
+    if not isinstance(code, Mapping) or not code:
+        return None
+    keys = ("distribution", "version") if code.get("distribution") else ("module", "source_sha256")
+    return {k: code.get(k) for k in keys}
+
+
+def code_text(code: Mapping[str, Any] | None) -> str:
+    if not code:
+        return "code version not recorded"
+    if code.get("distribution"):
+        return f"{code['distribution']} {code.get('version')}"
+    return f"{code.get('module')} source {str(code.get('source_sha256'))[:8]}"
+
+
+def backbone_of(record: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(key, architecture with its arguments, weights) of the backbone a record ran on."""
+    arch = str(_dig(record, "config", "backbone") or "unknown backbone")
+    kwargs = _dig(record, "config", "backbone_kwargs")
+    kwargs = dict(kwargs) if isinstance(kwargs, Mapping) else {}
+    if kwargs:
+        arch_text = arch + " (" + ", ".join(f"{k}={_fmt_value(v)}" for k, v in sorted(kwargs.items())) + ")"
+    else:
+        arch_text = arch
+    sha = _dig(record, "provenance", "weights_sha256")
+    src = _dig(record, "provenance", "weights_source") or _dig(record, "config", "pretrained")
+    if sha or src:
+        weights = f"weights {_short_weights(src) if src else 'unnamed'}"
+        weights += f", SHA-256 {str(sha)[:12]}…" if sha else ", SHA-256 not recorded"
+    else:
+        weights = "random initialisation (no pre-trained weights)"
+    key = _canon([arch, kwargs, str(sha) if sha else (str(src) if src else None)])
+    return key, arch_text, weights
+
+
+def _data_key(record: Mapping[str, Any]) -> str | None:
+    fp = _dig(record, "provenance", "data_fingerprint")
+    if not isinstance(fp, Mapping) or not fp:
+        return None
+    return hashlib.sha256(_canon({str(k): str(v) for k, v in fp.items()}).encode()).hexdigest()[:8]
+
+
+def _config_view(record: Mapping[str, Any]) -> dict[str, str]:
+    """The resolved configuration of one run, key by key (method hyperparameters, training settings
+    and the data it saw), in the form runs of one cell must agree on."""
+    view: dict[str, str] = {}
     hparams = _dig(record, "config", "method_hparams")
     if isinstance(hparams, Mapping):
-        view.update({str(k): repr(v) for k, v in hparams.items()})
-    backbone = _dig(record, "config", "backbone")
-    if backbone:
-        view["backbone"] = str(backbone)
-    sha = _dig(record, "provenance", "weights_sha256")
-    if sha:
-        view["weights"] = str(sha)[:12]
+        view.update({f"hp:{k}": _canon(v) for k, v in hparams.items()})
+    train = _dig(record, "config", "train")
+    if isinstance(train, Mapping):
+        skip = set(EXECUTION_KEYS) | (set(TUNED_KEYS) if record.get("protocol") == "tune" else set())
+        view.update({f"train:{k}": _canon(v) for k, v in train.items() if k not in skip})
+    data = _data_key(record)
+    if data is not None:
+        view["data"] = data
     return view
+
+
+def _view_text(key: str, value: str | None) -> str:
+    if key == "data":
+        return f"data {value}" if value else "data not fingerprinted"
+    name = key.split(":", 1)[1]
+    if value is None:
+        return f"{name} unset"
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return f"{name}={value}"
+    return f"{name} unset" if parsed is None else f"{name}={_fmt_value(parsed)}"
 
 
 @dataclass(frozen=True)
 class _RowKey:
     method: str
     protocol: str
+    backbone: str
+    code: str
     variant: tuple
     label: str
+    display: str
 
 
-def _assign_rows(records: list[dict[str, Any]]) -> tuple[dict[int, str], dict[str, _RowKey]]:
-    """Row id of every record, and what each row id stands for.
+def display_name(record: Mapping[str, Any], names: str = "display") -> str:
+    """How tables name a record's method: the registered class's ``display_name``, else the one
+    recorded with the run, else the registry name (always the registry name with ``names="registry"``)."""
+    method = str(record["method"])
+    if names == "registry":
+        return method
+    try:
+        from petlbench.registry import get_method
 
-    Records of one method are split into several rows only when they would otherwise be averaged
-    together although they differ: another protocol, or another value of a hyperparameter (or
-    backbone, or weights) among the runs of one task.
+        shown = get_method(method).display_name
+        if shown:
+            return shown
+    except Exception:  # a plugin that is not installed here (or fails to import): use what the record says
+        pass
+    recorded = _dig(record, "provenance", "method_code", "display_name")
+    return str(recorded) if recorded else method
+
+
+def _assign_rows(records: list[dict[str, Any]], names: str = "display"
+                 ) -> tuple[dict[int, str], dict[str, _RowKey], list[str]]:
+    """Row id of every record, what each row id stands for, and notes about split rows.
+
+    A row is one configuration: runs are grouped by method, protocol, backbone and weights, and
+    method code version, and then split further wherever runs of one task differ in any resolved
+    hyperparameter, training setting or data fingerprint (a 2-epoch smoke run among 100-epoch runs
+    becomes a row of its own; it never stands in for a seed). Values that differ only between
+    tasks (per-task presets) keep one row.
     """
     ok = [r for r in records if r["status"] == "ok"]
     views = {id(r): _config_view(r) for r in records}
-    split_keys: dict[str, set[str]] = defaultdict(set)
+    displays: dict[str, str] = {}
+    for r in records:
+        displays.setdefault(r["method"], display_name(r, names))
+
+    def base(r: Mapping[str, Any]) -> tuple[str, str, str, str]:
+        return (r["method"], str(r.get("protocol") or "?"), backbone_of(r)[0], _canon(method_code_of(r)))
+
+    split_keys: dict[tuple, set[str]] = defaultdict(set)
     cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in ok:
-        cells[(r["method"], r.get("protocol"), r["task"])].append(r)
-    for (method, _p, _t), rs in cells.items():
-        keys = set().union(*(views[id(r)] for r in rs))
-        for k in keys:
+        cells[(base(r), r["task"])].append(r)
+    for (b, _task), rs in cells.items():
+        for k in set().union(*(views[id(r)] for r in rs)):
             if len({views[id(r)].get(k) for r in rs}) > 1:
-                split_keys[method].add(k)
+                split_keys[b].add(k)
+
+    # A failed run that recorded its configuration (the engine's records do; a launcher's crash
+    # record does not) and matches no ok run of its cell is its own row too: a failed smoke run
+    # must not be counted as a failed seed of the real runs.
+    for r in records:
+        if r["status"] == "ok" or not _dig(r, "config", "train"):
+            continue
+        rs = cells.get((base(r), r["task"]), [])
+        mine = views[id(r)]  # compared on what it recorded: a failed run has no data fingerprint yet
+        diffs = [{k for k in mine if mine[k] != views[id(o)].get(k)} for o in rs]
+        if diffs and all(diffs):
+            split_keys[base(r)] |= diffs[0]
 
     def key_of(r: Mapping[str, Any]) -> tuple:
-        keys = sorted(split_keys.get(r["method"], ()))
-        return (r["method"], str(r.get("protocol") or "?"), tuple((k, views[id(r)].get(k)) for k in keys))
+        b = base(r)
+        return (*b, tuple((k, views[id(r)].get(k)) for k in sorted(split_keys.get(b, ()))))
 
     key_of_record: dict[int, tuple] = {}
     known: dict[tuple, None] = {}
@@ -302,36 +420,158 @@ def _assign_rows(records: list[dict[str, Any]]) -> tuple[dict[int, str], dict[st
         if r["status"] == "ok":
             continue
         key = key_of(r)
-        if key not in known:  # a failed run whose configuration no ok run shares
-            same = [k for k in known if k[0] == key[0] and k[1] == key[1]]
+        if key not in known and not _dig(r, "config", "train"):  # a crash record without its configuration
+            same = [k for k in known if k[:4] == key[:4]] or [k for k in known if k[:2] == key[:2]]
             key = same[0] if same else key
         key_of_record[id(r)] = key
         known[key] = None
 
     protocols: dict[str, set[str]] = defaultdict(set)
-    for method, protocol, _v in known:
+    codes: dict[tuple, set[str]] = defaultdict(set)
+    blocks = {k[2] for k in known}
+    for method, protocol, bkey, code, _v in known:
         if protocol != LEGACY:
             protocols[method].add(protocol)
-    ordered = sorted(known, key=lambda k: (_method_sort_key(k[0]), k[1] == LEGACY, k[1], repr(k[2])))
+        codes[(method, bkey)].add(code)
+    arch_of = _block_names(records)
+    ordered = sorted(known, key=lambda k: (_method_sort_key(k[0]), k[1] == LEGACY, k[1], k[2], k[3], repr(k[4])))
     meta: dict[str, _RowKey] = {}
     rid_of: dict[tuple, str] = {}
     for i, key in enumerate(ordered):
-        method, protocol, var = key
-        label = method
-        if var:
-            label += " (" + ", ".join(f"{k}={_strip_repr(v)}" for k, v in var) + ")"
+        method, protocol, bkey, code, var = key
+        parts = [_view_text(k, v) for k, v in var]
+        if len(codes[(method, bkey)]) > 1:
+            parts.append(code_text(json.loads(code)))
+        if len(blocks) > 1:
+            parts.append(arch_of.get(bkey, "?"))
+        label = displays[method] + (" (" + ", ".join(parts) + ")" if parts else "")
         if protocol != LEGACY and len(protocols[method]) > 1:
             label += f" [{protocol}]"
         if protocol == LEGACY:
             label += DAGGER
         rid_of[key] = f"r{i:04d}"
-        meta[rid_of[key]] = _RowKey(method, protocol, var, label)
-    return {i: rid_of[k] for i, k in key_of_record.items()}, meta
+        meta[rid_of[key]] = _RowKey(method, protocol, bkey, code, var, label, displays[method])
+    seen: dict[str, int] = defaultdict(int)
+    for rid, m in meta.items():  # labels name rows in notes and plots: they must be unique
+        seen[m.label] += 1
+        if seen[m.label] > 1:
+            meta[rid] = _RowKey(m.method, m.protocol, m.backbone, m.code, m.variant, f"{m.label} #{seen[m.label]}",
+                                m.display)
+    notes = []
+    for b, keys in sorted(split_keys.items()):
+        rows = [m.label for m in meta.values() if (m.method, m.protocol, m.backbone, m.code) == b]
+        shown = ", ".join(sorted(_view_text(k, None).split("=")[0].replace(" unset", "") for k in keys))
+        notes.append(f"{displays[b[0]]}: runs of one task differ in {shown}; they are shown as separate rows "
+                     f"({_join(rows)}), never averaged together. Select one with --where.")
+    return {i: rid_of[k] for i, k in key_of_record.items()}, meta, notes
+
+
+def _block_names(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """A short name per backbone block for row labels: the architecture (with its arguments), plus
+    the weights (file or tag, and SHA-256 prefix) where two blocks share an architecture."""
+    arch: dict[str, str] = {}
+    tag: dict[str, str] = {}
+    for r in records:
+        key, a, _w = backbone_of(r)
+        arch[key] = a
+        sha = _dig(r, "provenance", "weights_sha256")
+        src = _dig(r, "provenance", "weights_source") or _dig(r, "config", "pretrained")
+        if sha or src:
+            tag[key] = " ".join(x for x in (_short_weights(src) if src else "", str(sha)[:8] if sha else "") if x)
+        else:
+            tag[key] = "random init"
+    counts: dict[str, int] = defaultdict(int)
+    for a in arch.values():
+        counts[a] += 1
+    return {key: (f"{a}, {tag[key]}" if counts[a] > 1 else a) for key, a in arch.items()}
 
 
 def _strip_repr(value: Any) -> str:
     text = "–" if value is None else str(value)
     return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == "'" else text
+
+
+# ---------------------------------------------------------------------------- --where
+
+
+def _lookup(record: Mapping[str, Any], key: str) -> tuple[bool, Any]:
+    """The value ``key`` names in a record: a dotted path, a top-level field, a method
+    hyperparameter, a training setting, a config field or a provenance field (in that order)."""
+    if "." in key:
+        node: Any = record
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return False, None
+            node = node[part]
+        return True, node
+    for where in ((), ("config", "method_hparams"), ("config", "train"), ("config",), ("provenance",),
+                  ("efficiency",), ("metrics",)):
+        node = _dig(record, *where) if where else record
+        if isinstance(node, Mapping) and key in node:
+            return True, node[key]
+    return False, None
+
+
+def _matches(value: Any, wanted: str) -> bool:
+    import yaml
+
+    if isinstance(value, str):
+        return value == wanted
+    try:
+        parsed = float(wanted) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else yaml.safe_load(wanted)
+    except ValueError:
+        return False
+    except yaml.YAMLError:
+        return str(value) == wanted
+    if isinstance(value, bool) or isinstance(parsed, bool):
+        return value is parsed or str(value).lower() == wanted.lower()
+    if isinstance(value, (int, float)) and isinstance(parsed, (int, float)):
+        return math.isclose(float(value), float(parsed), rel_tol=1e-9, abs_tol=1e-12)
+    if value is None:
+        return wanted.lower() in ("none", "null", "")
+    return value == parsed or str(value) == wanted
+
+
+def filter_where(records: Sequence[dict[str, Any]], where: Sequence[str]) -> list[dict[str, Any]]:
+    """Keep the records that satisfy every ``key=value`` (or ``key!=value``) of ``where``.
+
+    ``value`` may list alternatives, comma-separated (``method=lora,arc``); numbers compare as
+    numbers (``lr=1e-3`` matches 0.001). Raises PetlbenchError for a key no record has, or when
+    nothing is left (naming the values that are there).
+    """
+    out = list(records)
+    for clause in where:
+        key, op, wanted = clause.partition("!=") if "!=" in clause else clause.partition("=")
+        key = key.strip()
+        if not op or not key:
+            raise PetlbenchError(f"--where {clause!r} is not key=value. Fix: e.g. --where epochs=100 "
+                                 "or --where method!=linear")
+        alternatives = [w.strip() for w in wanted.split(",")] if wanted.strip() else [""]
+        found = [(r, *_lookup(r, key)) for r in out]
+        if not any(has for _r, has, _v in found):
+            raise PetlbenchError(
+                f"--where {clause!r}: no record has a field {key!r}. Fix: use a record field (method, task, seed, "
+                "protocol), a method hyperparameter or training setting (rank, epochs, lr), or a dotted path "
+                "(config.train.epochs, provenance.method_code.version)."
+            )
+        keep = []
+        for r, has, value in found:
+            hit = has and any(_matches(value, w) for w in alternatives)
+            if hit != (op == "!="):
+                keep.append(r)
+        if not keep:
+            values = sorted({_fmt_value(v) for _r, has, v in found if has})
+            raise PetlbenchError(f"--where {clause!r} leaves no record ({key} is {', '.join(values[:10])} in the "
+                                 "records). Fix: pick one of these values.")
+        out = keep
+    return out
+
+
+def _parse_names(names: str) -> str:
+    if names not in ("display", "registry"):
+        raise PetlbenchError(f"--names {names!r} is not one of display, registry.")
+    return names
 
 
 def _frame(records: list[dict[str, Any]], row_of: Mapping[int, str]) -> pd.DataFrame:
@@ -351,11 +591,25 @@ def _frame(records: list[dict[str, Any]], row_of: Mapping[int, str]) -> pd.DataF
             "images_per_s": _num(_dig(r, "efficiency", "train_images_per_s")),
             "peak_mem": _num(_dig(r, "efficiency", "peak_gpu_mem_allocated")),
             "latency_ratio": _num(_dig(r, "efficiency", "latency_ratio")),
+            "concurrency": _concurrency_text(_dig(r, "efficiency", "concurrency")),
             "end_time": str(_dig(r, "provenance", "end_time") or ""),
             "source": record_source(r),
             "idx": len(rows),
         })
     return pd.DataFrame(rows)
+
+
+def _concurrency_text(conc: Any) -> str:
+    """"1 run at a time, 4 threads": under which load a run's train time was measured."""
+    if not isinstance(conc, Mapping):
+        return "concurrency not recorded"
+    n = conc.get("parallel_runs")
+    threads = conc.get("torch_threads")
+    text = "concurrency not recorded" if not isinstance(n, int) else \
+        ("1 run at a time" if n == 1 else f"{n} runs in parallel")
+    if isinstance(threads, int):
+        text += f", {threads} thread{'' if threads == 1 else 's'}"
+    return text
 
 
 def _series_mean(s: pd.Series) -> float | None:
@@ -368,16 +622,24 @@ def _series_mean(s: pd.Series) -> float | None:
 
 def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, reference: str | None = None,
                  delta: bool = False, skipped: int = 0,
-                 on_warning: Callable[[str], None] | None = None) -> Report:
+                 on_warning: Callable[[str], None] | None = None, *, where: Sequence[str] = (),
+                 methods: Sequence[str] | None = None, order: str = "given", names: str = "display") -> Report:
     """Aggregate ``records`` (dicts in the run-record schema) into a :class:`Report`.
 
     ``suite``: a suite name/path/object; default: the suite the records name (they must agree).
     ``reference``: a reference set name (``paper``) or CSV path, added as "(published)" rows.
     ``delta``: also compute reproduced - published rows (implies ``reference="paper"`` when unset).
     ``skipped``: files the caller already skipped (counted in a footnote).
+    ``where``: ``key=value`` filters (:func:`filter_where`); ``methods``: report only these
+    methods, in this order; ``order``: rows ``given`` (that order, else the papers'), by ``params``
+    (fewest first) or by ``mean`` (best first); ``names``: ``display`` names ("LoRA",
+    "Flowers102") or the ``registry`` names.
     """
     on_warning = on_warning or warn
     warnings_seen: list[str] = []
+    if order not in ORDERS:
+        raise PetlbenchError(f"--order {order!r} is not one of {', '.join(ORDERS)}.")
+    names = _parse_names(names)
 
     def say(message: str) -> None:
         warnings_seen.append(message)
@@ -393,11 +655,23 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
         usable.append(dict(r))
     if not usable:
         raise PetlbenchError("no usable run records to report. Fix: run `petlbench run` first.")
+    if methods:
+        wanted = list(dict.fromkeys(methods))
+        present = {r["method"] for r in usable}
+        missing = [m for m in wanted if m not in present]
+        if missing:
+            raise PetlbenchError(f"--method {','.join(missing)}: no record of {'this method' if len(missing) == 1 else 'these methods'} "
+                                 f"(the records have {', '.join(sorted(present))}). Fix: pass methods that ran.")
+        usable = [r for r in usable if r["method"] in wanted]
     the_suite, recs = resolve_suite(usable, suite, say)
+    if where:  # after the suite: task names are canonical (an alias on disk matches --where task=cifar)
+        recs = filter_where(recs, where)
     if delta and reference is None:
         reference = "paper"
 
-    row_of, meta = _assign_rows(recs)
+    row_of, meta, split_notes = _assign_rows(recs, names)
+    for text in split_notes:
+        say(text)
     labels = {rid: m.label for rid, m in meta.items()}
     df = _frame(recs, row_of)
     ok = df[df.status == "ok"].sort_values(["end_time", "idx"])
@@ -405,9 +679,9 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
     notes: list[Note] = []
     if dup.any():
         for _, d in ok[dup].iterrows():
-            say(f"duplicate run of {labels[d.row]} on {d.task} seed {d.seed}: using the newest record, "
-                f"not {d.source}")
-        notes.append(Note(f"{int(dup.sum())} duplicate run(s) (same row, task and seed) were left out; "
+            say(f"duplicate run of {labels[d.row]} on {d.task} seed {d.seed} (same configuration): using the newest "
+                f"record, not {d.source}")
+        notes.append(Note(f"{int(dup.sum())} duplicate run(s) (same configuration, task and seed) were left out; "
                           "the newest record of each was used."))
         ok = ok[~dup]
     failed = df[df.status == "failed"]
@@ -421,13 +695,14 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
         for pm in published_methods:
             shown_tasks |= set(pm.accuracy)
     multi = len(the_suite.groups) > 1
+    task_label = {t.name: (t.name if names == "registry" else getattr(t, "label", t.name)) for t in the_suite.tasks}
     columns: list[Column] = []
     groups: dict[str, list[str]] = {}
     for group, tasks in the_suite.groups.items():
         shown = [t for t in tasks if t in shown_tasks]
         if shown:
             groups[group] = shown
-            columns += [Column(t, t, "task", group) for t in shown]
+            columns += [Column(t, task_label.get(t, t), "task", group) for t in shown]
     if multi:
         columns += [Column(f"group:{g}", g, "group") for g in groups]
         columns.append(Column("mean:groups", "Mean of groups", "mean"))
@@ -438,10 +713,11 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
     # ------------------------------------------------------------------ reproduced rows
     stats = ok.groupby(["row", "task"])["top1"].agg(["mean", "std", "count", list])
     fails = failed.groupby(["row", "task"]).size()
+    block_text = {backbone_of(r)[0]: "; ".join(backbone_of(r)[1:]) for r in recs}
     rows: list[Row] = []
     for key, m in meta.items():
         row = Row(key=m.label, label=m.label, method=m.method, kind="reproduced", protocol=m.protocol,
-                  legacy=m.protocol == LEGACY)
+                  legacy=m.protocol == LEGACY, display=m.display, block=block_text.get(m.backbone, ""))
         for task in the_suite.task_names:
             st = Stat(failed=int(fails.get((key, task), 0)))
             if (key, task) in stats.index:
@@ -458,23 +734,28 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
         _add_means(row, the_suite, multi)
         mine = ok[ok.row == key]
         per_task = mine.groupby("task")[["trainable", "trainable_no_head"]].mean()
+        row.params_by_task = {str(t): float(v) / 1e6 for t, v in per_task["trainable"].dropna().items()}
         tr = _series_mean(per_task["trainable"])
         nh = _series_mean(per_task["trainable_no_head"])
         row.params_m = None if tr is None else tr / 1e6
         row.params_no_head_m = None if nh is None else nh / 1e6
         row.efficiency = _efficiency(mine, row)
         rows.append(row)
+    given = [*(methods or ()), *METHOD_ORDER]
+    rows = _order_rows(rows, order, headline, given)
 
     # ------------------------------------------------------------------ published rows and deltas
     published: list[Row] = []
     for pm in published_methods:
         label = f"{pm.name} (published{', unverified' if pm.unverified else ''})"
         row = Row(key=f"published:{pm.name}", label=label, method=pm.ours or pm.name, kind="published",
-                  params_m=pm.params_m, published=pm)
+                  params_m=pm.params_m, published=pm, display=pm.name)
         for task, acc in pm.accuracy.items():
             row.values[task] = Stat(mean=acc, n=1, values=(acc,))
         _add_means(row, the_suite, multi)
         published.append(row)
+    if order != "given":
+        published = _order_rows(published, order, headline, given)
     deltas: list[Row] = []
     if delta:
         by_ours = {r.published.ours: r for r in published if r.published.ours}
@@ -482,8 +763,11 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
             ref = by_ours.get(row.method)
             if ref is None:
                 continue
-            d = Row(key=f"delta:{row.key}", label=f"{row.label} − {ref.published.name}", method=row.method,
-                    kind="delta", protocol=row.protocol, legacy=row.legacy, compared_to=ref.label)
+            name = ref.published.name
+            label = f"Δ {row.label}" if name == row.label else f"{row.label} − {name}"
+            d = Row(key=f"delta:{row.key}", label=label, method=row.method,
+                    kind="delta", protocol=row.protocol, legacy=row.legacy, compared_to=ref.label,
+                    display=row.display, block=row.block)
             for col in columns:
                 a, b = row.value(col.key), ref.value(col.key)
                 if a.present and b.present:
@@ -493,19 +777,89 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
             say("--delta: no reproduced method matches a published one "
                 f"({', '.join(sorted(by_ours)) or 'none mapped'}); no delta rows")
 
-    _rank(columns, [*published, *rows])
+    blocks = list(dict.fromkeys(r.block for r in rows))
+    # Rows on different backbones or weights are never ranked against each other; published rows
+    # (ViT-B/16, ImageNet-21k) are ranked with the ViT-B/16 block when there is one.
+    reference_block = next((b for b in blocks if b.startswith(PAPER_ARCH)), None)
+    for b in blocks:
+        _rank(columns, [*(published if b == reference_block else []), *[r for r in rows if r.block == b]])
+    if reference_block is None and published:
+        _rank(columns, published)
 
     report = Report(suite=the_suite.name, suite_title=the_suite.title or the_suite.name, columns=columns,
                     groups=groups, rows=rows, published=published, deltas=deltas, warnings=warnings_seen,
                     n_ok=len(ok), n_failed=len(failed), n_skipped=skipped, reference=ref_label,
-                    headline_key=headline)
+                    headline_key=headline, blocks=blocks)
     kept = set(ok.idx) | set(failed.idx)  # duplicates left out above do not count for the notes either
     recs = [r for i, r in enumerate(recs) if i in kept]
     by_row = {id(r): labels[row_of[id(r)]] for r in recs}
+    report.runs = [_run_view(r, by_row[id(r)], meta[row_of[id(r)]].display, task_label) for r in recs]
     notes = _notes(report, the_suite, recs, by_row, failed, labels, multi) + notes
+    notes += [Note(text) for text in split_notes]
+    if len(blocks) > 1:
+        notes.append(Note(f"Rows on different backbones or weights ({len(blocks)} blocks) are ranked only within "
+                          "their block" + (", published rows with the ViT-B/16 block" if published else "") + "."))
     report.notes = notes + _published_notes(report, delta)
     report.efficiency_notes = _efficiency_notes(report, recs)
     return report
+
+
+PAPER_ARCH = "vit_base_patch16_224"
+
+
+def _order_rows(rows: list[Row], order: str, headline: str, given: Sequence[str]) -> list[Row]:
+    """Rows grouped by backbone block (largest first), then ``order`` within each block."""
+    def method_rank(r: Row) -> tuple[int, str]:
+        return (given.index(r.method), "") if r.method in given else (len(given), r.method.lower())
+
+    sizes: dict[str, int] = defaultdict(int)
+    for r in rows:
+        sizes[r.block] += sum(st.n for st in r.values.values())
+    block_rank = {b: i for i, b in enumerate(sorted(sizes, key=lambda b: (-sizes[b], b)))}
+    position = {id(r): i for i, r in enumerate(rows)}
+
+    # "mean": the headline mean; when some row lacks it, the mean over the tasks every row has.
+    score: dict[int, float | None] = {id(r): r.value(headline).mean for r in rows}
+    if order == "mean" and any(v is None for v in score.values()):
+        tasks = set.intersection(*({k for k, st in r.values.items() if st.present and ":" not in k} for r in rows)) \
+            if rows else set()
+        score = {id(r): (sum(r.value(t).mean for t in tasks) / len(tasks) if tasks else None)  # type: ignore[misc]
+                 for r in rows}
+
+    def key(r: Row) -> tuple:
+        base: tuple = (block_rank.get(r.block, 0), r.legacy)  # rows selected on test: always last in a block
+        if order == "params":
+            base += (r.params_m is None, r.params_m or 0.0)
+        elif order == "mean":
+            m = score[id(r)]
+            base += (m is None, -(m or 0.0))
+        return (*base, method_rank(r), position[id(r)])
+
+    return sorted(rows, key=key)
+
+
+def _run_view(r: Mapping[str, Any], row: str, display: str, task_label: Mapping[str, str]) -> dict[str, Any]:
+    """One run as a flat dict, for the long CSV (``--format csv --long``)."""
+    code = method_code_of(r) or {}
+    conc = _dig(r, "efficiency", "concurrency") or {}
+    bkey, arch, weights = backbone_of(r)
+    return {
+        "row": row, "suite": r["suite"], "task": r["task"], "task_display": task_label.get(r["task"], r["task"]),
+        "method": r["method"], "method_display": display, "seed": r.get("seed"), "status": r["status"],
+        "protocol": r.get("protocol"), "top1": _num(_dig(r, "metrics", "top1")),
+        "top1_final": _num(_dig(r, "metrics", "top1_final")), "selected_epoch": _dig(r, "metrics", "selected_epoch"),
+        "trainable": _dig(r, "params", "trainable"), "trainable_without_head": _dig(r, "params", "trainable_without_head"),
+        "extra_after_merge": _dig(r, "params", "extra_after_merge"),
+        "train_time_s": _num(_dig(r, "efficiency", "train_time_s")),
+        "parallel_runs": conc.get("parallel_runs") if isinstance(conc, Mapping) else None,
+        "latency_ratio": _num(_dig(r, "efficiency", "latency_ratio")),
+        "backbone": arch, "weights": weights, "method_code": code_text(code) if code else "",
+        "method_hparams": _canon(_dig(r, "config", "method_hparams") or {}),
+        "train": _canon(_dig(r, "config", "train") or {}), "data": _data_key(r) or "",
+        "device": _dig(r, "provenance", "device"), "end_time": _dig(r, "provenance", "end_time"),
+        "error": (_dig(r, "error", "type") or "") if r["status"] != "ok" else "",
+        "run_id": r.get("run_id"), "source": record_source(r),
+    }
 
 
 def _published(reference: str, suite: Any, say: Callable[[str], None]) -> tuple[list[Any], str]:
@@ -551,8 +905,16 @@ def _efficiency(mine: pd.DataFrame, row: Row) -> Efficiency:
         images_per_s=_series_mean(mine["images_per_s"]),
         peak_mem_bytes=float(peak.max()) if len(peak) else None,
         latency_ratio=_series_mean(mine["latency_ratio"]),
+        train_time_std=_series_std(mine["train_time_s"]),
+        latency_ratio_std=_series_std(mine["latency_ratio"]),
+        concurrency=tuple(sorted(set(mine["concurrency"]))) if len(mine) else (),
         runs=len(mine),
     )
+
+
+def _series_std(s: pd.Series) -> float | None:
+    s = s.dropna()
+    return float(s.std()) if len(s) > 1 else None
 
 
 def _rank(columns: Sequence[Column], rows: Sequence[Row]) -> None:
@@ -759,10 +1121,26 @@ def _efficiency_notes(report: Report, recs: list[dict[str, Any]]) -> list[Note]:
         Note("Params: trainable parameters (M) averaged over tasks, with and without the classification head; "
              "extra after merge: parameters the deployed model has beyond the backbone once mergeable modules are "
              "folded in; storage: bytes of trainable state saved per task."),
-        Note("Train time: wall-clock seconds of training per run; images/s: training throughput; peak memory: "
-             "largest peak GPU memory allocated (– on CPU); latency: inference latency of the deployed model "
-             "relative to the plain backbone (– when not measured). All averaged over the row's runs."),
+        Note("Train time: wall-clock training time per run; images/s: training throughput; peak memory: "
+             "largest peak GPU memory allocated (– on CPU); latency: batch-1 inference latency of the deployed model "
+             "relative to the plain backbone, timed with each run (– when not measured). Averaged over the row's "
+             "runs; ± is the sample standard deviation over those runs (tasks and seeds), so a difference between "
+             "rows smaller than it is noise."),
     ]
+    conc: dict[str, list[str]] = defaultdict(list)
+    for row in report.rows:
+        if row.efficiency is not None:
+            for text in row.efficiency.concurrency:
+                conc[text].append(row.label)
+    if set(conc) == {"concurrency not recorded"}:
+        notes.append(Note("Under which concurrency (runs sharing the machine) the train times were measured was "
+                          "not recorded for these runs."))
+    elif len(conc) == 1:
+        notes.append(Note(f"Train times were measured with {next(iter(conc))}."))
+    elif conc:
+        parts = "; ".join(f"{k} for {_rows_text(v)}" for k, v in sorted(conc.items()))
+        notes.append(Note(f"Train times were measured under DIFFERENT concurrency ({parts}); they are not "
+                          "comparable across these rows."))
     if len(devices) == 1:
         notes.append(Note(f"Device: {devices[0]}."))
     elif devices:

@@ -1,29 +1,64 @@
-"""Figures for the HTML report, drawn with matplotlib's Agg canvas and returned as PNG bytes.
+"""Figures for the HTML report and ``petlbench report --plots DIR`` (PNG, PDF and SVG).
 
-No pyplot: figures are built on :class:`matplotlib.figure.Figure` directly, so the reporter never
-touches a GUI backend or global figure state (it also runs on headless CI machines).
+Drawn with matplotlib's Agg canvas on :class:`matplotlib.figure.Figure` directly (no pyplot), so
+the reporter never touches a GUI backend or global figure state (it also runs on headless CI
+machines). Legends sit outside the axes, so they never cover a point or a bar.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from petlbench.report.aggregate import Report, Row
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
+#: File formats ``Plot.save`` writes, side by side.
+EXPORT_FORMATS = ("png", "pdf", "svg")
 
 
 @dataclass
 class Plot:
-    """One figure: title, caption (what is shown and what was left out) and PNG bytes."""
+    """One figure: title, caption (what is shown and what was left out), PNG bytes and the figure."""
 
     key: str
     title: str
     caption: str
     png: bytes
+    figure: Any = field(default=None, repr=False, compare=False)
+
+    def render(self, fmt: str) -> bytes:
+        """The figure as ``png``, ``pdf`` or ``svg`` bytes (no timestamps: same input, same bytes)."""
+        if fmt == "png" or self.figure is None:
+            return self.png
+        return _save(self.figure, fmt)
+
+    def save(self, folder: str | Path, stem: str | None = None) -> list[Path]:
+        """Write ``<stem>.png``, ``.pdf`` and ``.svg`` into ``folder``; returns the paths."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        out = []
+        for fmt in EXPORT_FORMATS:
+            path = folder / f"{stem or self.key}.{fmt}"
+            path.write_bytes(self.render(fmt))
+            out.append(path)
+        return out
+
+
+@dataclass
+class Summary:
+    """What the accuracy axis of the scatter plots shows, and over which tasks both axes average."""
+
+    accuracy: dict[str, float]  # row label -> accuracy
+    params: dict[str, float]  # row label -> trainable params (M) over the same tasks
+    tasks: list[str]  # task keys both axes average over
+    label: str  # y-axis label
+    note: str  # one sentence for the caption: which tasks, and what was left out
+    complete: bool  # every task of the suite
 
 
 def _mpl_text(text: str) -> str:
@@ -34,41 +69,79 @@ def _mpl_text(text: str) -> str:
 def _figure(width: float = 7.5, height: float = 4.2):  # -> Figure (matplotlib typed lazily)
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    return fig
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def _png(fig) -> bytes:
+_METADATA = {"png": {"Software": None}, "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
+             "svg": {"Creator": None, "Date": None}}
+
+
+def _save(fig, fmt: str) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    FigureCanvasAgg(fig)
+    if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
+    fig.savefig(buf, format=fmt, metadata=_METADATA[fmt])
     return buf.getvalue()
 
 
-def headline(report: Report) -> tuple[dict[str, float], str]:
-    """Per-row summary accuracy used on the plots' y axis, and the axis label.
+def _png(fig) -> bytes:
+    return _save(fig, "png")
 
-    The report's headline mean when rows have it; otherwise the mean over the tasks that every
-    plotted row has (so partial sweeps still get a plot, and rows are compared on equal tasks).
+
+def summary(report: Report) -> Summary:
+    """Per-row accuracy and parameters for the scatter plots, over the same tasks on both axes.
+
+    When every reproduced row has the report's headline mean, both axes cover all tasks (the
+    headline mean; parameters averaged over all tasks). Otherwise both average the tasks that every
+    plotted row has, and the note says which (and which rows or tasks were left out); when no task
+    is common to all rows the summary is empty and the note says so.
     """
-    rows = report.accuracy_rows
-    key = report.headline_key or "mean:tasks"
-    label = next((c.label for c in report.columns if c.key == key), "mean")
-    full = {r.label: r.value(key).mean for r in rows if r.value(key).present}
     tasks = [c.key for c in report.task_columns]
+    labels = {c.key: c.label for c in report.columns}
+    key = report.headline_key or "mean:tasks"
     reproduced = [r for r in report.rows if any(r.value(t).present for t in tasks)]
-    if all(r.label in full for r in reproduced) and full:
-        return full, f"top-1 (%), {label}"  # type: ignore[return-value]
+    complete = [r for r in report.accuracy_rows if r.value(key).present]
+    if reproduced and all(r.value(key).present for r in reproduced):
+        acc = {r.label: r.value(key).mean for r in complete}
+        params = {r.label: r.params_m for r in complete if r.params_m is not None}
+        label = labels.get(key, "mean")
+        return Summary(acc, params, tasks, f"top-1 (%), {label}",  # type: ignore[arg-type]
+                       f"Both axes cover all tasks (accuracy: {label}; parameters averaged over the same tasks).",
+                       True)
     common = [t for t in tasks if all(r.value(t).present for r in reproduced)]
     if not common:
-        return full, f"top-1 (%), {label}"  # type: ignore[return-value]
-    out = {}
-    for r in rows:
-        if all(r.value(t).present for t in common):
-            out[r.label] = sum(r.value(t).mean for t in common) / len(common)  # type: ignore[misc]
-    return out, f"top-1 (%), mean of {len(common)} common task(s)"
+        covered = "; ".join(f"{r.label}: {', '.join(labels[t] for t in tasks if r.value(t).present)}"
+                            for r in reproduced)
+        return Summary({}, {}, [], "top-1 (%)",
+                       f"No task is common to every reproduced row ({covered}), so rows cannot be compared on "
+                       "one accuracy axis.", False)
+    acc, params, left_out = {}, {}, []
+    for r in report.accuracy_rows:
+        if not all(r.value(t).present for t in common):
+            left_out.append(r.label)
+            continue
+        acc[r.label] = sum(r.value(t).mean for t in common) / len(common)  # type: ignore[misc]
+        if r.kind == "reproduced":
+            per_task = [r.params_by_task[t] for t in common if t in r.params_by_task]
+            if len(per_task) == len(common):
+                params[r.label] = sum(per_task) / len(per_task)
+        elif r.params_m is not None:
+            params[r.label] = r.params_m
+    names = ", ".join(labels[t] for t in common)
+    note = (f"The rows cover DIFFERENT tasks: both axes average only the {len(common)} task(s) every reproduced row "
+            f"has ({names}), not the suite's {len(tasks) if tasks else 0} shown")
+    note += f"; left out (missing one of them): {', '.join(left_out)}." if left_out else "."
+    if any(r.kind == "published" for r in report.accuracy_rows if r.label in acc):
+        note += " Published rows: parameters as printed."
+    return Summary(acc, params, common, f"top-1 (%), mean of {len(common)} common task(s)", note, False)
+
+
+def headline(report: Report) -> tuple[dict[str, float], str]:
+    """Per-row accuracy on the plots' y axis and the axis label (see :func:`summary`)."""
+    s = summary(report)
+    return s.accuracy, s.label
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -86,26 +159,39 @@ def _color(rows: Sequence[Row]) -> dict[str, str]:
     return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(methods)}
 
 
+def _legend_below(fig, ax, n: int) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=max(1, min(4, n)), fontsize=7, frameon=False)
+
+
 def accuracy_vs_params(report: Report) -> Plot | None:
-    acc, ylabel = headline(report)
+    s = summary(report)
     pts: list[tuple[float, float, Row]] = []
     left_out: list[str] = []
     for r in report.accuracy_rows:
-        if r.label not in acc:
+        if r.label not in s.accuracy:
             continue
-        if r.params_m is None or r.params_m <= 0:
+        x = s.params.get(r.label)
+        if x is None or x <= 0:
             left_out.append(r.label)
             continue
-        pts.append((r.params_m, acc[r.label], r))
+        pts.append((x, s.accuracy[r.label], r))
     if not pts:
+        if not s.accuracy and s.note and report.rows:
+            report.warnings.append(f"accuracy-vs-parameters plot left out: {s.note}")
         return None
     colors = _color(report.rows)
-    fig = _figure()
+    fig = _figure(7.5, 4.8)
     ax = fig.add_subplot()
-    front = pareto_front([(x, y) for x, y, _ in pts])
-    fx = [pts[i][0] for i in front]
-    fy = [pts[i][1] for i in front]
-    ax.step(fx, fy, where="post", color="#d62728", linewidth=1.5, alpha=0.6, zorder=1, label="Pareto front")
+    # Rows on another backbone are never ranked against the main block: the front covers the first
+    # block (and the published ViT-B/16 rows) only.
+    main = report.blocks[0] if report.blocks else None
+    ranked = [i for i, (_x, _y, r) in enumerate(pts) if r.kind == "published" or main is None or r.block == main]
+    sub = pareto_front([(pts[i][0], pts[i][1]) for i in ranked])
+    front = [ranked[i] for i in sub]
+    ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="#d62728", linewidth=1.5,
+            alpha=0.6, zorder=1, label="Pareto front")
     seen: set[str] = set()
     for i, (x, y, r) in enumerate(pts):
         on_front = i in front
@@ -122,26 +208,32 @@ def accuracy_vs_params(report: Report) -> Plot | None:
                     color="#555555" if r.kind == "published" else "#111111")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (M, incl. head; log scale)")
-    ax.set_ylabel(_mpl_text(ylabel))
+    ax.set_ylabel(_mpl_text(s.label))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    _legend_below(fig, ax, 2)
     caption = ("Filled markers: reproduced rows; hollow grey: published rows. The red line joins the Pareto "
-               "front (no other row has fewer parameters and higher accuracy); front markers have a red edge.")
+               "front (no other row has fewer parameters and higher accuracy); front markers have a red edge. "
+               + s.note)
+    if len(report.blocks) > 1:
+        caption += (f" Rows of {len(report.blocks)} backbones are shown; the Pareto front covers only the rows on "
+                    f"{main} (and the published rows), since rows on different backbones are not ranked together.")
     if left_out:
         caption += f" Not shown on the log axis (0 or unknown parameters): {', '.join(left_out)}."
-    return Plot("pareto", "Accuracy vs trainable parameters", caption, _png(fig))
+    return Plot("pareto", "Accuracy vs trainable parameters", caption, _png(fig), fig)
 
 
 def per_task_bars(report: Report) -> Plot | None:
     tasks = [c.key for c in report.task_columns]
+    labels = {c.key: c.label for c in report.task_columns}
     rows = [r for r in report.rows if any(r.value(t).present for t in tasks)]
     if not rows or not tasks:
         return None
     colors = _color(report.rows)
     width = max(7.5, min(18.0, 1.0 + 0.45 * len(tasks) * max(1, len(rows)) ** 0.5))
-    fig = _figure(width, 4.4)
+    fig = _figure(width, 4.8)
     ax = fig.add_subplot()
     bar_w = 0.8 / len(rows)
+    lows, highs = [], []
     for i, r in enumerate(rows):
         xs, ys, es = [], [], []
         for j, t in enumerate(tasks):
@@ -150,38 +242,50 @@ def per_task_bars(report: Report) -> Plot | None:
                 xs.append(j - 0.4 + bar_w * (i + 0.5))
                 ys.append(st.mean)
                 es.append(st.std or 0.0)
+                lows.append(st.mean - (st.std or 0.0))
+                highs.append(st.mean + (st.std or 0.0))
         ax.bar(xs, ys, width=bar_w, yerr=es, capsize=2, color=colors.get(r.label), label=_mpl_text(r.label),
                error_kw={"elinewidth": 0.8, "ecolor": "#222222"})
+    # A y range around the data (not 0-100), so differences of a point or two are visible.
+    lo, hi = min(lows), max(highs)
+    pad = max(1.0, 0.08 * (hi - lo))
+    bottom, top = max(0.0, lo - pad), min(100.0, hi + pad)
+    if top - bottom < 2.0:
+        bottom, top = max(0.0, bottom - 1.0), min(100.0, top + 1.0)
+    ax.set_ylim(bottom, top)
     ax.set_xticks(range(len(tasks)))
-    ax.set_xticklabels([_mpl_text(t) for t in tasks], rotation=45, ha="right", fontsize=8)
+    ax.set_xticklabels([_mpl_text(labels[t]) for t in tasks], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("top-1 (%)")
-    ax.set_ylim(0, 100)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncols=min(4, len(rows)), loc="upper right")
-    caption = "Mean top-1 per task over seeds; error bars: sample standard deviation over seeds (none for one seed)."
-    return Plot("tasks", "Per-task accuracy with seed spread", caption, _png(fig))
+    _legend_below(fig, ax, len(rows))
+    caption = ("Mean top-1 per task over seeds; error bars: sample standard deviation over seeds (none for one seed). "
+               f"The y axis spans {bottom:.0f}–{top:.0f}% to show the differences; bars do not start at 0.")
+    return Plot("tasks", "Per-task accuracy with seed spread", caption, _png(fig), fig)
 
 
 def cost_vs_accuracy(report: Report) -> Plot | None:
-    acc, ylabel = headline(report)
-    pts = [(r.efficiency.train_time_s, acc[r.label], r) for r in report.rows
-           if r.label in acc and r.efficiency is not None and r.efficiency.train_time_s]
+    s = summary(report)
+    pts = [(r.efficiency.train_time_s, s.accuracy[r.label], r) for r in report.rows
+           if r.label in s.accuracy and r.efficiency is not None and r.efficiency.train_time_s]
     if not pts:
         return None
     colors = _color(report.rows)
     fig = _figure()
     ax = fig.add_subplot()
     for x, y, r in pts:
-        ax.scatter([x], [y], s=50, color=colors.get(r.label))
+        err = r.efficiency.train_time_std if r.efficiency is not None else None
+        ax.errorbar([x], [y], xerr=None if err is None else [[err], [err]], fmt="o", color=colors.get(r.label),
+                    ecolor="#777777", elinewidth=0.8, capsize=2, markersize=6)
         ax.annotate(_mpl_text(r.label), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     xs = [p[0] for p in pts]
     if min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
     ax.set_xlabel("training time per run (s)")
-    ax.set_ylabel(_mpl_text(ylabel))
+    ax.set_ylabel(_mpl_text(s.label))
     ax.grid(True, alpha=0.3)
-    caption = "Mean wall-clock training time per run against accuracy (reproduced rows; device in the efficiency notes)."
-    return Plot("cost", "Training cost vs accuracy", caption, _png(fig))
+    caption = ("Mean wall-clock training time per run (± sample std over runs) against accuracy (reproduced rows; "
+               "device and concurrency in the efficiency notes). " + s.note)
+    return Plot("cost", "Training cost vs accuracy", caption, _png(fig), fig)
 
 
 def all_plots(report: Report) -> list[Plot]:
@@ -192,3 +296,11 @@ def all_plots(report: Report) -> list[Plot]:
         if plot is not None:
             out.append(plot)
     return out
+
+
+def save_plots(report: Report, folder: str | Path) -> list[Path]:
+    """Write every figure as PNG, PDF and SVG into ``folder`` (``<suite>_<key>.<ext>``)."""
+    paths: list[Path] = []
+    for plot in all_plots(report):
+        paths += plot.save(folder, f"{report.suite}_{plot.key}")
+    return paths

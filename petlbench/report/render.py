@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,16 +49,16 @@ def fmt_delta(value: float | None, digits: int = DIGITS) -> str:
 
 
 def fmt_params(value: float | None) -> str:
-    """Millions, as papers print them: 85.8, 0.29, and 3 significant digits below 0.01."""
+    """Millions with two decimals in every row (85.80, 0.29, 0.01); below 0.01 M in thousands
+    with a K (7.7K, 0.50K), so a tiny method never shows as 0.00."""
     if value is None:
         return MISSING
     if value == 0:
         return "0"
-    if value >= 10:
-        return f"{value:.1f}"
     if value >= 0.01:
         return f"{value:.2f}"
-    return f"{value:.{max(2, 2 - math.floor(math.log10(value)))}f}"
+    k = value * 1e3
+    return f"{k:.1f}K" if k >= 1 else f"{k:.2f}K"
 
 
 def fmt_bytes(value: float | None) -> str:
@@ -83,6 +82,16 @@ def fmt_seconds(value: float | None) -> str:
 
 def fmt_plain(value: float | None, digits: int = 1, suffix: str = "") -> str:
     return MISSING if value is None else f"{value:,.{digits}f}{suffix}"
+
+
+def fmt_seconds_std(value: float | None, std: float | None) -> str | None:
+    """The spread of a time in the unit its mean is printed in."""
+    if value is None or std is None:
+        return None
+    for size in (3600.0, 60.0):
+        if value >= size:
+            return f"{std / size:.1f}"
+    return f"{std:.2f}" if value < 10 else f"{std:.1f}"
 
 
 # ---------------------------------------------------------------------------- views
@@ -134,6 +143,12 @@ class TableView:
     spans: list[tuple[str, int, int]] = field(default_factory=list)  # (label, first column, count)
     notes: list[Note] = field(default_factory=list)
     wide: bool = False
+    #: A heading per section (the backbone block) or None; shown only when a table has several blocks.
+    section_titles: list[str | None] = field(default_factory=list)
+
+    def titled_sections(self) -> list[tuple[str | None, list[RowView]]]:
+        titles = self.section_titles + [None] * (len(self.sections) - len(self.section_titles))
+        return list(zip(titles, self.sections, strict=False))
 
     @property
     def rows(self) -> list[RowView]:
@@ -172,9 +187,9 @@ def _acc_cell(st: Stat, row: Row) -> CellView:
 def _lead_header(report: Report) -> list[HeaderCell]:
     return [
         HeaderCell("Method", "Method", numeric=False, align="l"),
-        HeaderCell("Params (M)", "Params (M)", align="r"),
-        HeaderCell("w/o head (M)", "Params w/o head (M)", align="r"),
-        HeaderCell("Seeds", "Seeds", align="c"),
+        HeaderCell("Params (M)", "Params (M)", align="r", rotate=True),
+        HeaderCell("w/o head (M)", "Params w/o head (M)", align="r", rotate=True),
+        HeaderCell("Seeds", "Seeds", align="c", rotate=True),
     ]
 
 
@@ -205,14 +220,29 @@ def _keys(report: Report) -> list[str]:
     return keys
 
 
+def _blocks(report: Report, rows: Sequence[Row]) -> list[tuple[str | None, list[Row]]]:
+    """Rows split into backbone blocks (one untitled section when all rows share a backbone)."""
+    if len(report.blocks) <= 1:
+        return [(None, list(rows))] if rows else []
+    out = []
+    for block in report.blocks:
+        mine = [r for r in rows if r.block == block]
+        if mine:
+            out.append((f"Backbone: {block}", mine))
+    return out
+
+
 def accuracy_view(report: Report) -> TableView:
     lead = _lead_header(report)
     values, spans = _value_header(report)
     keys = _keys(report)
     sections = []
-    for rows in (report.published, report.rows):
+    titles: list[str | None] = []
+    groups = ([("Published", report.published)] if report.published else []) + _blocks(report, report.rows)
+    for title, rows in groups:
         if not rows:
             continue
+        titles.append(title if len(report.blocks) > 1 else None)
         section = []
         for row in rows:
             lead_cells = [
@@ -225,10 +255,10 @@ def accuracy_view(report: Report) -> TableView:
         sections.append(section)
     caption = (f"Top-1 accuracy (%) on {report.suite_title}: mean and sample standard deviation over seeds "
                f"(Seeds = runs per cell). Params: trainable parameters in millions averaged over tasks, with "
-               f"and without the classification head.")
+               f"and without the classification head (K: thousands, below 0.01 M).")
     shifted = [(label, first + len(lead), count) for label, first, count in spans]
     return TableView("accuracy", f"{report.suite_title}: top-1 accuracy (%)", caption, lead + values, sections,
-                     shifted, list(report.notes), wide=len(values) > 8)
+                     shifted, list(report.notes), wide=len(values) > 8, section_titles=titles)
 
 
 def delta_view(report: Report) -> TableView | None:
@@ -236,16 +266,20 @@ def delta_view(report: Report) -> TableView | None:
         return None
     values, spans = _value_header(report)
     keys = _keys(report)
-    rows = []
-    for row in report.deltas:
-        cells = [CellView(fmt_delta(row.value(k).mean), sort=row.value(k).mean) for k in keys]
-        rows.append(RowView(row.label, cells, "delta", row.legacy))
+    sections, titles = [], []
+    for title, block in _blocks(report, report.deltas):
+        rows = []
+        for row in block:
+            cells = [CellView(fmt_delta(row.value(k).mean), sort=row.value(k).mean) for k in keys]
+            rows.append(RowView(row.label, cells, "delta", row.legacy))
+        sections.append(rows)
+        titles.append(title)
     caption = (f"Reproduced minus published top-1 (points) on {report.suite_title}, per task and for the means "
                f"(published numbers: reference set ‘{report.reference}’).")
     shifted = [(label, first + 1, count) for label, first, count in spans]
     return TableView("delta", f"{report.suite_title}: reproduced − published (points)", caption,
-                     [HeaderCell("Method", "Method", numeric=False, align="l"), *values], [rows], shifted,
-                     [], wide=len(values) > 8)
+                     [HeaderCell("Method", "Method", numeric=False, align="l"), *values], sections, shifted,
+                     [], wide=len(values) > 8, section_titles=titles)
 
 
 def efficiency_view(report: Report) -> TableView:
@@ -260,30 +294,47 @@ def efficiency_view(report: Report) -> TableView:
         HeaderCell("Peak memory", "Peak GPU memory", align="r"),
         HeaderCell("Latency (×)", "Inference latency vs backbone (×)", align="r"),
     ]
-    rows = []
-    for row in report.rows:
-        e = row.efficiency
-        if e is None or e.runs == 0:
-            cells = [CellView(MISSING) for _ in header[1:]]
-        else:
-            cells = [
-                CellView(fmt_params(e.trainable_m), sort=e.trainable_m),
-                CellView(fmt_params(e.trainable_no_head_m), sort=e.trainable_no_head_m),
-                CellView(fmt_params(e.extra_after_merge_m), sort=e.extra_after_merge_m),
-                CellView(fmt_bytes(e.storage_bytes), sort=e.storage_bytes),
-                CellView(fmt_seconds(e.train_time_s), sort=e.train_time_s),
-                CellView(fmt_plain(e.images_per_s, 0), sort=e.images_per_s),
-                CellView(fmt_bytes(e.peak_mem_bytes), sort=e.peak_mem_bytes),
-                CellView(fmt_plain(e.latency_ratio, 2, "×"), sort=e.latency_ratio),
-            ]
-        rows.append(RowView(row.label, cells, row.kind, row.legacy))
-    caption = f"Cost of each method on {report.suite_title} (reproduced rows)."
-    return TableView("efficiency", f"{report.suite_title}: efficiency", caption, header, [rows], [],
-                     list(report.efficiency_notes))
+    sections, titles = [], []
+    for title, block in _blocks(report, report.rows):
+        rows = []
+        for row in block:
+            e = row.efficiency
+            if e is None or e.runs == 0:
+                cells = [CellView(MISSING) for _ in header[1:]]
+            else:
+                cells = [
+                    CellView(fmt_params(e.trainable_m), sort=e.trainable_m),
+                    CellView(fmt_params(e.trainable_no_head_m), sort=e.trainable_no_head_m),
+                    CellView(fmt_params(e.extra_after_merge_m), sort=e.extra_after_merge_m),
+                    CellView(fmt_bytes(e.storage_bytes), sort=e.storage_bytes),
+                    CellView(fmt_seconds(e.train_time_s), fmt_seconds_std(e.train_time_s, e.train_time_std),
+                             sort=e.train_time_s),
+                    CellView(fmt_plain(e.images_per_s, 0), sort=e.images_per_s),
+                    CellView(fmt_bytes(e.peak_mem_bytes), sort=e.peak_mem_bytes),
+                    CellView(fmt_plain(e.latency_ratio, 2, "×"),
+                             None if e.latency_ratio_std is None else f"{e.latency_ratio_std:.2f}",
+                             sort=e.latency_ratio),
+                ]
+            rows.append(RowView(row.label, cells, row.kind, row.legacy))
+        sections.append(rows)
+        titles.append(title)
+    caption = (f"Cost of each method on {report.suite_title} (reproduced rows); ± is the sample standard deviation "
+               "over the row's runs.")
+    return TableView("efficiency", f"{report.suite_title}: efficiency", caption, header, sections or [[]], [],
+                     list(report.efficiency_notes), section_titles=titles)
 
 
-def table_views(report: Report, table: str = "all") -> list[TableView]:
-    """The tables selected by ``table`` (accuracy, efficiency or all), in display order."""
+def table_views(report: Report, table: str = "all", notes: bool = True) -> list[TableView]:
+    """The tables selected by ``table`` (accuracy, efficiency or all), in display order; without
+    ``notes`` the tables carry no footnotes (``--no-notes``, e.g. when the paper has its own)."""
+    views = _table_views(report, table)
+    if not notes:
+        for view in views:
+            view.notes = []
+    return views
+
+
+def _table_views(report: Report, table: str) -> list[TableView]:
     if table not in TABLES:
         raise PetlbenchError(f"--table {table!r} is not one of {', '.join(TABLES)}.")
     views: list[TableView] = []
@@ -326,8 +377,9 @@ def tex_escape(value: Any) -> str:
     return "".join(out)
 
 
-def latex_cell(cell: CellView) -> str:
-    """``\\textbf{75.0}\\textsubscript{$\\pm$2.2}``: bold best, underlined second, std as a subscript."""
+def latex_cell(cell: CellView, stacked: bool = False) -> str:
+    """``\\textbf{75.0}\\textsubscript{$\\pm$2.2}``: bold best, underlined second, std as a subscript;
+    ``stacked`` (``--wide``) puts the std in small type under the mean, which halves the column width."""
     if cell.missing:
         return "--"
     text = tex_escape(cell.text)
@@ -335,11 +387,17 @@ def latex_cell(cell: CellView) -> str:
         text = rf"\textbf{{{text}}}"
     elif cell.rank == 2:
         text = rf"\underline{{{text}}}"
-    if cell.std is not None:
-        text += rf"\textsubscript{{$\pm${tex_escape(cell.std)}}}"
-    if cell.n_note:
-        text += rf"\textsuperscript{{{tex_escape(cell.n_note)}}}"
-    return text
+    note = rf"\textsuperscript{{{tex_escape(cell.n_note)}}}" if cell.n_note else ""
+    if cell.std is None:
+        return text + note
+    if stacked:
+        return (rf"\begin{{tabular}}[t]{{@{{}}c@{{}}}}{text}{note}\\[-2pt]"
+                rf"{{\scriptsize$\pm${tex_escape(cell.std)}}}\end{{tabular}}")
+    return text + rf"\textsubscript{{$\pm${tex_escape(cell.std)}}}" + note
+
+
+def latex_stacked_cell(cell: CellView) -> str:
+    return latex_cell(cell, stacked=True)
 
 
 def latex_header(cell: HeaderCell) -> str:
@@ -367,7 +425,8 @@ def _latex_env(**extra: Any) -> jinja2.Environment:
         line_comment_prefix="%#", trim_blocks=True, lstrip_blocks=True, autoescape=False,
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, **extra,
     )
-    env.filters.update(tex=tex_escape, cell=latex_cell, header=latex_header, colspec=latex_colspec,
+    env.filters.update(tex=tex_escape, cell=latex_cell, stacked_cell=latex_stacked_cell, header=latex_header,
+                       colspec=latex_colspec,
                        note=latex_note)
     return env
 
@@ -403,10 +462,10 @@ def _render(env: jinja2.Environment, default: str, template: str | Path | None, 
         raise PetlbenchError(f"template {template or default}: {exc}. Fix the template.") from None
 
 
-def _context(report: Report, table: str, **extra: Any) -> dict[str, Any]:
+def _context(report: Report, table: str, notes: bool = True, **extra: Any) -> dict[str, Any]:
     return {
         "report": report,
-        "tables": table_views(report, table),
+        "tables": table_views(report, table, notes),
         "title": f"petlbench report: {report.suite_title}",
         "warnings": list(report.warnings),
         **extra,
@@ -414,9 +473,13 @@ def _context(report: Report, table: str, **extra: Any) -> dict[str, Any]:
 
 
 def render_latex(report: Report, table: str = "all", standalone: bool = True,
-                 template: str | Path | None = None) -> str:
-    """A complete pdflatex document (``standalone``) or only the table floats, for ``\\input``."""
-    ctx = _context(report, table, standalone=standalone)
+                 template: str | Path | None = None, wide: bool = False, notes: bool = True) -> str:
+    """A complete pdflatex document (``standalone``) or only the table floats, for ``\\input``.
+
+    ``wide``: ``table*`` floats spanning both columns of a two-column paper (and a two-column
+    document when ``standalone``); ``notes``: the footnotes under each table.
+    """
+    ctx = _context(report, table, notes, standalone=standalone, wide=wide)
     ctx["landscape"] = any(t.wide for t in ctx["tables"])
     return _render(_latex_env(), "report.tex.j2" if standalone else "tables.tex.j2", template, ctx)
 
@@ -425,7 +488,7 @@ def render_latex(report: Report, table: str = "all", standalone: bool = True,
 
 
 def render_html(report: Report, table: str = "all", template: str | Path | None = None,
-                plots: bool = True) -> str:
+                plots: bool = True, notes: bool = True) -> str:
     """One self-contained page: tables (sortable), notes and plots inlined as base64 PNG."""
     figures = []
     if plots:
@@ -434,7 +497,7 @@ def render_html(report: Report, table: str = "all", template: str | Path | None 
         for p in all_plots(report):
             figures.append({"key": p.key, "title": p.title, "caption": p.caption,
                             "src": "data:image/png;base64," + base64.b64encode(p.png).decode("ascii")})
-    ctx = _context(report, table, plots=figures)
+    ctx = _context(report, table, notes, plots=figures)
     return _render(_html_env(), "report.html.j2", template, ctx)
 
 
@@ -474,8 +537,11 @@ def markdown_view(table: TableView, heading: str = "###") -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(":---" if h.align == "l" else ("---:" if h.align == "r" else ":---:")
                                 for h in table.header) + "|")
-    for row in table.rows:
-        lines.append("| " + " | ".join([md_escape(row.label), *(md_cell(c) for c in row.cells)]) + " |")
+    for title, section in table.titled_sections():
+        if title:
+            lines.append("| " + " | ".join([f"**{md_escape(title)}**", *([""] * (len(table.header) - 1))]) + " |")
+        for row in section:
+            lines.append("| " + " | ".join([md_escape(row.label), *(md_cell(c) for c in row.cells)]) + " |")
     return "\n".join(lines)
 
 
@@ -483,10 +549,10 @@ def _md_notes(notes: Sequence[Note]) -> list[str]:
     return [f"- {md_escape(n.mark) + ' ' if n.mark else ''}{md_escape(n.text)}" for n in notes]
 
 
-def render_markdown(report: Report, table: str = "all", heading: str = "###") -> str:
+def render_markdown(report: Report, table: str = "all", heading: str = "###", notes: bool = True) -> str:
     """Tables for READMEs and terminals: best in **bold**, second in *italics*, then the notes."""
     parts = []
-    for view in table_views(report, table):
+    for view in table_views(report, table, notes):
         block = [markdown_view(view, heading), ""]
         if view.key == "accuracy":
             block.append("Best per column in **bold**, second in *italics*; ± is the sample standard deviation "
@@ -548,9 +614,12 @@ def efficiency_frame(report: Report) -> Any:
             "extra_after_merge_M": _r(e.extra_after_merge_m, 6) if e else None,
             "storage_bytes_per_task": _r(e.storage_bytes, 1) if e else None,
             "train_time_s": _r(e.train_time_s, 4) if e else None,
+            "train_time_std_s": _r(e.train_time_std, 4) if e else None,
+            "train_concurrency": "; ".join(e.concurrency) if e else "",
             "train_images_per_s": _r(e.images_per_s, 2) if e else None,
             "peak_gpu_mem_allocated_bytes": None if e is None or e.peak_mem_bytes is None else int(e.peak_mem_bytes),
             "latency_ratio": _r(e.latency_ratio, 4) if e else None,
+            "latency_ratio_std": _r(e.latency_ratio_std, 4) if e else None,
             "runs": e.runs if e else 0,
         })
     df = pd.DataFrame(records)
@@ -559,8 +628,25 @@ def efficiency_frame(report: Report) -> Any:
     return df
 
 
-def render_csv(report: Report, table: str = "accuracy") -> str:
-    """One table per CSV (spreadsheets read one): ``accuracy`` (default) or ``efficiency``."""
+def long_frame(report: Report) -> Any:
+    """One row per run (ok and failed): its table row, task, seed, accuracy, cost and configuration."""
+    import pandas as pd
+
+    df = pd.DataFrame(report.runs)
+    for col in ("seed", "trainable", "trainable_without_head", "extra_after_merge", "parallel_runs",
+                "selected_epoch"):
+        if col in df.columns:
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    return df
+
+
+def render_csv(report: Report, table: str = "accuracy", long: bool = False) -> str:
+    """One table per CSV (spreadsheets read one): ``accuracy`` (default) or ``efficiency``; with
+    ``long``, one row per run instead (for your own statistics)."""
+    if long:
+        buf = io.StringIO()
+        long_frame(report).to_csv(buf, index=False, lineterminator="\n")
+        return buf.getvalue()
     if table == "all":
         raise PetlbenchError("a CSV file holds one table. Fix: pass --table accuracy or --table efficiency.")
     if table not in TABLES:
@@ -590,16 +676,25 @@ def format_for(out: str | Path | None, fmt: str | None) -> str:
 
 
 def render(report: Report, fmt: str = "markdown", table: str | None = None, standalone: bool = True,
-           template: str | Path | None = None) -> str:
-    """Render ``report`` in ``fmt`` (latex, html, markdown, csv); ``table``: accuracy, efficiency or all."""
+           template: str | Path | None = None, *, wide: bool = False, notes: bool = True,
+           long: bool = False) -> str:
+    """Render ``report`` in ``fmt`` (latex, html, markdown, csv); ``table``: accuracy, efficiency or all.
+
+    ``wide``: LaTeX ``table*`` (two-column papers); ``notes``: footnotes under the tables;
+    ``long``: CSV only, one row per run.
+    """
     fmt = format_for(None, fmt)
     if template is not None and fmt not in ("latex", "html"):
         raise PetlbenchError("--template applies to --format latex or html only.")
+    if long and fmt != "csv":
+        raise PetlbenchError("--long applies to --format csv only (one row per run).")
+    if wide and fmt != "latex":
+        raise PetlbenchError("--wide applies to --format latex only (table* floats for two-column papers).")
     if fmt == "csv":
-        return render_csv(report, table or "accuracy")
+        return render_csv(report, table or "accuracy", long=long)
     table = table or "all"
     if fmt == "latex":
-        return render_latex(report, table, standalone, template)
+        return render_latex(report, table, standalone, template, wide=wide, notes=notes)
     if fmt == "html":
-        return render_html(report, table, template)
-    return render_markdown(report, table)
+        return render_html(report, table, template, notes=notes)
+    return render_markdown(report, table, notes=notes)

@@ -60,7 +60,7 @@ def test_corrupt_truncated_and_other_schema_are_skipped(tmp_path):
     assert f"warning: skipping {new}: schema_version 2 is not the 1 this petlbench reads (upgrade petlbench" in err
     assert f"warning: skipping {other}: not a run record" in err
     # Only the two good records are averaged: 70.5 ± 0.7 with 2 seeds, never the 99s.
-    assert "| lora | 0.37 | 0.29 | 2 | 70.5 ± 0.7 |" in result.stdout
+    assert "| LoRA | 0.37 | 0.29 | 2 | 70.5 ± 0.7 |" in result.stdout
     assert "5 file(s) were skipped as unreadable or of another record schema" in result.stdout
 
 
@@ -87,17 +87,17 @@ def test_mixed_suites_need_suite(tmp_path):
     write_records(tmp_path, [make_record("lora", "cifar", 0, 70.0),
                              make_record("lora", "digits", 0, 60.0, suite="demo", classes=10)])
     _fatal(_invoke("--results", str(tmp_path)),
-           r"the records mix suites demo \(1 records\), vtab \(1 records\). Fix: pass --suite NAME")
+           r"the records mix suites demo \(1 record\), vtab \(1 record\). Fix: pass --suite NAME")
     result = _invoke("--results", str(tmp_path), "--suite", "vtab")
     assert result.exit_code == 0, result.output
     assert "warning: leaving out 1 record(s) of suite demo (reporting --suite vtab)" in result.stderr
-    assert "| lora |" in result.stdout and "digits" not in result.stdout
+    assert "| LoRA |" in result.stdout and "digits" not in result.stdout
 
 
 def test_suite_with_no_records(tmp_path):
     write_records(tmp_path, [make_record("lora", "cifar", 0, 70.0)])
     _fatal(_invoke("--results", str(tmp_path), "--suite", "fgvc"),
-           r"none of the 1 records is of suite 'fgvc' \(they are of suite vtab\)")
+           r"none of the 1 record\(s\) is of suite 'fgvc' \(they are of suite vtab\)")
 
 
 def test_task_not_in_suite(tmp_path):
@@ -107,8 +107,9 @@ def test_task_not_in_suite(tmp_path):
 
 
 def test_aliases_resolve_to_canonical_tasks():
-    report = build_report([make_record("lora", "cifar100", 0, 70.0), make_record("lora", "cifar", 1, 72.0)],
-                          on_warning=lambda m: None)
+    alias = make_record("lora", "cifar100", 0, 70.0)
+    alias["provenance"]["data_fingerprint"] = make_record("lora", "cifar", 0, 70.0)["provenance"]["data_fingerprint"]
+    report = build_report([alias, make_record("lora", "cifar", 1, 72.0)], on_warning=lambda m: None)
     assert report.rows[0].value("cifar").n == 2
 
 
@@ -129,8 +130,8 @@ def test_failed_runs_are_counted_not_averaged():
     from petlbench.report import markdown_table
 
     md = markdown_table(recs)
-    assert "| full | – | – | – | – |" in md
-    assert "2 failed run(s) are not included (RuntimeError ×2): full/cifar seed 0, lora/cifar seed 1." in md
+    assert "| Full fine-tuning | – | – | – | – |" in md
+    assert "2 failed run(s) are not included (RuntimeError ×2): Full fine-tuning/cifar seed 0, LoRA/cifar seed 1." in md
 
 
 def test_duplicates_and_differing_configurations():
@@ -139,12 +140,12 @@ def test_duplicates_and_differing_configurations():
     recs[1]["provenance"]["end_time"] = "2025-02-01T00:00:00+00:00"
     report = build_report(recs, on_warning=warnings.append)
     assert report.rows[0].value("cifar").values == (71.0,)  # the newer record, not an average
-    assert any("duplicate run of lora on cifar seed 0" in w for w in warnings)
+    assert any("duplicate run of LoRA on cifar seed 0 (same configuration)" in w for w in warnings)
     # Another rank on the same task and seeds: two rows, never one average.
     recs = [make_record("lora", "cifar", s, 70.0, hparams={"rank": 8}) for s in (0, 1)]
     recs += [make_record("lora", "cifar", s, 60.0, hparams={"rank": 4}) for s in (0, 1)]
     report = build_report(recs, on_warning=lambda m: None)
-    assert [r.label for r in report.rows] == ["lora (rank=4)", "lora (rank=8)"]
+    assert [r.label for r in report.rows] == ["LoRA (rank=4)", "LoRA (rank=8)"]
 
 
 def test_mixed_weights_and_normalisation_are_flagged():
@@ -182,8 +183,8 @@ def test_launcher_style_failed_record():
                "error": {"type": "SlurmTimeout", "message": "job timed out"}, "metrics": {}, "params": {},
                "config": {}, "efficiency": {}, "provenance": {"hostname": "n1", "end_time": "2025-01-01T00:00:00Z"}}
     report = build_report([make_record("lora", "cifar", 0, 70.0), crashed], on_warning=lambda m: None)
-    assert [r.label for r in report.rows] == ["lora"]
+    assert [r.label for r in report.rows] == ["LoRA"]
     assert report.rows[0].value("dtd").failed == 1
     from petlbench.report import render_markdown
 
-    assert "1 failed run(s) are not included (SlurmTimeout ×1): lora/dtd seed 0." in render_markdown(report)
+    assert "1 failed run(s) are not included (SlurmTimeout ×1): LoRA/dtd seed 0." in render_markdown(report)

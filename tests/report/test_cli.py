@@ -33,7 +33,7 @@ def test_default_is_markdown_on_stdout(results_dir):
 
 def test_default_results_folder(results_dir, monkeypatch):
     monkeypatch.chdir(results_dir.parent)  # the fixture's folder is called "results", like run's --output
-    assert "| lora |" in _run().stdout
+    assert "| LoRA |" in _run().stdout
 
 
 def test_tables_option(results_dir):
@@ -41,9 +41,9 @@ def test_tables_option(results_dir):
     assert "efficiency" in out and "top-1 accuracy" not in out
     rows = list(csv.DictReader(io.StringIO(_run("--results", str(results_dir), "--format", "csv",
                                                "--table", "efficiency").stdout)))
-    lora = next(r for r in rows if r["row"] == "lora")
+    lora = next(r for r in rows if r["row"] == "LoRA")
     assert lora["latency_ratio"] == "1.0" and lora["peak_gpu_mem_allocated_bytes"] == "2000000000"
-    arc = next(r for r in rows if r["row"] == "arc†")
+    arc = next(r for r in rows if r["row"] == "ARC†")
     assert arc["latency_ratio"] == "" and arc["legacy_best_test"] == "True"
 
 
@@ -52,8 +52,8 @@ def test_csv_is_machine_readable(results_dir):
                                                "--delta").stdout)))
     kinds = {r["kind"] for r in rows}
     assert kinds == {"published", "reproduced", "delta"}
-    lora = next(r for r in rows if r["row"] == "lora")
-    assert float(lora["cifar mean"]) == 64.1 and lora["cifar n"] == "3" and lora["failed_runs"] == "1"
+    lora = next(r for r in rows if r["row"] == "LoRA")
+    assert float(lora["CIFAR-100 mean"]) == 64.1 and lora["CIFAR-100 n"] == "3" and lora["failed_runs"] == "1"
     assert float(lora["Mean of groups mean"]) > 0
 
 
@@ -88,7 +88,7 @@ def test_markdown_table_for_the_sweep(records):
     text = markdown_table(records)
     assert text.startswith("### VTAB-1k: top-1 accuracy (%)")
     assert "efficiency" not in text
-    assert "| lora | 0.33 | 0.29 | 3 | *64.1* ± 0.6 | **74.1** ± 0.6 |" in text
+    assert "| LoRA | 0.33 | 0.29 | 3 | *64.1* ± 0.6 | **74.1** ± 0.6 |" in text
 
 
 def test_public_api_names_resolve():

@@ -70,9 +70,9 @@ def test_means_need_every_task_of_the_group():
     for key in ("group:Specialized", "group:Structured", "mean:groups", "mean:tasks"):
         assert not row.value(key).present
     md = render(report, "markdown", table="accuracy")
-    line = next(x for x in md.splitlines() if x.startswith("| lora"))
+    line = next(x for x in md.splitlines() if x.startswith("| LoRA"))
     assert line.endswith("| 60.0 ± 0.5 | 50.0 | – | – | – |")  # Natural, Specialized, both overall means
-    assert "not every task of the group (suite) is present for that row (lora)" in md
+    assert "not every task of the group (suite) is present for that row (LoRA)" in md
     # Only tasks (and groups) with data get a column; the overall means always do.
     assert [c.key for c in report.task_columns] == [*VTAB["Natural"], "patch_camelyon"]
     assert [c.key for c in report.columns if c.kind == "group"] == ["group:Natural", "group:Specialized"]
@@ -84,7 +84,7 @@ def test_uneven_seed_counts_are_shown():
     assert report.rows[0].seeds_text == "1–3"
     md = render(report, "markdown", table="accuracy")
     assert "60.0 (n=1)" in md and "71.0 ± 1.0" in md
-    assert "number of seeds differs between tasks for lora" in md
+    assert "number of seeds differs between tasks for LoRA" in md
 
 
 def test_single_group_suite_has_only_the_task_mean():

@@ -46,7 +46,7 @@ def test_published_rows_vtab():
     assert all(r.label.endswith("(published)") for r in report.published)
     assert all(len([c for c in report.task_columns if r.value(c.key).present]) == 19 for r in report.published)
     md = render(report, "markdown", table="accuracy")
-    assert "| Full fine-tuning (published) | 85.8 | – | – | 68.9 | 87.7 |" in md
+    assert "| Full fine-tuning (published) | 85.80 | – | – | 68.9 | 87.7 |" in md
     assert "VPT (Jia et al., ECCV 2022) for Full fine-tuning, Linear probing" in md
     assert "NOT checked against the ARC/RepAdapter PDFs" in md
     tex = render(report, "latex", table="accuracy")
@@ -65,7 +65,7 @@ def test_fgvc_unverified_arc_row_stays_partial():
     line = next(x for x in md.splitlines() if x.startswith("| ARC"))
     assert line.count("–") >= 6  # params, w/o head, seeds, 3 missing tasks, the mean
     assert "UNVERIFIED published numbers: ARC (variant not stated by source)" in md
-    assert report.rows[0].label == "arc"  # our arc is never compared with the unverified row
+    assert report.rows[0].label == "ARC"  # our arc is never compared with the unverified row
 
 
 def test_delta_rows():
@@ -73,21 +73,21 @@ def test_delta_rows():
     report = build_report(published_records("lora", values) + published_records("my_method", values),
                           reference="paper", delta=True, **_quiet())
     (d,) = report.deltas  # my_method has no published counterpart
-    assert d.label == "lora − LoRA (r=8, q,v)"
+    assert d.label == "LoRA − LoRA (r=8, q,v)"
     assert d.value("cifar").mean == pytest.approx(70.0 - 67.1)
     assert d.value("dtd").mean == pytest.approx(60.0 - 69.4)
     assert not d.value("caltech101").present  # we have no caltech101 run: stays missing
     assert not d.value("mean:groups").present
     md = render(report, "markdown")
-    line = next(x for x in md.splitlines() if x.startswith("| lora − LoRA"))
-    assert line.startswith("| lora − LoRA (r=8, q,v) | +2.9 | – | −9.4 | – |")
+    line = next(x for x in md.splitlines() if x.startswith("| LoRA − LoRA"))
+    assert line.startswith("| LoRA − LoRA (r=8, q,v) | +2.9 | – | −9.4 | – |")
 
 
 def test_delta_implies_the_paper_set():
     report = build_report(published_records("linear", {"cifar": 63.4}), delta=True, **_quiet())
     assert report.reference == "paper"
     assert report.deltas[0].value("cifar").mean == pytest.approx(0.0)
-    assert "| linear − Linear probing | ±0.0 |" in render(report, "markdown")
+    assert "| Δ Linear probing | ±0.0 |" in render(report, "markdown")
 
 
 def test_unknown_set_lists_the_available_ones():

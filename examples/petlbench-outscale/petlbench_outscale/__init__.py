@@ -18,6 +18,7 @@ class Scale(nn.Module):
 
 class OutScale(Method):
     name = "outscale"
+    display_name = "OutScale"
     summary = "Learnable per-channel scaling of every qkv and fc1 output."
     paper = "in the spirit of (IA)^3, Liu et al., NeurIPS 2022"
     mergeable = True
