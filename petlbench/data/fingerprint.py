@@ -28,8 +28,10 @@ _CHUNK = 1 << 20
 
 def file_sha256(path: str | Path) -> bytes:
     """SHA-256 digest of a file's bytes, read in 1 MiB chunks."""
+    from petlbench.data.readers import open_regular
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(Path(path)) as f:  # never a FIFO or a device
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.digest()

@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import posixpath
+import stat
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from petlbench.data.problems import WARNING, Problem, data_error, raise_first
 from petlbench.data.suites import Suite, Task, get_suite, name_key
@@ -193,10 +197,82 @@ def parse_vtab_file(path: Path, classes: int) -> tuple[list[Entry], list[Problem
                 str(path), f"image path {rel!r} is absolute", "write paths relative to the task folder", lineno
             ))
             continue
+        if climbs_out(rel):
+            problems.append(Problem(
+                str(path), f"image path {rel!r} climbs out of the task folder",
+                "write paths inside the task folder (no leading `..`); a split must not read another task's "
+                "or the machine's files", lineno,
+            ))
+            continue
         entries.append((rel, label, lineno))
     if not entries and not problems:
         problems.append(Problem(str(path), "split file is empty", "restore the split file; it must list at least one image"))
     return entries, problems
+
+
+def climbs_out(rel: str) -> bool:
+    """Whether a relative path leaves its folder (``../x``, ``a/../../x``), judged on the text.
+
+    Only ``..`` is refused: a symlink inside the task folder that points elsewhere (data kept on
+    another disk) is the user's own choice and stays allowed.
+    """
+    norm = posixpath.normpath(rel.replace("\\", "/"))
+    return norm == ".." or norm.startswith("../")
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file (missing, a FIFO, a device, a folder), or None.
+
+    Only regular files are ever opened: a symlink to ``/dev/zero`` would be read until memory
+    runs out and a FIFO would block forever.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "is a broken symbolic link" if os.path.islink(path) else "does not exist"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    return f"is not a regular file but {_kind(mode)}"
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading; raises OSError (with a cause) for anything else.
+
+    Opened non-blocking (a FIFO swapped in after a check cannot hang the open) and checked on
+    the open descriptor, so there is no window between the check and the read.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file but {_kind(mode)}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file (see :func:`open_regular`)."""
+    with open_regular(path) as fh:
+        return fh.read()
 
 
 def parse_fgvc_file(path: Path) -> tuple[list[Entry], list[Problem]]:
@@ -207,6 +283,9 @@ def parse_fgvc_file(path: Path) -> tuple[list[Entry], list[Problem]]:
         return [], [Problem(str(path), "split file is not UTF-8 text", "replace it with the original VPT split file")]
     except json.JSONDecodeError as exc:
         return [], [Problem(str(path), f"invalid JSON: {exc.msg}", "replace it with the original VPT split file", exc.lineno)]
+    except RecursionError:  # `[[[[...`: corrupt, not a reason for a traceback
+        return [], [Problem(str(path), "invalid JSON: nested too deeply (a corrupt file)",
+                            "replace it with the original VPT split file")]
     if not isinstance(data, dict):
         return [], [Problem(
             str(path), f"expected a JSON object mapping image path to class id, got {type(data).__name__}",
@@ -219,9 +298,15 @@ def parse_fgvc_file(path: Path) -> tuple[list[Entry], list[Problem]]:
             problems.append(Problem(
                 str(path), f"class id {value!r} of key {key!r} is not an integer", "write integer class ids"
             ))
-        elif not key.strip() or Path(key).is_absolute():
+        elif not key.strip() or Path(key).is_absolute() or PurePosixPath(key).is_absolute():
             problems.append(Problem(
                 str(path), f"image key {key!r} is not a relative path", "write keys relative to the image root"
+            ))
+        elif climbs_out(key):
+            problems.append(Problem(
+                str(path), f"image key {key!r} climbs out of the task folder",
+                "write keys inside the image root (no leading `..`); a split must not read another dataset's "
+                "or the machine's files",
             ))
         else:
             entries.append((key, value, None))
@@ -265,13 +350,19 @@ def probe_image_root(task_dir: Path, task: Task, keys: Sequence[str], source: Pa
 def _missing_files(root: Path, entries: list[Entry], source: Path) -> list[Problem]:
     problems = []
     for rel, _label, line in entries:
-        if not (root / rel).is_file():
-            problems.append(Problem(
-                str(source), f"image {root / rel} does not exist",
-                "restore the file or remove its line; a partial download or extraction is the usual cause",
-                line,
-            ))
+        cause = file_problem(root / rel)
+        if cause is not None:
+            problems.append(Problem(str(source), f"image {root / rel} {cause}", missing_fix(cause), line))
     return problems
+
+
+def missing_fix(cause: str) -> str:
+    """The fix that goes with a :func:`file_problem` cause."""
+    if cause == "does not exist":
+        return "restore the file or remove its line; a partial download or extraction is the usual cause"
+    if cause.startswith("is not a regular file"):
+        return "replace it with the image file itself (only regular files are read) or remove its line"
+    return "replace it with the original image (re-download or re-extract) or remove its line"
 
 
 # ---------------------------------------------------------------------------- split reading
@@ -380,6 +471,7 @@ def resolve_data_root(suite: Suite | str, data_root: str | Path | None, cache_di
 
 
 __all__ = [
-    "SplitIndex", "check_data_root", "collect_split", "find_task_dir",
-    "parse_fgvc_file", "parse_vtab_file", "probe_image_root", "read_split", "resolve_data_root", "split_path",
+    "SplitIndex", "check_data_root", "climbs_out", "collect_split", "file_problem", "find_task_dir",
+    "open_regular", "parse_fgvc_file", "parse_vtab_file", "probe_image_root", "read_regular_file", "read_split",
+    "resolve_data_root", "split_path",
 ]
