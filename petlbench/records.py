@@ -78,8 +78,8 @@ def write_record(path: str | os.PathLike, record: dict[str, Any]) -> Path:
 def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
     """The record at ``path``, or None when it is missing, corrupt or of another schema version."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # RecursionError: `[[[[...`, corrupt like any other
         return None
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
         return None
