@@ -178,7 +178,8 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
     """
     import time
 
-    from petlbench import launchers, sweep
+    from petlbench import sweep
+    from petlbench.launch import LaunchOptions
 
     started = time.perf_counter()
     plan = sweep.plan(suite, [m.strip() for m in methods.split(",") if m.strip()], tasks, _seeds(seeds),
@@ -193,7 +194,7 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
         for spec in plan.specs:
             click.echo(f"{'done' if spec not in todo else 'todo'}  {spec.label}  {spec.record_path}")
         return
-    options = launchers.LaunchOptions(
+    options = LaunchOptions(
         workers=workers, device=device, slurm_partition=slurm_partition, slurm_time_min=slurm_time_min,
         slurm_account=slurm_account, slurm_qos=slurm_qos, slurm_gpus_per_task=slurm_gpus_per_task,
         slurm_array_parallelism=slurm_array_parallelism, slurm_folder=str(Path(output) / ".slurm"),

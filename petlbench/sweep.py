@@ -163,11 +163,11 @@ def pending(plan_: Plan, force: bool = False) -> list[RunSpec]:
 def execute(plan_: Plan, todo: list[RunSpec], launcher: str = "inline", options: Any = None, *,
             quiet: bool = False, device: str = "auto") -> list[dict[str, Any]]:
     """Run ``todo`` (see :func:`pending`); returns the records of the runs made."""
-    from petlbench import launchers
+    from petlbench.launch import LaunchOptions, launch
 
     progress = Progress(len(plan_.specs), len(plan_.specs) - len(todo), quiet)
     if options is None:
-        options = launchers.LaunchOptions()
+        options = LaunchOptions()
     run_fn = None
     if launcher == "inline":
         def run_fn(spec: RunSpec) -> dict[str, Any]:
@@ -175,8 +175,7 @@ def execute(plan_: Plan, todo: list[RunSpec], launcher: str = "inline", options:
 
             return execute_spec(spec, quiet=quiet, on_epoch=progress.epoch, device=device)
     try:
-        return launchers.launch(todo, launcher, options, execute=run_fn, on_start=progress.start,
-                                on_done=progress.done)
+        return launch(todo, launcher, options, execute=run_fn, on_start=progress.start, on_done=progress.done)
     finally:
         progress.close()
 

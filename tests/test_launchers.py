@@ -20,9 +20,8 @@ from typing import Any
 
 import pytest
 
-from petlbench import launchers
 from petlbench.errors import PetlbenchError
-from petlbench.launchers import LaunchOptions, launch, plan_local_slots
+from petlbench.launch import LaunchOptions, launch, local, plan_local_slots, slurm
 from petlbench.records import write_record
 from petlbench.runspec import RunSpec
 
@@ -154,7 +153,7 @@ def test_plan_local_slots_cpu_and_gpu() -> None:
 def test_local_cuda_index_pins_that_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """--device cuda:N with the local launcher runs on the N-th visible GPU (the worker then sees
     it as its only device), instead of asking the pinned worker for a device it cannot see."""
-    monkeypatch.setattr(launchers, "detect_gpus", lambda: [2, 5, 7])
+    monkeypatch.setattr(local, "detect_gpus", lambda: [2, 5, 7])
     slots = plan_local_slots(LaunchOptions(device="cuda:1"), n_runs=4, cpus=8)
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["5"]
     with pytest.raises(PetlbenchError, match=r"--device cuda:3: only 3 GPU\(s\) are visible"):
@@ -170,9 +169,9 @@ def test_detect_gpus_honours_visible_devices(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
-    assert launchers.detect_gpus() == [5, 7]
+    assert local.detect_gpus() == [5, 7]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert launchers.detect_gpus() == [0, 1]
+    assert local.detect_gpus() == [0, 1]
 
 
 def test_local_cpu_workers_run_each_spec_once(tmp_path: Path) -> None:
@@ -185,7 +184,7 @@ def test_local_cpu_workers_run_each_spec_once(tmp_path: Path) -> None:
     assert sorted(calls.done) == sorted((s.run_id, "ok") for s in specs)
     pids = {r["pid"] for r in records}
     assert len(pids) == 2 and os.getpid() not in pids  # two worker processes, not this one
-    cpus = launchers.usable_cpus()
+    cpus = local.usable_cpus()
     threads = max(1, cpus // 2)
     assert {r["omp_threads"] for r in records} == {str(threads)}
     assert {r["torch_threads"] for r in records} == {threads}
@@ -241,7 +240,7 @@ def test_signal_to_parent_stops_workers(tmp_path: Path, sig: signal.Signals) -> 
     script.write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from petlbench.launchers import LaunchOptions, launch
+        from petlbench.launch import LaunchOptions, launch
         from tests.test_launchers import fake_sleeps, make_spec
 
         if __name__ == "__main__":
@@ -303,9 +302,9 @@ def test_slurm_unknown_partition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     bin_dir = _fake_tools(tmp_path / "bin", sbatch="exit 1", squeue="exit 0", srun="exit 0",
                           sinfo="printf 'debug*\\ngpu\\n'")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert launchers.check_slurm(LaunchOptions(slurm_partition="gpu")) == ["debug", "gpu"]
+    assert slurm.check_slurm(LaunchOptions(slurm_partition="gpu")) == ["debug", "gpu"]
     with pytest.raises(PetlbenchError, match="unknown Slurm partition 'gpuu'.*'gpu'"):
-        launchers.check_slurm(LaunchOptions(slurm_partition="gpuu"))
+        slurm.check_slurm(LaunchOptions(slurm_partition="gpuu"))
 
 
 def _sbatch_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: LaunchOptions) -> list[str]:
@@ -314,7 +313,7 @@ def _sbatch_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: Laun
 
     bin_dir = _fake_tools(tmp_path / "bin", srun="exit 0")  # submitit's SlurmExecutor wants srun on PATH
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    executor = launchers.make_slurm_executor(tmp_path / "slurm", options)
+    executor = slurm.make_slurm_executor(tmp_path / "slurm", options)
     params = dict(executor._executor.parameters)
     text = _make_sbatch_string(command="python -m x", folder=executor._executor.folder, map_count=20, **params)
     return [line for line in text.splitlines() if line.startswith("#SBATCH")]
@@ -343,7 +342,7 @@ def test_slurm_run_is_checkpointable_and_requeues_same_spec(tmp_path: Path) -> N
     import pickle
 
     spec = make_spec(tmp_path)
-    run = launchers.SlurmRun(fake_ok)
+    run = slurm.SlurmRun(fake_ok)
     assert isinstance(run, submitit.helpers.Checkpointable)
     delayed = run.checkpoint(spec.to_dict())
     assert delayed.function is run and delayed.args == (spec.to_dict(),)

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from petlbench import launchers
-from petlbench.launchers import LaunchOptions, launch
+from petlbench.launch import LaunchOptions, launch
+from petlbench.launch import slurm as slurm_launcher
 from petlbench.runspec import RunSpec
 from tests import slurm_job
 
@@ -90,7 +90,7 @@ def test_slurm_array_runs_every_spec(slurm: None, tmp_path: Path) -> None:
 
 
 def test_slurm_job_death_is_a_failed_run(slurm: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launchers, "_RESULT_GRACE_S", 2.0)
+    monkeypatch.setattr(slurm_launcher, "_RESULT_GRACE_S", 2.0)
     specs = [make_spec(tmp_path, seed) for seed in range(2)]
     records = launch(specs, "slurm", CPU_ONLY, execute=slurm_job.job_dies)
     assert [r["status"] for r in records] == ["ok", "failed"]

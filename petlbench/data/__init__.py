@@ -14,6 +14,11 @@ Typical use by the runner::
                                     seed=seed, device="cuda")
     fingerprint = fingerprint_split(index)
 
+Modules import one way, from the leaves up: ``problems``, ``paths``, ``transforms`` and ``suites``;
+then ``readers`` (split files); ``fingerprint``; ``cache`` (decoding); ``loader``; ``demo`` (builds
+data and pretrains through the loader); ``roots`` (``--data-root`` or the demo's data); ``check``
+and ``cli`` on top. ``tests/test_import_layers.py`` keeps it so.
+
 Names are imported lazily, so ``import petlbench.data`` (and the ``data`` CLI) does not pay
 for torch until a torch-backed name is used.
 """
@@ -33,14 +38,14 @@ _EXPORTS: dict[str, str] = {
     "DataError": "problems", "Problem": "problems",
     # readers
     "SplitIndex": "readers", "read_split": "readers", "collect_split": "readers",
-    "find_task_dir": "readers", "resolve_data_root": "readers",
+    "find_task_dir": "readers", "resolve_data_root": "roots",
     # transforms
     "Normalization": "transforms", "NORMALIZATIONS": "transforms", "resolve_normalization": "transforms",
     "TransformSpec": "transforms", "transform_spec": "transforms", "reference_transform": "transforms",
     "decode_image": "transforms",
     # cache + loader (torch)
     "CachedSplit": "cache", "load_images": "cache", "load_split": "cache", "cache_key": "cache",
-    "cache_root": "cache", "CACHE_ENV": "cache", "DeviceLoader": "loader",
+    "cache_root": "paths", "CACHE_ENV": "paths", "DeviceLoader": "loader",
     # fingerprints
     "fingerprint_split": "fingerprint", "cached_fingerprint": "fingerprint", "fingerprint_task": "fingerprint", "combine_fingerprints": "fingerprint",
     # check
@@ -65,7 +70,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from petlbench.data.cache import CACHE_ENV, CachedSplit, cache_key, cache_root, load_images, load_split
+    from petlbench.data.cache import CachedSplit, cache_key, load_images, load_split
     from petlbench.data.check import CheckReport, check_suite
     from petlbench.data.demo import demo_backbone, demo_weights, materialize_demo
     from petlbench.data.fingerprint import (
@@ -75,8 +80,10 @@ if TYPE_CHECKING:  # pragma: no cover
         fingerprint_task,
     )
     from petlbench.data.loader import DeviceLoader
+    from petlbench.data.paths import CACHE_ENV, cache_root
     from petlbench.data.problems import DataError, Problem
-    from petlbench.data.readers import SplitIndex, collect_split, find_task_dir, read_split, resolve_data_root
+    from petlbench.data.readers import SplitIndex, collect_split, find_task_dir, read_split
+    from petlbench.data.roots import resolve_data_root
     from petlbench.data.suites import (
         ENTRY_POINT_GROUP,
         SUITE_PATH_ENV,

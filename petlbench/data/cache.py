@@ -32,21 +32,19 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from petlbench.data.fingerprint import stat_signature
+from petlbench.data.paths import CACHE_ENV, cache_root
 from petlbench.data.problems import Problem, raise_first
 from petlbench.data.readers import SplitIndex, read_split
 from petlbench.data.suites import Suite, Task, get_suite
 from petlbench.data.transforms import TransformSpec, decode_image, transform_spec
 
-CACHE_ENV = "PETLBENCH_CACHE"
+__all__ = [
+    "CACHE_ENV", "FORMAT_VERSION", "CachedSplit", "cache_key", "cache_root", "decode_into", "load_images",
+    "load_split", "stat_signature",
+]
+
 FORMAT_VERSION = 1
-
-
-def cache_root(override: str | Path | None = None) -> Path:
-    """petlbench's cache folder: ``override``, else ``$PETLBENCH_CACHE``, else ``~/.cache/petlbench``."""
-    if override is not None:
-        return Path(override).expanduser()
-    env = os.environ.get(CACHE_ENV, "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "petlbench"
 
 
 def default_workers() -> int:
@@ -72,16 +70,6 @@ class CachedSplit:
     @property
     def num_classes(self) -> int:
         return self.index.num_classes
-
-
-def stat_signature(index: SplitIndex) -> bytes:
-    """Digest of every image's size and modification time: cheap (no reads), and it changes when a
-    file is replaced in place, so caches keyed by it never serve stale pixels or fingerprints."""
-    h = hashlib.sha256()
-    for path in index.paths:
-        st = path.stat()
-        h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.digest()
 
 
 def cache_key(index: SplitIndex, spec: TransformSpec) -> str:

@@ -65,7 +65,7 @@ def check(
 ) -> None:
     """Verify layout, split sizes, labels and every image of a suite's tasks."""
     from petlbench.data.check import check_suite
-    from petlbench.data.readers import resolve_data_root
+    from petlbench.data.roots import resolve_data_root
     from petlbench.data.suites import get_suite
 
     suite = get_suite(suite_name, suite_dirs)

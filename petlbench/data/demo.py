@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from petlbench.data.paths import cache_root
 from petlbench.data.suites import Suite, Task, get_suite
 from petlbench.errors import PetlbenchError
 
@@ -254,8 +255,6 @@ def materialize_demo(cache_dir: str | Path | None = None) -> Path:
     ``cache_dir`` defaults to ``<cache>/demo``. Built in a temporary sibling folder and renamed
     into place, so a crash never leaves a half-built root that a later call would trust.
     """
-    from petlbench.data.cache import cache_root
-
     suite = get_suite(DEMO_SUITE)
     base = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "demo"
     final = base / f"{DEMO_DATA_VERSION}-{_demo_hash(suite)}"
@@ -355,8 +354,6 @@ def demo_weights(cache_dir: str | Path | None = None, *, log: Callable[[str], No
     the recipe; the file is written to a temporary name and renamed into place.
     """
     from safetensors.torch import save_file
-
-    from petlbench.data.cache import cache_root
 
     folder = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "weights"
     path = folder / _weights_name()

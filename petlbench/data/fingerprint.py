@@ -18,18 +18,27 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from petlbench.data.paths import cache_root
 from petlbench.data.problems import Problem, raise_first
-from petlbench.data.readers import SplitIndex, read_split
+from petlbench.data.readers import SplitIndex, open_regular, read_split
 from petlbench.data.suites import Suite, Task, get_suite
 
 FINGERPRINT_VERSION = "petlbench-data-fingerprint-v1"
 _CHUNK = 1 << 20
 
 
+def stat_signature(index: SplitIndex) -> bytes:
+    """Digest of every image's size and modification time: cheap (no reads), and it changes when a
+    file is replaced in place, so caches keyed by it never serve stale pixels or fingerprints."""
+    h = hashlib.sha256()
+    for path in index.paths:
+        st = path.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.digest()
+
+
 def file_sha256(path: str | Path) -> bytes:
     """SHA-256 digest of a file's bytes, read in 1 MiB chunks."""
-    from petlbench.data.readers import open_regular
-
     h = hashlib.sha256()
     with open_regular(Path(path)) as f:  # never a FIFO or a device
         while chunk := f.read(_CHUNK):
@@ -63,8 +72,6 @@ def fingerprint_split(index: SplitIndex, *, workers: int | None = None) -> str:
 def cached_fingerprint(index: SplitIndex, cache_dir: str | Path | None = None) -> str:
     """:func:`fingerprint_split`, remembered on disk per (split file, image root, file sizes and
     mtimes), so a sweep hashes each unchanged split's bytes once rather than once per run."""
-    from petlbench.data.cache import cache_root, stat_signature
-
     h = hashlib.sha256(FINGERPRINT_VERSION.encode() + b"\n")
     h.update(hashlib.sha256(index.source.read_bytes()).digest())
     h.update(str(index.image_root.resolve()).encode() + b"\n" + "\n".join(index.relpaths).encode())

@@ -455,23 +455,8 @@ def read_split(
     return index
 
 
-def resolve_data_root(suite: Suite | str, data_root: str | Path | None, cache_dir: str | Path | None = None) -> Path:
-    """The data root to read: the given one, or the built data of a suite with a generator (the demo)."""
-    suite = get_suite(suite)
-    if data_root is not None:
-        return check_data_root(data_root)
-    if suite.generator == "demo":
-        from petlbench.data.demo import materialize_demo
-
-        return materialize_demo(cache_dir)
-    raise PetlbenchError(
-        f"suite {suite.name!r} needs its data on disk. Fix: pass --data-root (the folder that holds "
-        f"{', '.join(suite.task_names[:3])}, ...)."
-    )
-
-
 __all__ = [
     "SplitIndex", "check_data_root", "climbs_out", "collect_split", "file_problem", "find_task_dir",
     "open_regular", "parse_fgvc_file", "parse_vtab_file", "probe_image_root", "read_regular_file", "read_split",
-    "resolve_data_root", "split_path",
+    "split_path",
 ]

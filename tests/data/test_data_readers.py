@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from petlbench.data.readers import find_task_dir, read_split, resolve_data_root
+from petlbench.data.readers import find_task_dir, read_split
+from petlbench.data.roots import resolve_data_root
 from petlbench.data.suites import get_suite
 from petlbench.errors import PetlbenchError
 

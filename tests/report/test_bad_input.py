@@ -176,7 +176,7 @@ def test_template_and_format_mistakes(tmp_path: Path):
 
 
 def test_launcher_style_failed_record():
-    """What petlbench.launchers writes when a run dies before the engine could: empty config and params."""
+    """What petlbench.launch writes when a run dies before the engine could: empty config and params."""
     crashed = {"schema_version": 1, "run_id": "f" * 16, "label": "vtab/dtd/lora/seed0", "suite": "vtab",
                "task": "dtd", "method": "lora", "seed": 0, "protocol": "vtab1k", "status": "failed",
                "error": {"type": "SlurmTimeout", "message": "job timed out"}, "metrics": {}, "params": {},

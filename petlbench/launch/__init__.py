@@ -1,0 +1,87 @@
+"""Execution backends: run a list of :class:`~petlbench.runspec.RunSpec` inline, on every GPU of
+this machine, or as a Slurm job array.
+
+One module per launcher (:mod:`.inline`, :mod:`.local`, :mod:`.slurm`) and the pieces they
+share in :mod:`.common`; this module only dispatches. Every launcher has the same contract, so
+the sweep logic does not care where runs happen:
+
+- ``execute(spec) -> record`` runs one spec and writes its record (the engine's
+  :func:`petlbench.runner.execute_spec` by default). It is passed in so tests can inject fakes,
+  and for ``local``/``slurm`` it must be picklable (a top-level function or a ``functools.partial``
+  of one), because it runs in another process.
+- ``on_start(spec)`` and then ``on_done(spec, record)`` are called exactly once per spec, in the
+  calling process, as runs start and finish (progress bars hang off these).
+- :func:`launch` returns the records in the order of ``specs``, whatever order they finished in.
+- A run whose process dies (segfault, ``os._exit``, OOM killer, Slurm failure) never hangs or
+  aborts the sweep: it is reported as a failed record, written to ``spec.record_path`` unless the
+  engine managed to write one, and the other runs go on.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+from petlbench.errors import PetlbenchError, did_you_mean
+from petlbench.launch.common import (
+    LAUNCHERS,
+    DoneFn,
+    ExecuteFn,
+    LaunchOptions,
+    StartFn,
+    failed_record,
+    noop,
+    validate_options,
+)
+from petlbench.launch.inline import launch_inline
+from petlbench.launch.local import detect_gpus, launch_local, plan_local_slots, usable_cpus
+from petlbench.launch.slurm import SlurmRun, check_slurm, launch_slurm, make_slurm_executor, slurm_parameters
+from petlbench.runspec import RunSpec
+
+__all__ = [
+    "LAUNCHERS", "LaunchOptions", "SlurmRun", "check_slurm", "default_execute", "detect_gpus", "failed_record",
+    "launch", "make_slurm_executor", "plan_local_slots", "slurm_parameters", "usable_cpus",
+]
+
+
+def default_execute(spec: RunSpec, device: str = "auto") -> dict[str, Any]:
+    """The engine, imported lazily so that importing the launchers (and pickling this) stays cheap."""
+    from petlbench.runner import execute_spec
+
+    return execute_spec(spec, quiet=True, device=device)
+
+
+def launch(
+    specs: Sequence[RunSpec],
+    launcher: str = "inline",
+    options: LaunchOptions | None = None,
+    execute: ExecuteFn | None = None,
+    on_start: StartFn | None = None,
+    on_done: DoneFn | None = None,
+) -> list[dict[str, Any]]:
+    """Execute ``specs`` with ``launcher`` (inline | local | slurm); returns records in spec order.
+
+    Raises :class:`PetlbenchError` for unusable options or an unreachable Slurm, before anything
+    runs; run failures never raise, they come back as records with ``status == "failed"``.
+    """
+    if launcher not in LAUNCHERS:
+        raise PetlbenchError(did_you_mean(launcher, LAUNCHERS, "launcher"))
+    options = options or LaunchOptions()
+    validate_options(options)
+    specs = list(specs)
+    if execute is None:
+        # A local worker is pinned to its one GPU, which it sees as device 0: "cuda:N" chose the GPU.
+        worker_device = "cuda" if launcher == "local" and options.device.startswith("cuda:") else options.device
+        execute = functools.partial(default_execute, device=worker_device)
+    on_start = on_start or noop
+    on_done = on_done or noop
+    if not specs:  # nothing to run needs no cluster
+        return []
+    if launcher == "slurm":
+        check_slurm(options)  # before anything is submitted
+    if launcher == "inline":
+        return launch_inline(specs, execute, on_start, on_done)
+    if launcher == "local":
+        return launch_local(specs, options, execute, on_start, on_done)
+    return launch_slurm(specs, options, execute, on_start, on_done)

@@ -1,0 +1,283 @@
+"""The local launcher: one long-lived worker process per GPU of this machine (pinned with
+``CUDA_VISIBLE_DEVICES``), or CPU workers sharing the cores so parallel runs do not oversubscribe them.
+
+Workers are spawned (fork would copy CUDA state and threads) and fed one run at a time through a
+pipe; a worker that dies (segfault, OOM killer) costs only its run, which becomes a failed record,
+and a fresh worker takes its place for the remaining runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from petlbench.errors import PetlbenchError
+from petlbench.launch.common import (
+    THREAD_VARS,
+    DoneFn,
+    ExecuteFn,
+    LaunchOptions,
+    StartFn,
+    call_guarded,
+    cuda_index,
+    record_crash,
+    sigterm_raises,
+)
+from petlbench.runspec import RunSpec
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One worker process: the environment it starts with and its torch thread count."""
+
+    name: str
+    env: dict[str, str]
+    threads: int
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (cgroup/affinity aware where the OS tells)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def detect_gpus() -> list[int]:
+    """Physical ids of the GPUs this process may use (honours CUDA_VISIBLE_DEVICES)."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+    except Exception:  # no torch build with CUDA, no driver: a CPU machine
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        if all(v.isdigit() for v in ids) and len(ids) >= count:
+            return [int(v) for v in ids[:count]]
+    return list(range(count))
+
+
+def plan_local_slots(
+    options: LaunchOptions, n_runs: int, gpus: list[int] | None = None, cpus: int | None = None
+) -> list[Slot]:
+    """Decide the local workers: one per GPU (pinned with CUDA_VISIBLE_DEVICES), else CPU workers
+    sharing the cores so that parallel runs do not oversubscribe them."""
+    cpus = cpus or usable_cpus()
+    if gpus is None:
+        gpus = [] if options.device == "cpu" else (options.gpus if options.gpus is not None else detect_gpus())
+        if options.device.startswith("cuda:"):
+            index = cuda_index(options.device)
+            if index >= len(gpus):
+                raise PetlbenchError(f"--device {options.device}: only {len(gpus)} GPU(s) are visible. "
+                                     f"Fix: --device cuda:0 .. cuda:{max(0, len(gpus) - 1)}, or --device cuda for all.")
+            gpus = [gpus[index]]
+    if options.device.startswith("cuda") and not gpus:
+        raise PetlbenchError("--device cuda was asked for but no GPU is visible. Fix: use --device cpu.")
+    if gpus:
+        chosen = gpus[: options.workers] if options.workers else list(gpus)
+        chosen = chosen[: max(1, n_runs)]
+        threads = options.threads_per_worker or max(1, cpus // len(chosen))
+        return [
+            Slot(f"gpu{g}", {"CUDA_VISIBLE_DEVICES": str(g), **{v: str(threads) for v in THREAD_VARS}}, threads)
+            for g in chosen
+        ]
+    workers = options.workers or max(1, cpus // 2)
+    workers = min(workers, max(1, n_runs))
+    threads = options.threads_per_worker or max(1, cpus // workers)
+    # Hide GPUs from CPU workers: a CPU run must not grab a device behind the user's back.
+    env = {"CUDA_VISIBLE_DEVICES": "", **{v: str(threads) for v in THREAD_VARS}}
+    return [Slot(f"cpu{i}", env, threads) for i in range(workers)]
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: have the kernel SIGTERM this worker if the parent dies without cleaning up (SIGKILL)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_main(conn: Any, execute: ExecuteFn, env: dict[str, str], threads: int) -> None:
+    """A long-lived worker: receive (index, spec dict), run it, send (index, record); None stops it."""
+    os.environ.update(env)  # already inherited at spawn; repeated for spawn methods that don't
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it terminates us on Ctrl-C
+    _set_parent_death_signal()
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        index, spec_dict = message
+        record = call_guarded(execute, RunSpec.from_dict(spec_dict))
+        conn.send((index, record))
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    """Temporarily set variables so a spawned child starts with them (before it imports torch)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _death_reason(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "worker process disappeared"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory? the kernel OOM killer sends SIGKILL)" if -exitcode == signal.SIGKILL else ""
+        return f"worker process was killed by {name}{hint}"
+    return f"worker process exited with code {exitcode} before finishing the run"
+
+
+@dataclass
+class _Worker:
+    slot: Slot
+    process: Any
+    conn: Any
+    index: int | None = None
+    started_at: float = 0.0
+
+
+def launch_local(
+    specs: list[RunSpec], options: LaunchOptions, execute: ExecuteFn, on_start: StartFn, on_done: DoneFn
+) -> list[dict[str, Any]]:
+    """Run ``specs`` on the planned worker slots; returns the records in spec order."""
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    ctx = mp.get_context("spawn")  # fork would copy CUDA state and threads; spawn starts clean
+    slots = plan_local_slots(options, len(specs))
+    pending: deque[int] = deque(range(len(specs)))
+    results: list[dict[str, Any] | None] = [None] * len(specs)
+    workers: list[_Worker] = []
+
+    def start_worker(slot: Slot) -> _Worker:
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        process = ctx.Process(target=_worker_main, args=(child_conn, execute, slot.env, slot.threads),
+                              name=f"petlbench-{slot.name}", daemon=False)
+        with _environ(slot.env):
+            process.start()
+        child_conn.close()
+        return _Worker(slot, process, parent_conn)
+
+    def assign(worker: _Worker) -> None:
+        """Give the worker the next run, or tell it to stop."""
+        if not pending:
+            worker.index = None
+            with contextlib.suppress(OSError):
+                worker.conn.send(None)
+            return
+        index = pending.popleft()
+        worker.index, worker.started_at = index, time.time()
+        on_start(specs[index])
+        with contextlib.suppress(OSError):  # died between runs: its sentinel reports it as this run's
+            worker.conn.send((index, specs[index].to_dict()))
+
+    def finish(index: int, record: dict[str, Any]) -> None:
+        results[index] = record
+        on_done(specs[index], record)
+
+    def retire(worker: _Worker) -> None:
+        workers.remove(worker)
+        worker.process.join(timeout=5)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
+
+    with sigterm_raises():
+        try:
+            for slot in slots:
+                if not pending:
+                    break
+                worker = start_worker(slot)
+                workers.append(worker)
+                assign(worker)
+            while any(w.index is not None for w in workers):
+                busy = [w for w in workers if w.index is not None]
+                ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+                for worker in busy:
+                    got, dead = None, worker.process.sentinel in ready
+                    if worker.conn in ready or dead:
+                        try:
+                            if worker.conn.poll():
+                                got = worker.conn.recv()
+                        except (EOFError, OSError):  # pipe closed: the process is going away
+                            dead = True
+                    if got is not None:
+                        index, record = got
+                        finish(index, record)
+                        assign(worker)
+                        if worker.index is None:
+                            retire(worker)
+                    elif dead:
+                        worker.process.join(timeout=10)
+                        if worker.process.is_alive():  # closed its pipe but hangs: finish it off
+                            worker.process.kill()
+                            worker.process.join()
+                        index = worker.index
+                        assert index is not None
+                        reason = _death_reason(worker.process.exitcode)
+                        record = record_crash(specs[index], worker.started_at, "WorkerDied",
+                                               f"{reason} ({worker.slot.name})")
+                        worker.index = None
+                        retire(worker)
+                        finish(index, record)
+                        if pending:  # a fresh process for the same GPU / core share
+                            replacement = start_worker(worker.slot)
+                            workers.append(replacement)
+                            assign(replacement)
+        finally:
+            _stop_workers(workers)
+    return [r for r in results if r is not None]
+
+
+def _stop_workers(workers: list[_Worker]) -> None:
+    """Terminate whatever still runs (Ctrl-C, SIGTERM, an error in a callback): promptly, then kill."""
+    for worker in workers:
+        if worker.process.is_alive() and worker.index is not None:
+            worker.process.terminate()
+        else:
+            with contextlib.suppress(OSError):
+                worker.conn.send(None)
+    deadline = time.monotonic() + 5.0
+    for worker in workers:
+        worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        with contextlib.suppress(OSError):
+            worker.conn.close()

@@ -1,0 +1,88 @@
+"""The data package and the launch package import one way: no module reaches (at import time or
+lazily inside a function) a module that reaches it back. A circle makes the import order decide
+whether a name exists yet, and hides which layer owns what."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "petlbench"
+
+
+def internal_imports(package: str) -> dict[str, set[str]]:
+    """{module: the modules of the same package it imports}, lazy (in-function) imports included."""
+    folder = ROOT / package
+    names = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+    prefix = f"petlbench.{package}."
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        tree = ast.parse((folder / f"{name}.py").read_text(encoding="utf-8"))
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.level:  # relative: from .x import y / from . import x
+                    targets = [node.module] if node.module else [a.name for a in node.names]
+                elif node.module.startswith(prefix):
+                    targets = [node.module[len(prefix):]]
+                elif node.module == prefix[:-1]:
+                    targets = [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name[len(prefix):] for a in node.names if a.name.startswith(prefix)]
+            deps.update(t.split(".")[0] for t in targets if t.split(".")[0] in names)
+        deps.discard(name)
+        graph[name] = deps
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state and (cycle := visit(dep)) is not None:
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)) is not None:
+            return cycle
+    return None
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+@pytest.mark.parametrize("package", ["data", "launch"])
+def test_package_imports_one_way(package: str) -> None:
+    graph = internal_imports(package)
+    assert len(graph) >= 4  # the parser saw the package's modules
+    cycle = find_cycle(graph)
+    assert cycle is None, f"petlbench.{package} import circle: {' -> '.join(cycle or [])}"
+
+
+def test_data_layers() -> None:
+    """The readers know nothing of the cache, the loader or the demo; the demo builds on them."""
+    graph = internal_imports("data")
+    assert not graph["readers"] & {"cache", "loader", "demo", "roots"}
+    assert "readers" in graph["cache"] and "cache" in graph["loader"]
+    assert graph["paths"] == set()
+
+
+def test_launchers_only_share_common() -> None:
+    graph = internal_imports("launch")
+    for name in ("inline", "local", "slurm"):
+        assert graph[name] == {"common"}, name
+    assert graph["common"] == set()
