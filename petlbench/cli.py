@@ -182,6 +182,10 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
     from petlbench.launch import LaunchOptions
 
     started = time.perf_counter()
+    if not dry_run:  # a results folder that cannot hold records: say so before data, weights or training
+        from petlbench.records import check_output
+
+        check_output(output)
     plan = sweep.plan(suite, [m.strip() for m in methods.split(",") if m.strip()], tasks, _seeds(seeds),
                       backbone=backbone, pretrained=pretrained, data_root=data_root, output=output,
                       protocol=protocol, sets=parse_sets(sets), config_file=config_file)
@@ -199,7 +203,8 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
         slurm_account=slurm_account, slurm_qos=slurm_qos, slurm_gpus_per_task=slurm_gpus_per_task,
         slurm_array_parallelism=slurm_array_parallelism, slurm_folder=str(Path(output) / ".slurm"),
     )
-    sweep.execute(plan, todo, launcher, options, quiet=quiet, device=device)
+    ran = sweep.execute(plan, todo, launcher, options, quiet=quiet, device=device)
+    elsewhere = sum(r.get("status") == "claimed" for r in ran)
     records = sweep.collect(plan.specs)
     failed = [r for r in records if r.get("status") != "ok"]
     if records:
@@ -207,7 +212,8 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
 
         click.echo(markdown_table(records, suite=plan.suite.name,
                                   on_warning=lambda w: click.echo(f"warning: {w}", err=True)))
-    click.echo(f"{len(records) - len(failed)} ok, {len(failed)} failed, {len(plan.specs) - len(records)} missing; "
+    busy = f" ({elsewhere} running in another sweep)" if elsewhere else ""
+    click.echo(f"{len(records) - len(failed)} ok, {len(failed)} failed, {len(plan.specs) - len(records)} missing{busy}; "
                f"records in {output} ({sweep.elapsed(started)})", err=True)
     if failed or len(records) < len(plan.specs):
         sys.exit(1)
