@@ -5,9 +5,10 @@ Before a run starts, its process creates ``<record folder>/.<run_id>.claim`` wit
 (atomic on local disks and on NFSv3+), holding its host, pid, process start time and a random
 token, and touches it every :func:`heartbeat_s` seconds while the run goes on. Another sweep
 that finds the claim skips the run ("running in another sweep"); it takes the claim over only
-when the claim is stale: its owner is a dead process on this host, or its heartbeat is older
-than :func:`stale_after_s` (``PETLBENCH_CLAIM_STALE_S``, default 600 s; for owners on other
-hosts, which cannot be asked). A run is also skipped when, after the claim, its record turns out
+when the claim is stale: its owner is a dead process on this host (same boot and pid namespace,
+and the pid's start time matches, so a reused pid does not count as alive), it is the same Slurm
+job requeued after preemption (a lower ``SLURM_RESTART_COUNT``), or its heartbeat is older than :func:`stale_after_s`
+(``PETLBENCH_CLAIM_STALE_S``, default 600 s; the only test for owners on other hosts). A run is also skipped when, after the claim, its record turns out
 to be ``ok`` and newer than this sweep: another sweep finished it in the meantime. Finally,
 :func:`petlbench.records.write_record` never replaces an ``ok`` record by a failed one.
 
@@ -65,6 +66,34 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
+def _host_key() -> str:
+    """This host *and* pid namespace: two containers with one hostname must not judge each other's pids."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id",):
+        try:
+            parts.append(Path(path).read_text().strip())
+        except OSError:
+            pass
+    try:
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        pass
+    return "|".join(parts)
+
+
+def _slurm_job() -> str | None:
+    """The Slurm job id (one per array task, kept when Slurm requeues a preempted job)."""
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def _slurm_restarts() -> int:
+    """How often Slurm requeued this job: a claim from a lower count is from a life that ended."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
+
+
 def _alive(pid: int, started: str | None) -> bool:
     """Whether ``pid`` on this host is still the process that wrote the claim."""
     if pid <= 0:
@@ -99,7 +128,10 @@ def is_stale(path: Path, owner: dict[str, Any] | None, stale_after: float | None
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return True
-    if owner and owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
+    if owner and owner.get("slurm_job") is not None and owner.get("slurm_job") == _slurm_job() \
+            and isinstance(owner.get("slurm_restarts"), int) and owner["slurm_restarts"] < _slurm_restarts():
+        return True  # our own Slurm job, requeued after preemption: its earlier life is over
+    if owner and owner.get("host_key") == _host_key() and isinstance(owner.get("pid"), int) \
             and not _alive(owner["pid"], owner.get("pid_start")):
         return True
     return age > (stale_after if stale_after is not None else stale_after_s())
@@ -165,8 +197,10 @@ def acquire(record_path: str | os.PathLike, stale_after: float | None = None) ->
     owner: dict[str, Any] | None = None
     for _ in range(5):
         token = secrets.token_hex(16)
-        info = {"token": token, "host": socket.gethostname(), "pid": os.getpid(),
-                "pid_start": _proc_start(os.getpid()), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        info = {"token": token, "host": socket.gethostname(), "host_key": _host_key(), "pid": os.getpid(),
+                "pid_start": _proc_start(os.getpid()), "slurm_job": _slurm_job(),
+                "slurm_restarts": _slurm_restarts(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:

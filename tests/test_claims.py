@@ -149,6 +149,8 @@ def _dead_pid() -> int:
 def _write_claim(spec: RunSpec, **owner: Any) -> Path:
     path = claims.claim_path(spec.record_path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if owner.get("host") == socket.gethostname():
+        owner.setdefault("host_key", claims._host_key())
     path.write_text(json.dumps({"token": "x" * 32, "started": "earlier", **owner}))
     return path
 
@@ -219,6 +221,28 @@ def test_a_held_claim_keeps_its_heartbeat(tmp_path: Path, monkeypatch: pytest.Mo
         assert claim.path.stat().st_mtime > 1000.0, "the heartbeat never touched the claim"
     finally:
         claim.release()
+
+
+def test_dead_pid_of_another_pid_namespace_is_not_judged(tmp_path: Path) -> None:
+    """A container with the same hostname cannot see our pids: only the heartbeat decides there."""
+    spec = make_spec(tmp_path)
+    _write_claim(spec, host=socket.gethostname(), host_key="other-container", pid=_dead_pid())
+    assert isinstance(claims.acquire(spec.record_path), claims.Busy)
+
+
+def test_requeued_slurm_job_takes_its_own_claim_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = make_spec(tmp_path)
+    _write_claim(spec, host="node7", host_key="node7", pid=4242, slurm_job="9913", slurm_restarts=0)  # preempted
+    monkeypatch.setenv("SLURM_JOB_ID", "9914")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert isinstance(claims.acquire(spec.record_path), claims.Busy)  # another array task: respected
+    monkeypatch.setenv("SLURM_JOB_ID", "9913")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert isinstance(claims.acquire(spec.record_path), claims.Busy)  # same job, same life: another process
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    claim = claims.acquire(spec.record_path)  # the same job, requeued on another node
+    assert isinstance(claim, claims.Claim) and claim.info["slurm_job"] == "9913"
+    claim.release()
 
 
 def test_racing_takeovers_of_one_stale_claim_leave_one_owner(tmp_path: Path) -> None:
