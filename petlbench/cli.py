@@ -185,7 +185,7 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
     if not dry_run:  # a results folder that cannot hold records: say so before data, weights or training
         from petlbench.records import check_output
 
-        check_output(output)
+        check_output(output, create=False)  # the launcher checks again, creating the record folders
     plan = sweep.plan(suite, [m.strip() for m in methods.split(",") if m.strip()], tasks, _seeds(seeds),
                       backbone=backbone, pretrained=pretrained, data_root=data_root, output=output,
                       protocol=protocol, sets=parse_sets(sets), config_file=config_file)

@@ -138,14 +138,27 @@ def is_done(path: str | os.PathLike) -> bool:
     return record is not None and record.get("status") == "ok"
 
 
-def check_output(output: str | os.PathLike, folders: Iterable[str | os.PathLike] = ()) -> Path:
+def check_output(output: str | os.PathLike, folders: Iterable[str | os.PathLike] = (), *,
+                 create: bool = True) -> Path:
     """Make sure records can be written under ``output`` before anything runs.
 
     Creates the folder (and each record folder in ``folders``) and writes and removes a probe
     file in each: an output that is a file, lies below a file, or is read-only is one error line
-    up front rather than a sweep whose every result is lost at the end.
+    up front rather than a sweep whose every result is lost at the end. With ``create=False``
+    nothing is created (the CLI checks this early, before validating the rest of the input).
     """
     root = Path(output).expanduser()
+    if not create:
+        if root.exists():
+            _check_folder(root, root)
+        else:
+            above = next(p for p in root.parents if p.exists() or p == p.parent)
+            what, fix = "--output", "Fix: pass --output a folder you can write to (it is created if missing)."
+            if not above.is_dir():
+                raise PetlbenchError(f"{what} {root} cannot be created: it lies below the file {above}. {fix}")
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise PetlbenchError(f"{what} {root} cannot be created: {above} is not writable. {fix}")
+        return root
     for folder in dict.fromkeys([root, *(Path(f).expanduser() for f in folders)]):
         _check_folder(root, folder)
     return root

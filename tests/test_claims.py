@@ -318,15 +318,22 @@ def test_output_that_refuses_writes_is_refused(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(PetlbenchError, match=r"cannot hold records \(Read-only file system"):
         launch([make_spec(tmp_path / "out")], "inline", execute=calls)
     assert calls.executed == []
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(PetlbenchError, match=r"cannot hold records \(Read-only file system"):
+        check_output(tmp_path / "existing", create=False)
 
 
 def test_cli_run_with_output_a_file_is_one_line(tmp_path: Path) -> None:
     from petlbench.cli import main
 
-    output = _outputs(tmp_path)["file"]
-    for launcher in ("inline", "slurm"):
+    outputs = _outputs(tmp_path)
+    for output, launcher in [(outputs["file"], "inline"), (outputs["below a file"], "slurm")]:
         result = CliRunner().invoke(main, ["run", "--suite", "demo", "--method", "linear", "--output", str(output),
                                            "--launcher", launcher, "--quiet", "--set", "epochs=1"])
         assert result.exit_code == 2, result.output
         lines = [ln for ln in result.output.splitlines() if ln.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: --output") and "is a file" in lines[0], result.output
+        assert len(lines) == 1 and lines[0].startswith("error: --output") and "file" in lines[0], result.output
+    assert not (tmp_path / "fresh").exists()
+    result = CliRunner().invoke(main, ["run", "--suite", "demoo", "--method", "linear",
+                                       "--output", str(tmp_path / "fresh")])
+    assert result.exit_code == 2 and not (tmp_path / "fresh").exists()  # bad input creates nothing
