@@ -43,6 +43,14 @@ def test_zero_byte_pth_is_one_error_line(tmp_path) -> None:
     assert "vit.pth" in line and "Fix:" in line
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz", ".bin"])
+def test_zero_byte_files_of_every_format_are_one_error_line(tmp_path, suffix: str) -> None:
+    empty = tmp_path / f"vit{suffix}"
+    empty.write_bytes(b"")
+    line = _one_error_line(CliRunner().invoke(main, ["params", "-m", "linear", "-b", ARCH, "--pretrained", str(empty)]))
+    assert f"vit{suffix}" in line and "Fix:" in line
+
+
 def test_checkpoint_without_message_is_still_one_line(tmp_path) -> None:
     """A few bytes that torch cannot read raise an exception without a message."""
     cut = tmp_path / "cut.pth"

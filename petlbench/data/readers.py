@@ -141,6 +141,10 @@ def split_path(task_dir: Path, layout: str, split: str) -> Path:
 
 
 def _missing_split(path: Path, suite: Suite) -> Problem:
+    cause = file_problem(path)
+    if cause is not None and cause != "does not exist":  # a FIFO or a device would hang or never end
+        return Problem(str(path), f"split file {cause}", "replace it with the split file itself (only regular files "
+                       "are read)")
     ext = _EXT[suite.layout]
     present = sorted(p.name for p in path.parent.glob(f"*{ext}"))
     expected = ", ".join(f"{s}{ext}" for s in suite.splits)

@@ -120,6 +120,18 @@ def test_special_files_are_one_problem_line_each(vtab_root: Path) -> None:
         read_split("vtab", "cifar", "train800", vtab_root)  # the run's reader says the same, before decoding
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX only")
+def test_split_file_that_is_a_fifo_is_one_problem(vtab_root: Path) -> None:
+    split = vtab_root / "cifar100" / "val200.txt"
+    split.unlink()
+    os.mkfifo(split)
+    report = check_suite("vtab", vtab_root, ["cifar"], decode=False)
+    (problem,) = [p for p in report.errors if p.path == str(split)]
+    assert problem.cause == "split file is not a regular file but a FIFO (named pipe)"
+    with pytest.raises(DataError, match="not a regular file"):
+        read_split("vtab", "cifar", "val200", vtab_root)
+
+
 def test_deeply_nested_fgvc_split_is_an_invalid_split(fgvc_root: Path) -> None:
     split = fgvc_root / "CUB_200_2011" / "val.json"
     split.write_text("[" * 200_000)
