@@ -164,3 +164,18 @@ def test_suite_on_the_search_path_not_utf8_is_one_error_line(tmp_path, monkeypat
     line = _one_error_line(CliRunner().invoke(main, ["run", "--suite", "demo", "--method", "linear",
                                                      "--output", str(tmp_path / "out"), "--dry-run"]))
     assert str(folder / "mine.yaml") in line and "not UTF-8" in line
+
+
+def test_deeply_nested_yaml_is_one_error_line(tmp_path, monkeypatch) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("[" * 100_000)
+    line = _one_error_line(CliRunner().invoke(main, ["run", "--suite", "demo", "--method", "linear", "--config",
+                                                     str(cfg), "--output", str(tmp_path / "out"), "--dry-run"]))
+    assert str(cfg) in line and "nested too deeply" in line
+    folder = tmp_path / "suites"
+    folder.mkdir()
+    (folder / "deep.yaml").write_text("[" * 100_000)
+    monkeypatch.setenv("PETLBENCH_SUITE_PATH", str(folder))
+    line = _one_error_line(CliRunner().invoke(main, ["run", "--suite", "demo", "--method", "linear",
+                                                     "--output", str(tmp_path / "out"), "--dry-run"]))
+    assert str(folder / "deep.yaml") in line and "nested too deeply" in line
