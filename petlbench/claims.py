@@ -1,8 +1,9 @@
 """Claims: two sweeps on one output folder (two shells, two machines on a shared disk) never run
 the same run at once and never lose a finished result.
 
-Before a run starts, its process creates ``<record folder>/.<run_id>.claim`` with ``O_EXCL``
-(atomic on local disks and on NFSv3+), holding its host, pid, process start time and a random
+Before a run starts, its process creates ``<record folder>/.<run_id>.claim`` atomically (a
+hard link of a fully written private file, which fails if the claim exists, on local disks and
+on NFS; ``O_EXCL`` where links are missing), holding its host, pid, process start time and a random
 token, and touches it every :func:`heartbeat_s` seconds while the run goes on. Another sweep
 that finds the claim skips the run ("running in another sweep"); it takes the claim over only
 when the claim is stale: its owner is a dead process on this host (same boot and pid namespace,
@@ -128,7 +129,9 @@ def is_stale(path: Path, owner: dict[str, Any] | None, stale_after: float | None
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return True
-    if owner and owner.get("slurm_job") is not None and owner.get("slurm_job") == _slurm_job() \
+    if owner is None:  # unreadable: only a crash mid-write on a disk without hard links leaves one
+        return age > min(30.0, stale_after if stale_after is not None else stale_after_s())
+    if owner.get("slurm_job") is not None and owner.get("slurm_job") == _slurm_job() \
             and isinstance(owner.get("slurm_restarts"), int) and owner["slurm_restarts"] < _slurm_restarts():
         return True  # our own Slurm job, requeued after preemption: its earlier life is over
     if owner and owner.get("host_key") == _host_key() and isinstance(owner.get("pid"), int) \
@@ -201,22 +204,60 @@ def acquire(record_path: str | os.PathLike, stale_after: float | None = None) ->
                 "pid_start": _proc_start(os.getpid()), "slurm_job": _slurm_job(),
                 "slurm_restarts": _slurm_restarts(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
+        if not _create(path, info):
             owner = _read(path)
             if not is_stale(path, owner, stale_after):
                 return Busy(path, owner)
             _break(path, owner)
             continue
-        with os.fdopen(fd, "w") as fh:
-            json.dump(info, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
         claim = Claim(path, token, info)
         claim.start_heartbeat()
         return claim
     return Busy(path, owner)
+
+
+def _create(path: Path, info: dict[str, Any]) -> bool:
+    """Create the claim file with its content in one step; False if a claim exists.
+
+    The content is written to a private file first and hard-linked to the claim's name (link
+    fails if the name exists: atomic, also on NFS), so a process killed at any moment never
+    leaves an empty claim that nobody can judge. File systems without hard links get
+    ``O_EXCL`` plus a write.
+    """
+    _sweep_temporaries(path)
+    tmp = path.with_name(f"{path.name}.{info['token'][:12]}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(info, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            json.dump(info, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sweep_temporaries(path: Path, older_than_s: float = 60.0) -> None:
+    """Remove this claim's private files left by processes killed while creating one."""
+    now = time.time()
+    for leftover in path.parent.glob(f"{path.name}.*.tmp"):
+        try:
+            if now - leftover.stat().st_mtime > older_than_s:
+                leftover.unlink()
+        except OSError:
+            pass
 
 
 def _break(path: Path, judged: dict[str, Any] | None) -> None:

@@ -95,7 +95,7 @@ def test_second_sweep_failing_after_the_first_finished_keeps_the_ok_record(tmp_p
 
 def test_run_finished_by_another_sweep_during_this_one_is_not_repeated(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
-    since = time.time()
+    since = time.time() - 1.0  # this sweep's launch began a moment before the other sweep's record
     write_record(spec.record_path, _record(spec, "ok"))
     calls = Calls()
     record = claims.run_claimed(calls, spec, since=since)
@@ -243,6 +243,40 @@ def test_requeued_slurm_job_takes_its_own_claim_back(tmp_path: Path, monkeypatch
     claim = claims.acquire(spec.record_path)  # the same job, requeued on another node
     assert isinstance(claim, claims.Claim) and claim.info["slurm_job"] == "9913"
     claim.release()
+
+
+def test_claim_is_never_seen_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed while claiming must not leave an empty claim that blocks the run."""
+    spec = make_spec(tmp_path)
+    seen: list[Any] = []
+    real_link = os.link
+
+    def link_and_look(src: Any, dst: Any) -> None:
+        real_link(src, dst)
+        seen.append(json.loads(Path(dst).read_text()))  # the moment the claim exists, it is complete
+
+    monkeypatch.setattr(os, "link", link_and_look)
+    claim = claims.acquire(spec.record_path)
+    assert isinstance(claim, claims.Claim) and seen and seen[0]["token"] == claim.token
+    claim.release()
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.claim"))
+
+
+def test_unreadable_or_leftover_claim_files_do_not_block_forever(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    path = claims.claim_path(spec.record_path)
+    path.parent.mkdir(parents=True)
+    path.write_text("")  # what a crash mid-write leaves on a disk without hard links
+    assert isinstance(claims.acquire(spec.record_path), claims.Busy)  # maybe being written right now
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    leftover = path.with_name(f"{path.name}.deadbeef0000.tmp")
+    leftover.write_text("{}")
+    os.utime(leftover, (old, old))
+    claim = claims.acquire(spec.record_path)
+    assert isinstance(claim, claims.Claim)
+    claim.release()
+    assert not leftover.exists()
 
 
 def test_racing_takeovers_of_one_stale_claim_leave_one_owner(tmp_path: Path) -> None:
