@@ -30,17 +30,10 @@ from typing import Any
 
 from PIL import Image
 
+from petlbench.data.files import file_problem, read_regular_file
 from petlbench.data.fingerprint import digest_split
 from petlbench.data.problems import WARNING, DataError, Problem
-from petlbench.data.readers import (
-    SplitIndex,
-    check_data_root,
-    collect_split,
-    file_problem,
-    find_task_dir,
-    missing_fix,
-    read_regular_file,
-)
+from petlbench.data.readers import SplitIndex, check_data_root, collect_split, find_task_dir, missing_fix
 from petlbench.data.suites import Suite, Task, get_suite
 
 

@@ -18,9 +18,10 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from petlbench.data.files import open_regular
 from petlbench.data.paths import cache_root
 from petlbench.data.problems import Problem, raise_first
-from petlbench.data.readers import SplitIndex, open_regular, read_split
+from petlbench.data.readers import SplitIndex, read_split
 from petlbench.data.suites import Suite, Task, get_suite
 
 FINGERPRINT_VERSION = "petlbench-data-fingerprint-v1"

@@ -140,3 +140,30 @@ def test_deeply_nested_fgvc_split_is_an_invalid_split(fgvc_root: Path) -> None:
     assert len(errors) == 1 and "invalid JSON" in errors[0].cause
     with pytest.raises(DataError, match=r"val\.json: invalid JSON"):
         read_split("fgvc", "cub", "val", fgvc_root)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX only")
+def test_decoding_a_fifo_fails_at_once(tmp_path: Path) -> None:
+    """The decode cache's reader refuses a special file swapped in after the split was checked."""
+    import threading
+
+    from petlbench.data.transforms import decode_image, transform_spec
+
+    fifo = tmp_path / "img.jpg"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def decode() -> None:
+        try:
+            decode_image(fifo, transform_spec("vtab_resize", 32))
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=decode, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # unblock the reader before failing
+        pytest.fail("decoding a FIFO blocked")
+    assert isinstance(outcome[0], OSError) and "not a regular file but a FIFO" in str(outcome[0])
