@@ -250,9 +250,10 @@ def _create(path: Path, info: dict[str, Any]) -> bool:
 
 
 def _sweep_temporaries(path: Path, older_than_s: float = 60.0) -> None:
-    """Remove this claim's private files left by processes killed while creating one."""
+    """Remove this claim's private files left by processes killed while creating or breaking one."""
     now = time.time()
-    for leftover in path.parent.glob(f"{path.name}.*.tmp"):
+    leftovers = [*path.parent.glob(f"{path.name}.*.tmp"), *path.parent.glob(f"{path.name}.stale.*")]
+    for leftover in leftovers:
         try:
             if now - leftover.stat().st_mtime > older_than_s:
                 leftover.unlink()

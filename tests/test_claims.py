@@ -270,13 +270,14 @@ def test_unreadable_or_leftover_claim_files_do_not_block_forever(tmp_path: Path)
     assert isinstance(claims.acquire(spec.record_path), claims.Busy)  # maybe being written right now
     old = time.time() - 120
     os.utime(path, (old, old))
-    leftover = path.with_name(f"{path.name}.deadbeef0000.tmp")
-    leftover.write_text("{}")
-    os.utime(leftover, (old, old))
+    leftovers = [path.with_name(f"{path.name}.deadbeef0000.tmp"), path.with_name(f"{path.name}.stale.c0ffee")]
+    for leftover in leftovers:
+        leftover.write_text("{}")
+        os.utime(leftover, (old, old))
     claim = claims.acquire(spec.record_path)
     assert isinstance(claim, claims.Claim)
     claim.release()
-    assert not leftover.exists()
+    assert not any(p.exists() for p in leftovers)
 
 
 def test_racing_takeovers_of_one_stale_claim_leave_one_owner(tmp_path: Path) -> None:
