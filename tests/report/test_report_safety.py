@@ -4,6 +4,7 @@ compiles in LaTeX, and corrupt records are skipped with a warning instead of a t
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,21 @@ from click.testing import CliRunner
 import petlbench.report
 from petlbench.cli import main
 from petlbench.report import build_report, load_records, render, tex_escape
+from tests.report.conftest import require_tool
 from tests.report.factory import golden_records, make_record, write_records
-from tests.report.test_latex_compile import _pdflatex
+
+
+def _pdflatex(tex: str, folder: Path, name: str = "doc") -> None:
+    """Compile with pdflatex (skipped where it is missing, required on CI) and fail on any error."""
+    exe = require_tool("pdflatex")
+    (folder / f"{name}.tex").write_text(tex, encoding="utf-8")
+    proc = subprocess.run([exe, "-interaction=nonstopmode", "-halt-on-error", "-no-shell-escape", f"{name}.tex"],
+                          cwd=folder, capture_output=True, text=True, timeout=120)
+    log = (folder / f"{name}.log").read_text(errors="replace") if (folder / f"{name}.log").exists() else proc.stdout
+    errors = [line for line in log.splitlines() if line.startswith("!")]
+    assert proc.returncode == 0 and not errors, "\n".join(errors) or proc.stdout[-3000:]
+    assert (folder / f"{name}.pdf").stat().st_size > 1000
+
 
 TEMPLATES = Path(petlbench.report.__file__).parent / "templates"
 EXPLOITS = {
