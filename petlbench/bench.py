@@ -16,6 +16,7 @@ Targets (each printed as a ratio with a verdict):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import random
@@ -74,14 +75,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Make ``device`` current for CUDA calls that default to the current device (events, streams,
+    empty_cache): on ``cuda:1`` they would otherwise time device 0 and create a context there."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
     def run(fn: Callable[[], Any]) -> float:
         if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
+            with on_device(device):
+                stream = torch.cuda.current_stream(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                fn()
+                end.record(stream)
+                end.synchronize()
             return start.elapsed_time(end) / 1e3
         t0 = time.perf_counter()
         fn()
@@ -205,13 +214,20 @@ def _peft_lora(cfg: BenchConfig, device: torch.device, rank: int) -> nn.Module |
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Measure every method of ``cfg``; returns a JSON-serialisable summary. ``log`` hears what is
     being measured (a ViT-B at batch 64 on a CPU takes minutes per method)."""
-    import timm
-
     import petlbench
 
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise petlbench.PetlbenchError("--device cuda asked for, but no CUDA device is visible. Fix: --device cpu.")
+    with on_device(device):  # every CUDA call of the benchmark on its device
+        return _run_bench(cfg, device, log)
+
+
+def _run_bench(cfg: BenchConfig, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
+    import timm
+
+    import petlbench
+
     name, peak = device_peak(device)
     notes: list[str] = []
     compiled: dict[str, Any] = {}
@@ -352,9 +368,10 @@ def deployed_latency(model, device: torch.device, size: int, dtype: str = "fp32"
     plain = copy.deepcopy(model.net)
     remove_petl_hooks(plain)
     deployed = merge(model) if model.method.mergeable else model
-    x = torch.randn(1, 3, size, size, device=device)
-    t = interleaved({"plain": _forward(plain, x, device, dtype), "deployed": _forward(deployed, x, device, dtype)},
-                    device, warmup=2, iters=iters, min_sample_s=0.02)
+    with on_device(device):
+        x = torch.randn(1, 3, size, size, device=device)
+        t = interleaved({"plain": _forward(plain, x, device, dtype), "deployed": _forward(deployed, x, device, dtype)},
+                        device, warmup=2, iters=iters, min_sample_s=0.02)
     model.train(was_training)
     return {"deployed": "merged" if model.method.mergeable else "unmerged",
             "latency_b1_s": t["deployed"]["median_s"], "plain_latency_b1_s": t["plain"]["median_s"],
@@ -414,7 +431,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [head, "",
              "| method | deployed | trainable w/o head | extra after merge | state KiB | train step | img/s | "
              "vs full FT | latency b1 | latency / plain | throughput / plain | FLOPs deployed / plain | "
-             "peak mem MiB | peak mem / full | MFU | VTAB-1k sweep (est.) |",
+             "peak mem MiB | peak mem / full | MFU | VTAB-1k images x step/img (naive) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(v: float | None, fmt: str = "{:.3f}") -> str:
@@ -436,4 +453,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             value = "" if v["value"] is None else f": {v['value']:.3f}"
             lines.append(f"- {'PASS' if v['ok'] else 'FAIL'} {v['target']}{value}")
     lines += [f"- note: {n}" for n in result["notes"]]
+    lines.append("- note: the naive VTAB-1k column is images x per-image time at this batch size; "
+                 "`petlbench bench --sweep-estimate` models the sweep with each method's own batch size, "
+                 "eval and fixed costs")
     return "\n".join(lines)

@@ -235,9 +235,14 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
               help="Counts, FLOPs and peak memory only (e.g. ViT-B at batch 64 on a CPU, where timing takes hours).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @click.option("--out", default=None, help="Write <out>.json and <out>.md (e.g. benchmarks/results/h100).")
-def bench_cmd(methods: str, backbone: str, backbone_args: tuple[str, ...], batch_size: int, device: str | None,
-              dtype: str | None, iters: int, warmup: int, use_compile: bool, no_peft: bool, no_timing: bool,
-              as_json: bool, out: str | None) -> None:
+@click.option("--sweep-estimate", is_flag=True,
+              help="Model the whole sweep (--suite, default vtab) of each METHOD on H100/H200 from counted ops and "
+                   "costs measured here, with the method's own batch size and epochs.")
+@click.option("--suite", default="vtab", show_default=True, help="Suite of --sweep-estimate.")
+@click.pass_context
+def bench_cmd(ctx: click.Context, methods: str, backbone: str, backbone_args: tuple[str, ...], batch_size: int,
+              device: str | None, dtype: str | None, iters: int, warmup: int, use_compile: bool, no_peft: bool,
+              no_timing: bool, as_json: bool, out: str | None, sweep_estimate: bool, suite: str) -> None:
     """Train-step speed, memory, deployed latency/throughput and FLOPs of METHOD(s) vs the plain backbone."""
     import torch
     import yaml
@@ -254,6 +259,21 @@ def bench_cmd(methods: str, backbone: str, backbone_args: tuple[str, ...], batch
     except yaml.YAMLError as exc:
         raise PetlbenchError(f"--backbone-arg: a value is not valid YAML ({str(exc).splitlines()[0]}). "
                              "Fix: e.g. --backbone-arg depth=2") from None
+    if sweep_estimate:
+        from petlbench import estimate
+
+        explicit = ctx.get_parameter_source("batch_size") is not click.core.ParameterSource.DEFAULT
+        results = [estimate.estimate(name, backbone, suite, {"batch_size": batch_size} if explicit else None, kwargs,
+                                     timing=not no_timing, warmup=warmup, iters=iters,
+                                     log=lambda line: click.echo(line, err=True)) for name in names]
+        text = "\n\n".join(estimate.to_markdown(r) for r in results)
+        if out:
+            target = Path(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+            target.with_suffix(".md").write_text(text + "\n")
+        click.echo(json.dumps(results, indent=2, default=str) if as_json else text)
+        return
     cfg = BenchConfig(methods=names, backbone=backbone, backbone_kwargs=kwargs, batch_size=batch_size, device=device,
                       dtype=dtype or ("bf16" if device == "cuda" else "fp32"), iters=iters, warmup=warmup,
                       compile=use_compile, peft=not no_peft, timing=not no_timing)

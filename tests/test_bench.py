@@ -56,3 +56,21 @@ def test_bench_cli_json(tmp_path) -> None:
     data = json.loads(result.stdout)  # progress lines go to stderr
     assert data["methods"][0]["method"] == "ssf" and data["device"].startswith("cpu")
     assert (tmp_path / "r.json").exists() and (tmp_path / "r.md").exists()
+
+
+def test_cuda_timing_runs_on_the_timed_device(monkeypatch) -> None:
+    """Timing a model on cuda:1 records its events on cuda:1's stream with cuda:1 current: no
+    events on GPU 0's stream (which would time nothing) and no stray context there."""
+    import torch
+
+    from petlbench import bench
+    from tests.data.test_data_device import FakeCuda
+
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    seen = []
+    seconds = bench._timer(torch.device("cuda", 1))(lambda: seen.append(fake.current))
+    assert seconds == 1e-3 and seen == [1]
+    records = [detail for what, current, detail in fake.log if what == "event.record"]
+    assert len(records) == 2 and all(s.device == 1 for s in records)
+    assert {current for _, current, _ in fake.log} == {1}

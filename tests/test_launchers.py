@@ -168,10 +168,86 @@ def test_detect_gpus_honours_visible_devices(monkeypatch: pytest.MonkeyPatch) ->
     import torch
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(local, "nvidia_smi_devices", lambda: None)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
-    assert local.detect_gpus() == [5, 7]
+    assert local.detect_gpus() == ["5", "7"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7,x,3")  # CUDA stops at the first entry naming no device
+    assert local.detect_gpus() == ["5", "7"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert local.detect_gpus() == []
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert local.detect_gpus() == [0, 1]
+    assert local.detect_gpus() == ["0", "1"]
+
+
+GPU_UUIDS = ["GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3f", "GPU-0a1b2c3d-aaaa-bbbb-cccc-1234567890ab"]
+MIG_IDS = ["MIG-c7384736-a75d-5afc-978f-d2f1294409fd", "MIG-a2b8a4a1-54ab-5a4e-9f1b-83d5c7c4bb2e"]
+
+
+def test_uuid_and_mig_visible_devices_pin_those_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's CUDA_VISIBLE_DEVICES replaces the parent's: index 0 would be physical GPU 0, not
+    the UUID the user named. Workers get the UUIDs themselves, and one worker per MIG instance
+    (CUDA shows a process at most one, so device_count says 1 however many are listed)."""
+    import torch
+
+    monkeypatch.setattr(local, "nvidia_smi_devices", lambda: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(GPU_UUIDS))
+    slots = plan_local_slots(LaunchOptions(), n_runs=4, cpus=8)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == GPU_UUIDS
+    slots = plan_local_slots(LaunchOptions(device="cuda:1"), n_runs=4, cpus=8)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == GPU_UUIDS[1:]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(MIG_IDS))
+    slots = plan_local_slots(LaunchOptions(), n_runs=4, cpus=8)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == MIG_IDS
+    assert [s.name for s in slots] == MIG_IDS
+
+
+def test_mig_instances_found_by_nvidia_smi(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without CUDA_VISIBLE_DEVICES, a GPU split into MIG instances is used instance by instance."""
+    import torch
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "GPU 0: NVIDIA A100-SXM4-40GB (UUID: {GPU_UUIDS[0]})"
+        echo "  MIG 3g.20gb     Device  0: (UUID: {MIG_IDS[0]})"
+        echo "  MIG 3g.20gb     Device  1: (UUID: {MIG_IDS[1]})"
+        echo "GPU 1: NVIDIA A100-SXM4-40GB (UUID: {GPU_UUIDS[1]})"
+        """))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert local.nvidia_smi_devices() == [*MIG_IDS, "1"]
+    assert local.detect_gpus() == [*MIG_IDS, "1"]
+
+
+def test_gpu_workers_number_gpus_like_nvidia_smi(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    slots = plan_local_slots(LaunchOptions(gpus=[3, 1]), n_runs=2, cpus=4)
+    assert [(s.env["CUDA_VISIBLE_DEVICES"], s.env["CUDA_DEVICE_ORDER"]) for s in slots] == [
+        ("3", "PCI_BUS_ID"), ("1", "PCI_BUS_ID")]
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # the user's explicit choice stands
+    assert plan_local_slots(LaunchOptions(gpus=[3]), n_runs=1, cpus=4)[0].env["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
+
+
+def test_slurm_jobs_never_get_a_local_gpu_index() -> None:
+    """A single-GPU Slurm job sees its GPU as cuda:0: cuda:N of the submitting machine means nothing there."""
+    from petlbench.launch import worker_device
+
+    assert worker_device("slurm", LaunchOptions(device="cuda:3")) == "cuda"
+    assert worker_device("slurm", LaunchOptions(device="cuda")) == "cuda"
+    assert worker_device("slurm", LaunchOptions(device="cuda:1", slurm_gpus_per_task=2)) == "cuda:1"
+    with pytest.raises(PetlbenchError, match="each Slurm job has 2 GPU"):
+        worker_device("slurm", LaunchOptions(device="cuda:2", slurm_gpus_per_task=2))
+    with pytest.raises(PetlbenchError, match="get no GPU"):
+        worker_device("slurm", LaunchOptions(device="cuda", slurm_gpus_per_task=0))
+    with pytest.raises(PetlbenchError, match="get no GPU"):  # before anything is submitted
+        launch([make_spec("unused")], "slurm", LaunchOptions(device="cuda:0", slurm_gpus_per_task=0))
+    assert worker_device("slurm", LaunchOptions(device="auto", slurm_gpus_per_task=0)) == "auto"
+    assert worker_device("local", LaunchOptions(device="cuda:1")) == "cuda"
+    assert worker_device("inline", LaunchOptions(device="cuda:1")) == "cuda:1"
 
 
 def test_local_cpu_workers_run_each_spec_once(tmp_path: Path) -> None:

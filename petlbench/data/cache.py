@@ -12,17 +12,40 @@ changing the image size gives a new file. Writes are atomic (temporary file + ``
 a crashed run never leaves a half-written cache that a later run would trust. Nothing is ever
 written under the user's data root.
 
+**Native resolution.** Under the VTAB protocol (a square bicubic resize, no crop) a split whose
+images all have one size no larger in area than the model's input (CIFAR and SVHN at 32x32,
+dSprites and EuroSAT at 64x64, Camelyon and smallNORB at 96x96) is stored at that size and
+resized per batch on the device (:meth:`~petlbench.data.loader.DeviceLoader._resized`, PIL's
+two-pass bicubic, within 2 of 255 levels per pixel of the PIL resize; tests/data/test_data_native.py).
+That keeps such test sets small enough to stay on the GPU and the cache a fraction of the
+224x224 size. Splits of mixed sizes, larger images and the FGVC recipe are resized at decode time.
+
+**Full disks and interruptions.** The file's space is reserved (``posix_fallocate``) before any
+decoding and the pixels are written with plain writes, never through a writable memory map, so
+a full disk is an ``ENOSPC`` error and not a SIGBUS: the split is then decoded in memory with a
+warning saying "disk full at <folder>", and the partial file is removed. Temporaries are removed
+on SIGTERM, and those left by a killed process (SIGKILL, power loss) are removed by the next
+load in that folder: a temporary whose process no longer runs on this host, or that nobody has
+written to for an hour.
+
 The cache root is ``$PETLBENCH_CACHE`` or ``~/.cache/petlbench`` (see :func:`cache_root`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import signal
+import socket
+import threading
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,15 +94,24 @@ class CachedSplit:
     def num_classes(self) -> int:
         return self.index.num_classes
 
+    @property
+    def device_resize(self) -> int | None:
+        """The side the loader resizes to on the device, for a split stored at native resolution."""
+        side = self.spec.stored_size
+        return None if tuple(self.images.shape[1:3]) == (side, side) else side
 
-def cache_key(index: SplitIndex, spec: TransformSpec) -> str:
-    """Hash of what determines the decoded pixels: split file bytes, paths, image root, file stats, recipe."""
+
+def cache_key(index: SplitIndex, spec: TransformSpec, native: bool = False) -> str:
+    """Hash of what determines the decoded pixels: split file bytes, paths, image root, file stats,
+    recipe, and whether the pixels are stored at native resolution (resized on the device)."""
     h = hashlib.sha256(f"petlbench-decoded-v{FORMAT_VERSION}\n".encode())
     h.update(hashlib.sha256(index.source.read_bytes()).digest())
     h.update(hashlib.sha256("\n".join(index.relpaths).encode()).digest())
     h.update(str(index.image_root.resolve()).encode() + b"\n")
     h.update(stat_signature(index))
     h.update(json.dumps(spec.describe(), sort_keys=True).encode())
+    if native:  # resized-at-decode keys stay what they were, so existing caches stay valid
+        h.update(b"native\n")
     return h.hexdigest()[:32]
 
 
@@ -97,39 +129,244 @@ def _decode_problem(index: SplitIndex, i: int, exc: BaseException) -> Problem:
     return Problem(path, cause, fix, line)
 
 
-def decode_into(index: SplitIndex, spec: TransformSpec, out: np.ndarray, workers: int | None = None) -> None:
-    """Decode every image of ``index`` into ``out[i]``; raise the first failure as a DataError."""
+class _NotUniform(Exception):
+    """An image of a split being stored at native resolution has another size than the first."""
 
-    def work(i: int) -> Problem | None:
+
+def _decode_native(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """Open and fully decode one image as RGB at its own size; ``size`` is (height, width)."""
+    with Image.open(path) as img:
+        img.load()
+        if (img.height, img.width) != size:
+            raise _NotUniform(path)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def native_size(index: SplitIndex, spec: TransformSpec) -> tuple[int, int] | None:
+    """(height, width) to store ``index`` at, if the recipe allows a device-side resize and the first
+    image is no larger in area than the model's input (every other image is checked while decoding)."""
+    side = spec.stored_size
+    if spec.resize != "square" or spec.crop_mode(True) != "none" or spec.crop_mode(False) != "none" or not len(index):
+        return None
+    try:
+        with Image.open(index.paths[0]) as img:  # reads the header only
+            size = (int(img.height), int(img.width))
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        return None  # the decode reports it, with its file and line
+    if size == (side, side) or size[0] * size[1] > side * side:
+        return None  # same pixels as a decode-time resize, or more bytes than it
+    return size
+
+
+def _decode_one(index: SplitIndex, spec: TransformSpec, i: int, size: tuple[int, int] | None) -> np.ndarray:
+    path = index.image_root / index.relpaths[i]
+    return _decode_native(path, size) if size is not None else decode_image(path, spec)
+
+
+def decode_into(
+    index: SplitIndex, spec: TransformSpec, out: np.ndarray, workers: int | None = None,
+    *, native: tuple[int, int] | None = None, start: int = 0,
+) -> None:
+    """Decode images ``start .. start + len(out)`` of ``index`` into ``out``; raise the first failure
+    as a DataError (:class:`_NotUniform` when a native-size image differs from ``native``)."""
+
+    def work(k: int) -> Problem | None:
         try:
-            out[i] = decode_image(index.image_root / index.relpaths[i], spec)
+            out[k] = _decode_one(index, spec, start + k, native)
+        except _NotUniform:
+            raise
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
-            return _decode_problem(index, i, exc)
+            return _decode_problem(index, start + k, exc)
         return None
 
-    n = len(index)
+    n = len(out)
     workers = workers or default_workers()
     if workers <= 1 or n < 8:
-        problems = [work(i) for i in range(n)]
+        problems = [work(k) for k in range(n)]
     else:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="petlbench-decode") as pool:
             problems = list(pool.map(work, range(n), chunksize=max(1, n // (workers * 8))))
     raise_first([p for p in problems if p is not None])
 
 
+# ---------------------------------------------------------------------------- temporaries
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9-]+))?\.(?P<rand>[0-9a-f]{8})\.tmp(?:\.npy)?$")
+#: A temporary nobody wrote to for this long is abandoned, whichever host made it (a live decode
+#: writes every few seconds).
+STALE_TMP_S = 3600.0
+
+_live_tmps: set[Path] = set()
+_tmp_lock = threading.Lock()
+_previous_sigterm: Any = None
+
+
+def _tmp_path(final: Path) -> Path:
+    """``.<name>.<pid>@<host>.<rand>.tmp[.npy]`` next to ``final``: owner and host are in the name."""
+    suffix = ".tmp.npy" if final.suffix == ".npy" else ".tmp"
+    stem = final.stem if final.suffix == ".npy" else final.name
+    return final.with_name(f".{stem}.{os.getpid()}@{_HOST}.{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path, now: float | None = None) -> list[Path]:
+    """Remove the temporaries of processes that died mid-write (killed, power loss); returns them.
+
+    A temporary is stale if its process no longer runs on this host, or if nobody has written to
+    it for :data:`STALE_TMP_S` (the only safe test for one made on another host of a shared disk).
+    """
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TMP_RE.match(entry.name)
+        if m is None:
+            continue
+        path = Path(entry.path)
+        with _tmp_lock:
+            if path in _live_tmps:
+                continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        host, pid = m.group("host"), int(m.group("pid"))
+        dead_here = host == _HOST and pid != os.getpid() and not _pid_alive(pid)
+        if dead_here or age > STALE_TMP_S:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Remove this process's temporaries, then do what SIGTERM did before (default: terminate)."""
+    with _tmp_lock:
+        paths = list(_live_tmps)
+        _live_tmps.clear()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+        return
+    if previous == signal.SIG_IGN:
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+@contextlib.contextmanager
+def _temporary(final: Path) -> Iterator[Path]:
+    """A temporary path for ``final``, removed on error, on exit and on SIGTERM (the main thread
+    installs the handler; it chains to whatever handler was there)."""
+    global _previous_sigterm
+    tmp = _tmp_path(final)
+    installed = False
+    with _tmp_lock:
+        _live_tmps.add(tmp)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+        _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+        installed = True
+    try:
+        yield tmp
+    finally:
+        with _tmp_lock:
+            _live_tmps.discard(tmp)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if installed:
+            signal.signal(signal.SIGTERM, _previous_sigterm)
+            _previous_sigterm = None
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with _temporary(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
 
 
-def _open_cached(path: Path, n: int, side: int) -> np.ndarray | None:
+# ---------------------------------------------------------------------------- writing the cache file
+
+_CHUNK_IMAGES = 256
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    """Claim the file's blocks now, so a full disk fails here (ENOSPC) rather than later."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        return
+    try:
+        fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+            return  # the filesystem cannot reserve; the plain writes below still fail cleanly
+        raise
+
+
+def _write_npy(
+    tmp: Path, index: SplitIndex, spec: TransformSpec, shape: tuple[int, ...], native: tuple[int, int] | None,
+    workers: int | None,
+) -> None:
+    """Write ``index`` decoded as a ``.npy`` file: header, reserved space, then chunks of images
+    with ordinary writes (an ENOSPC is then an OSError, never a SIGBUS from a memory map)."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+    per_image = int(np.prod(shape[1:]))
+    with open(tmp, "xb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.flush()
+        offset = f.tell()
+        _reserve(f.fileno(), offset + per_image * shape[0])
+        chunk = np.empty((min(_CHUNK_IMAGES, shape[0]), *shape[1:]), dtype=np.uint8)
+        for start in range(0, shape[0], _CHUNK_IMAGES):
+            part = chunk[: min(_CHUNK_IMAGES, shape[0] - start)]
+            decode_into(index, spec, part, workers, native=native, start=start)
+            f.write(memoryview(part).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _open_cached(path: Path, n: int, size: tuple[int, int]) -> np.ndarray | None:
     try:
         arr = np.load(path, mmap_mode="c")  # copy-on-write: writable view, the file never changes
     except (OSError, ValueError):
         return None
-    if arr.dtype != np.uint8 or arr.shape != (n, side, side, 3):
+    if arr.dtype != np.uint8 or arr.shape != (n, *size, 3):
         return None
+    return arr
+
+
+def _in_memory(index: SplitIndex, spec: TransformSpec, native: tuple[int, int] | None, workers: int | None) -> np.ndarray:
+    side = spec.stored_size
+    if native is not None:
+        arr = np.empty((len(index), *native, 3), dtype=np.uint8)
+        try:
+            decode_into(index, spec, arr, workers, native=native)
+            return arr
+        except _NotUniform:
+            pass
+    arr = np.empty((len(index), side, side, 3), dtype=np.uint8)
+    decode_into(index, spec, arr, workers)
     return arr
 
 
@@ -144,49 +381,72 @@ def load_images(
     """Decode a split once (or memory-map the cached decode) into a :class:`CachedSplit`.
 
     ``cache_dir`` defaults to ``cache_root() / "decoded"``; ``persist=False`` keeps the array
-    in memory only (nothing written anywhere).
+    in memory only (nothing written anywhere). A full disk is not an error: the split is then
+    decoded in memory, with a warning naming the folder.
     """
     start = time.perf_counter()
-    key = cache_key(index, spec)
     n, side = len(index), spec.stored_size
+    native = native_size(index, spec)
     labels = torch.tensor(index.labels, dtype=torch.int64)
-    path: Path | None = None
-    if persist:
-        folder = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "decoded"
-        path = folder / f"{key}.npy"
-        arr = _open_cached(path, n, side) if path.is_file() else None
-        if arr is not None:
-            return CachedSplit(index, spec, torch.from_numpy(arr), labels, key, path, True, time.perf_counter() - start)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            warnings.warn(f"cannot create cache folder {folder} ({exc}); decoding into memory only", stacklevel=2)
-            path = None
-    if path is None:
-        arr = np.empty((n, side, side, 3), dtype=np.uint8)
-        decode_into(index, spec, arr, workers)
-        return CachedSplit(index, spec, torch.from_numpy(arr), labels, key, None, False, time.perf_counter() - start)
 
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy")
+    def done(arr: np.ndarray, key: str, path: Path | None, hit: bool) -> CachedSplit:
+        return CachedSplit(index, spec, torch.from_numpy(arr), labels, key, path, hit, time.perf_counter() - start)
+
+    resized_key = cache_key(index, spec)
+    native_key = cache_key(index, spec, native=True) if native is not None else None
+    if not persist:
+        arr = _in_memory(index, spec, native, workers)
+        return done(arr, native_key if native_key and arr.shape[1:3] == native else resized_key, None, False)
+
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "decoded"
+    candidates = ([(native_key, native)] if native_key and native else []) + [(resized_key, (side, side))]
+    for key, size in candidates:  # a split found not uniform is cached resized: look there too
+        path = folder / f"{key}.npy"
+        arr = _open_cached(path, n, size) if path.is_file() else None
+        if arr is not None:
+            return done(arr, key, path, True)
     try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, side, side, 3))
-        decode_into(index, spec, mm, workers)
-        mm.flush()
-        del mm
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    meta: dict[str, Any] = {
-        "format": FORMAT_VERSION, "key": key, "shape": [n, side, side, 3], "suite": index.suite,
-        "task": index.task, "split": index.split, "source": str(index.source),
-        "image_root": str(index.image_root), "spec": spec.describe(), "created": time.time(),
-    }
-    _atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
-    arr = _open_cached(path, n, side)
-    if arr is None:  # pragma: no cover - only if the file vanished between the two lines
-        raise OSError(f"cache file {path} could not be read back")
-    return CachedSplit(index, spec, torch.from_numpy(arr), labels, key, path, False, time.perf_counter() - start)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        warnings.warn(f"cannot create cache folder {folder} ({exc}); decoding into memory only", stacklevel=2)
+        arr = _in_memory(index, spec, native, workers)
+        return done(arr, native_key if native_key and arr.shape[1:3] == native else resized_key, None, False)
+    remove_stale_temporaries(folder)
+
+    for key, size in candidates:
+        path = folder / f"{key}.npy"
+        stored_native = size if size != (side, side) else None
+        try:
+            with _temporary(path) as tmp:
+                _write_npy(tmp, index, spec, (n, *size, 3), stored_native, workers)
+                os.replace(tmp, path)
+        except _NotUniform:
+            continue  # mixed sizes after all: store it resized
+        except OSError as exc:
+            if not _disk_full(exc):
+                raise
+            warnings.warn(
+                f"disk full at {folder}: the decoded {index.task}/{index.split} split needs "
+                f"{n * size[0] * size[1] * 3 / 1e9:.2f} GB there. Decoding it into memory instead; free space "
+                f"or set {CACHE_ENV} to a larger disk to cache it.", stacklevel=2,
+            )
+            arr = _in_memory(index, spec, stored_native, workers)
+            return done(arr, native_key if native_key and arr.shape[1:3] == native else resized_key, None, False)
+        meta: dict[str, Any] = {
+            "format": FORMAT_VERSION, "key": key, "shape": [n, *size, 3], "suite": index.suite,
+            "task": index.task, "split": index.split, "source": str(index.source),
+            "image_root": str(index.image_root), "spec": spec.describe(), "created": time.time(),
+            "native_resolution": stored_native is not None,
+        }
+        try:
+            _atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+        except OSError as exc:  # the description is for people; the array is what is read back
+            warnings.warn(f"could not write {path.with_suffix('.json')} ({exc})", stacklevel=2)
+        arr = _open_cached(path, n, size)
+        if arr is None:  # pragma: no cover - only if the file vanished between the two lines
+            raise OSError(f"cache file {path} could not be read back")
+        return done(arr, key, path, False)
+    raise AssertionError("unreachable: the resized candidate never raises _NotUniform")  # pragma: no cover
 
 
 def load_split(

@@ -4,7 +4,12 @@ Per-sample work in Python (the usual ``Dataset.__getitem__`` + ``DataLoader`` wo
 bottleneck for small ViT fine-tuning runs. Here an epoch is a permutation; a batch is one
 ``index_select`` of uint8 rows, one host-to-device copy (pinned, asynchronous, double
 buffered), one gather that does every sample's random crop *and* horizontal flip at once, and
-one fused multiply-add for ``(x / 255 - mean) / std``.
+one fused multiply-add for ``(x / 255 - mean) / std``. Images cached at their native size
+(smaller than the model's input) are resized per batch on the device, as PIL would.
+
+No batch makes a synchronous host-to-device copy: the epoch's order and augmentation parameters
+go to the device in one asynchronous copy per epoch and each batch slices them there, so the CPU
+can run ahead of the GPU. Every host-to-device copy goes through :func:`_h2d` (tests count them).
 
 Randomness (order, crop offsets, flips) comes from a CPU ``torch.Generator`` seeded from
 ``(seed, epoch)``, so a given seed yields the same batches on CPU and GPU and across runs.
@@ -14,15 +19,22 @@ jumps to a given epoch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from petlbench.data.cache import CachedSplit
 from petlbench.data.transforms import Normalization, center_offset, resolve_normalization
 
 _RESIDENT_MAX_BYTES = 4 << 30
+
+
+def _h2d(tensor: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
+    """The loader's only way onto the device: one place to audit (and, in tests, count) copies."""
+    return tensor.to(device, non_blocking=non_blocking)
 
 
 def _mix(seed: int, epoch: int) -> int:
@@ -49,6 +61,7 @@ class DeviceLoader:
         dtype: torch.dtype = torch.float32,
         resident: bool | None = None,
         channels_last: bool = False,
+        resize: int | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be a uint8 N x H x W x 3 tensor, got {images.dtype} {tuple(images.shape)}")
@@ -56,10 +69,14 @@ class DeviceLoader:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        height, width = int(images.shape[1]), int(images.shape[2])
+        if resize is not None and resize < 1:
+            raise ValueError(f"resize must be a positive size, got {resize}")
+        self.resize = int(resize) if resize is not None else None
+        height, width = (self.resize, self.resize) if self.resize is not None else (int(images.shape[1]), int(images.shape[2]))
+        self.stored_size = (height, width)  # per-sample size before any crop (after the device resize)
         self.crop = int(crop) if crop is not None else None
         if self.crop is not None and (self.crop > height or self.crop > width):
-            raise ValueError(f"crop {self.crop} is larger than the stored images ({height}x{width})")
+            raise ValueError(f"crop {self.crop} is larger than the images ({height}x{width})")
         self.images = images
         self.labels = labels.to(torch.int64)
         self.batch_size = int(batch_size)
@@ -80,11 +97,13 @@ class DeviceLoader:
         self.pin = cuda and not resident
         self._device_images: torch.Tensor | None = None
         self._device_labels: torch.Tensor | None = None
+        self._streaming: tuple[Any, list[torch.Tensor], list[Any]] | None = None  # copy stream, buffers, events
         mean = torch.tensor(self.normalization.mean, dtype=torch.float32)
         std = torch.tensor(self.normalization.std, dtype=torch.float32)
         # (x / 255 - mean) / std  ==  x * scale + shift
-        self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(self.device)
-        self._shift = (-mean / std).view(1, 3, 1, 1).to(self.device)
+        with self._on_device():
+            self._scale = _h2d((1.0 / (255.0 * std)).view(1, 3, 1, 1), self.device)
+            self._shift = _h2d((-mean / std).view(1, 3, 1, 1), self.device)
 
     @classmethod
     def for_split(
@@ -97,13 +116,15 @@ class DeviceLoader:
         shuffle: bool | None = None,
         **kwargs: Any,
     ) -> DeviceLoader:
-        """A loader applying ``cached.spec``'s train or eval recipe; shuffles when training unless told."""
+        """A loader applying ``cached.spec``'s train or eval recipe (and the device resize of a split
+        stored at native resolution); shuffles when training unless told."""
         spec = cached.spec
         mode = spec.crop_mode(train)
         return cls(
             cached.images, cached.labels, batch_size=batch_size, normalization=normalization,
             crop=spec.image_size if mode != "none" else None, random_crop=mode == "random",
-            flip=spec.flip(train), shuffle=train if shuffle is None else shuffle, **kwargs,
+            flip=spec.flip(train), shuffle=train if shuffle is None else shuffle,
+            resize=cached.device_resize, **kwargs,
         )
 
     def _fits_on_device(self) -> bool:
@@ -122,7 +143,7 @@ class DeviceLoader:
     def output_size(self) -> tuple[int, int]:
         if self.crop is not None:
             return self.crop, self.crop
-        return int(self.images.shape[1]), int(self.images.shape[2])
+        return self.stored_size
 
     def __len__(self) -> int:
         n, b = self.num_samples, self.batch_size
@@ -138,84 +159,138 @@ class DeviceLoader:
             "batch_size": self.batch_size, "crop": self.crop, "random_crop": self.random_crop, "flip": self.flip,
             "shuffle": self.shuffle, "drop_last": self.drop_last, "seed": self.seed,
             "normalization": self.normalization.as_dict(), "dtype": str(self.dtype).replace("torch.", ""),
+            "device_resize": self.resize,
         }
 
-    def _batches(self, gen: torch.Generator) -> list[torch.Tensor]:
+    def _epoch_plan(self, gen: torch.Generator) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """This epoch's batches as ``(start, stop)`` spans of one ``4 x n`` int64 plan (rows: sample
+        index, crop top, crop left, flip), drawn on the CPU so a seed gives the same batches on any
+        device, in the same order as ever (permutation, then per batch: tops, lefts, flips)."""
         n = self.num_samples
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         batches = list(torch.split(order, self.batch_size))
         if self.drop_last and batches and batches[-1].numel() < self.batch_size:
             batches.pop()
-        return batches
+        used = sum(int(idx.numel()) for idx in batches)
+        plan = torch.zeros((4, used), dtype=torch.int64)
+        out_h, out_w = self.output_size
+        plan[1] = center_offset(self.stored_size[0], out_h)
+        plan[2] = center_offset(self.stored_size[1], out_w)
+        spans: list[tuple[int, int]] = []
+        start = 0
+        for idx in batches:
+            stop = start + int(idx.numel())
+            plan[0, start:stop] = idx
+            oy, ox, flips = self._draw(stop - start, gen)
+            if oy is not None and ox is not None:
+                plan[1, start:stop] = oy
+                plan[2, start:stop] = ox
+            if flips is not None:
+                plan[3, start:stop] = flips.to(torch.int64)
+            spans.append((start, stop))
+            start = stop
+        return spans, plan
+
+    def _on_device(self) -> contextlib.AbstractContextManager[Any]:
+        """Every CUDA call of the loader runs with its device current (streams, events, kernels)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _plan_to_device(self, plan: torch.Tensor) -> torch.Tensor:
+        """The epoch's plan in one asynchronous copy, so no batch waits on a pageable host copy."""
+        if self.device.type == "cuda":
+            plan = plan.pin_memory()
+        return _h2d(plan, self.device, non_blocking=True)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
         self.epoch += 1
-        batches = self._batches(gen)
-        # Draw every random number up front, in batch order, so results never depend on the device.
-        params = [self._draw(len(idx), gen) for idx in batches]
+        spans, plan = self._epoch_plan(gen)
         if self.resident:
-            if self._device_images is None or self._device_labels is None:
-                self._device_images = self.images.to(self.device)
-                self._device_labels = self.labels.to(self.device)
-            images, labels = self._device_images, self._device_labels
-            for idx, p in zip(batches, params, strict=True):
-                idx = idx.to(self.device)
-                yield self._finish(images, idx, labels[idx], p)
+            with self._on_device():
+                if self._device_images is None:
+                    self._device_images = _h2d(self.images, self.device)
+                labels = self._device_labels_once()
+                plan_dev = self._plan_to_device(plan)
+            images = self._device_images
+            for start, stop in spans:
+                with self._on_device():
+                    p = plan_dev[:, start:stop]
+                    batch = self._finish(images, p[0], labels[p[0]], p[1:])
+                yield batch
             return
-        yield from self._iter_streamed(batches, params)
+        yield from self._iter_streamed(spans, plan)
 
-    def _iter_streamed(self, batches: list[torch.Tensor], params: list[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Host cache larger than the device: gather into pinned buffers, copy asynchronously."""
-        shape = (self.batch_size, *self.images.shape[1:])
-        buffers = [torch.empty(shape, dtype=torch.uint8).pin_memory() for _ in range(2)]
-        events: list[Any] = [None, None]
-        for step, (idx, p) in enumerate(zip(batches, params, strict=True)):
+    def _device_labels_once(self) -> torch.Tensor:
+        if self._device_labels is None:
+            self._device_labels = _h2d(self.labels, self.device)
+        return self._device_labels
+
+    def _iter_streamed(self, spans: list[tuple[int, int]], plan: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Host cache larger than the device: gather into two pinned buffers and copy each batch on
+        an explicit copy stream of the loader's device. An event recorded on that stream after each
+        copy guards its buffer: the buffer is refilled only once the copy that read it is done."""
+        dev = self.device
+        with self._on_device():
+            if self._streaming is None:  # made once: pinned allocations are slow, the buffers are reused
+                shape = (self.batch_size, *self.images.shape[1:])
+                buffers = [torch.empty(shape, dtype=torch.uint8).pin_memory() for _ in range(2)]
+                self._streaming = (torch.cuda.Stream(device=dev), buffers, [None, None])
+            copy_stream, buffers, events = self._streaming
+            labels = self._device_labels_once()
+            plan_dev = self._plan_to_device(plan)
+        for step, (start, stop) in enumerate(spans):
             slot = step % 2
-            if events[slot] is not None:
-                events[slot].synchronize()  # the copy that last read this buffer has finished
-            out = buffers[slot][: len(idx)]
-            torch.index_select(self.images, 0, idx, out=out)
-            x = out.to(self.device, non_blocking=True)
-            y = self.labels[idx].pin_memory().to(self.device, non_blocking=True)
-            events[slot] = torch.cuda.Event()
-            events[slot].record()
-            yield self._finish(x, None, y, p)
+            with self._on_device():
+                if events[slot] is not None:
+                    events[slot].synchronize()  # the copy that last read this buffer has finished
+                out = buffers[slot][: stop - start]
+                torch.index_select(self.images, 0, plan[0, start:stop], out=out)
+                compute = torch.cuda.current_stream(dev)
+                copy_stream.wait_stream(compute)  # the copy's destination memory is free on both streams
+                with torch.cuda.stream(copy_stream):
+                    x = _h2d(out, dev, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(copy_stream)
+                events[slot] = event
+                compute.wait_stream(copy_stream)  # kernels of this batch start after its copy
+                x.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+                p = plan_dev[:, start:stop]
+                batch = self._finish(x, None, labels[p[0]], p[1:])
+            yield batch
 
     def _draw(self, b: int, gen: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         oy = ox = flips = None
         if self.random_crop:
             assert self.crop is not None
-            oy = torch.randint(0, int(self.images.shape[1]) - self.crop + 1, (b,), generator=gen)
-            ox = torch.randint(0, int(self.images.shape[2]) - self.crop + 1, (b,), generator=gen)
+            oy = torch.randint(0, self.stored_size[0] - self.crop + 1, (b,), generator=gen)
+            ox = torch.randint(0, self.stored_size[1] - self.crop + 1, (b,), generator=gen)
         if self.flip:
             flips = torch.rand(b, generator=gen) < 0.5
         return oy, ox, flips
 
     def _finish(
-        self, source: torch.Tensor, idx: torch.Tensor | None, y: torch.Tensor, params: Any
+        self, source: torch.Tensor, idx: torch.Tensor | None, y: torch.Tensor, params: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Select, crop + flip (one gather) and normalise a batch on ``source``'s device.
+        """Select, resize, crop + flip (one gather) and normalise a batch on ``source``'s device.
 
         ``source`` is ``N x H x W x 3`` uint8 with ``idx`` the batch rows, or the batch itself
-        (``idx=None``).
+        (``idx=None``); ``params`` is the ``3 x B`` (top, left, flip) slice of the epoch plan,
+        already on the device.
         """
-        oy, ox, flips = params
+        if self.resize is not None:
+            source = self._resized(source[idx] if idx is not None else source)
+            idx = None
         h, w = int(source.shape[1]), int(source.shape[2])
         b = int(idx.shape[0]) if idx is not None else int(source.shape[0])
         out_h, out_w = self.output_size
         dev = source.device
-        if oy is None and flips is None:
+        if not self.random_crop and not self.flip:
             x = source[idx] if idx is not None else source
             if (out_h, out_w) != (h, w):  # centre crop: a view of the batch
                 top, left = center_offset(h, out_h), center_offset(w, out_w)
                 x = x[:, top:top + out_h, left:left + out_w]
         else:
-            if oy is None:
-                oy = torch.full((b,), center_offset(h, out_h), dtype=torch.int64)
-                ox = torch.full((b,), center_offset(w, out_w), dtype=torch.int64)
-            flip = flips if flips is not None else torch.zeros(b, dtype=torch.bool)
-            oy, ox, flip = torch.stack([oy, ox, flip.to(torch.int64)]).to(dev)  # one small copy
+            oy, ox, flip = params[0], params[1], params[2]
             ar_h = torch.arange(out_h, device=dev)
             ar_w = torch.arange(out_w, device=dev)
             rows = oy[:, None] + ar_h  # B x S
@@ -226,3 +301,20 @@ class DeviceLoader:
         x = torch.addcmul(self._shift, x, self._scale)
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return x.to(self.dtype), y
+
+    def _resized(self, batch: torch.Tensor) -> torch.Tensor:
+        """``B x h x w x 3`` uint8 at native size -> ``B x S x S x 3`` uint8, as PIL's bicubic resize
+        does it: a horizontal then a vertical pass with PIL's kernel (a = -0.5, antialiased support),
+        each rounded and clamped to uint8. Matches the PIL decode-time resize within 2 levels per pixel
+        (tests/data/test_data_native.py states and checks the tolerance)."""
+        assert self.resize is not None
+        side = self.resize
+        x = batch.permute(0, 3, 1, 2).float()
+        with torch.autocast(x.device.type, enabled=False):
+            if int(x.shape[3]) != side:
+                x = F.interpolate(x, size=(int(x.shape[2]), side), mode="bicubic", antialias=True, align_corners=False)
+                x = x.round_().clamp_(0, 255)
+            if int(x.shape[2]) != side:
+                x = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+                x = x.round_().clamp_(0, 255)
+        return x.to(torch.uint8).permute(0, 2, 3, 1)

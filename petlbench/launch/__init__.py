@@ -24,6 +24,7 @@ the sweep logic does not care where runs happen:
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -39,16 +40,17 @@ from petlbench.launch.common import (
     failed_record,
     noop,
     validate_options,
+    worker_device,
 )
 from petlbench.launch.inline import launch_inline
-from petlbench.launch.local import detect_gpus, launch_local, plan_local_slots, usable_cpus
+from petlbench.launch.local import DEVICE_ORDER, detect_gpus, launch_local, plan_local_slots, usable_cpus
 from petlbench.launch.slurm import SlurmRun, check_slurm, launch_slurm, make_slurm_executor, slurm_parameters
 from petlbench.records import check_output
 from petlbench.runspec import RunSpec
 
 __all__ = [
     "LAUNCHERS", "LaunchOptions", "SlurmRun", "check_slurm", "default_execute", "detect_gpus", "failed_record",
-    "launch", "make_slurm_executor", "plan_local_slots", "slurm_parameters", "usable_cpus",
+    "launch", "make_slurm_executor", "plan_local_slots", "slurm_parameters", "usable_cpus", "worker_device",
 ]
 
 
@@ -70,17 +72,21 @@ def launch(
     """Execute ``specs`` with ``launcher`` (inline | local | slurm); returns records in spec order.
 
     Raises :class:`PetlbenchError` for unusable options, an output folder that cannot hold records
-    or an unreachable Slurm, before anything runs; run failures never raise, they come back as records with ``status == "failed"``.
+    or an unreachable Slurm, before anything runs; run failures never raise, they come back as
+    records with ``status == "failed"``.
     """
     if launcher not in LAUNCHERS:
         raise PetlbenchError(did_you_mean(launcher, LAUNCHERS, "launcher"))
     options = options or LaunchOptions()
     validate_options(options)
     specs = list(specs)
+    device = worker_device(launcher, options)  # checked for every launcher, before anything runs
+    # GPU numbers mean nvidia-smi's (PCI bus order) in this process too (inline runs), unless the
+    # user chose an order; it only takes effect while CUDA is not initialised yet, which it is not
+    # before the first run.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", DEVICE_ORDER)
     if execute is None:
-        # A local worker is pinned to its one GPU, which it sees as device 0: "cuda:N" chose the GPU.
-        worker_device = "cuda" if launcher == "local" and options.device.startswith("cuda:") else options.device
-        execute = functools.partial(default_execute, device=worker_device)
+        execute = functools.partial(default_execute, device=device)
     on_start = on_start or noop
     on_done = on_done or noop
     if not specs:  # nothing to run needs no cluster

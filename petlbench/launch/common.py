@@ -41,9 +41,9 @@ class LaunchOptions:
     #: local: parallel runs. On GPUs at most one per GPU (fewer GPUs are used if smaller);
     #: on CPU defaults to half the usable cores.
     workers: int | None = None
-    #: local: physical GPU ids to use (as nvidia-smi numbers them); None = every visible GPU,
-    #: [] = CPU workers only.
-    gpus: list[int] | None = None
+    #: local: GPUs to use, as nvidia-smi numbers them (or GPU UUIDs / MIG instance ids); None =
+    #: every visible GPU (or MIG instance), [] = CPU workers only.
+    gpus: list[int | str] | None = None
     #: auto | cpu | cuda: handed to the engine; ``cpu`` also makes ``local`` ignore GPUs.
     device: str = "auto"
     #: local CPU workers: torch threads per worker (default: usable cores // workers).
@@ -102,6 +102,32 @@ def validate_options(options: LaunchOptions) -> None:
         raise PetlbenchError(
             f"--slurm-array-parallelism must be at least 1, got {options.slurm_array_parallelism}."
         )
+
+
+def worker_device(launcher: str, options: LaunchOptions) -> str:
+    """The ``--device`` the engine gets inside a run's process.
+
+    A local worker is pinned to its one GPU, which it sees as device 0, so ``cuda:N`` (which chose
+    the GPU) becomes ``cuda`` there. A Slurm job sees only the GPUs Slurm gave it: ``cuda:N`` names a
+    GPU of this machine, not of the job's node, so it becomes ``cuda`` for a single-GPU job and must
+    be below ``--slurm-gpus-per-task`` otherwise; asking for CUDA in jobs that request no GPU is an error.
+    """
+    device = options.device
+    if launcher == "local" and device.startswith("cuda:"):
+        return "cuda"
+    if launcher == "slurm" and device.startswith("cuda"):
+        gpus = options.slurm_gpus_per_task
+        if gpus == 0:
+            raise PetlbenchError(f"--device {device} with --slurm-gpus-per-task 0: the jobs get no GPU. "
+                                 "Fix: --slurm-gpus-per-task 1, or --device cpu / auto.")
+        if device.startswith("cuda:"):
+            index = cuda_index(device)
+            if gpus == 1:
+                return "cuda"
+            if index >= gpus:
+                raise PetlbenchError(f"--device {device}: each Slurm job has {gpus} GPU(s), seen as cuda:0 .. "
+                                     f"cuda:{gpus - 1}. Fix: --device cuda, or a lower index.")
+    return device
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +53,49 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def detect_gpus() -> list[int]:
-    """Physical ids of the GPUs this process may use (honours CUDA_VISIBLE_DEVICES)."""
+#: Worker GPUs are numbered like nvidia-smi (PCI bus order), not CUDA's default "fastest first".
+DEVICE_ORDER = "PCI_BUS_ID"
+
+
+def _is_mig(device_id: str) -> bool:
+    return device_id.upper().startswith("MIG-")
+
+
+def nvidia_smi_devices(timeout_s: float = 30.0) -> list[str] | None:
+    """``nvidia-smi -L`` as worker device ids, in its order: a GPU's index, or the UUIDs of its MIG
+    instances where it has any (one worker each). None without a working nvidia-smi."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        proc = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    devices: list[str] = []
+    gpu: str | None = None
+    migs: list[str] = []
+
+    def flush() -> None:
+        if gpu is not None:
+            devices.extend(migs or [gpu])
+
+    for line in proc.stdout.splitlines():
+        if m := re.match(r"\s*GPU (\d+):", line):
+            flush()
+            gpu, migs = m.group(1), []
+        elif (m := re.match(r"\s*MIG .*\(UUID: (MIG-[^)\s]+)\)", line)) and gpu is not None:
+            migs.append(m.group(1))
+    flush()
+    return devices
+
+
+def detect_gpus() -> list[str]:
+    """The devices this process may use, each as the ``CUDA_VISIBLE_DEVICES`` value that pins one
+    worker to it: nvidia-smi indices, GPU UUIDs or MIG instance ids, as the user's own
+    ``CUDA_VISIBLE_DEVICES`` names them (a worker's variable replaces the parent's, so an index
+    would name a different GPU than the UUID it stood for)."""
     try:
         import torch
 
@@ -59,18 +103,31 @@ def detect_gpus() -> list[int]:
     except Exception:  # no torch build with CUDA, no driver: a CPU machine
         return []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
+    if visible is not None:
         ids = [v.strip() for v in visible.split(",") if v.strip()]
-        if all(v.isdigit() for v in ids) and len(ids) >= count:
-            return [int(v) for v in ids[:count]]
-    return list(range(count))
+        if any(_is_mig(v) for v in ids):
+            # CUDA enumerates at most one MIG instance per process, so device_count cannot
+            # vouch for the list: every instance named gets its own worker.
+            return ids
+        return ids[:count]  # CUDA ignores everything from the first entry that names no device
+    if count == 0:
+        return []
+    listed = nvidia_smi_devices()
+    if listed and any(_is_mig(v) for v in listed):
+        return listed
+    return [str(i) for i in range(count)]
+
+
+def _slot_name(device_id: str) -> str:
+    return f"gpu{device_id}" if device_id.isdigit() else device_id
 
 
 def plan_local_slots(
-    options: LaunchOptions, n_runs: int, gpus: list[int] | None = None, cpus: int | None = None
+    options: LaunchOptions, n_runs: int, gpus: Sequence[int | str] | None = None, cpus: int | None = None
 ) -> list[Slot]:
-    """Decide the local workers: one per GPU (pinned with CUDA_VISIBLE_DEVICES), else CPU workers
-    sharing the cores so that parallel runs do not oversubscribe them."""
+    """Decide the local workers: one per GPU or MIG instance (pinned with CUDA_VISIBLE_DEVICES, GPUs
+    numbered in PCI bus order like nvidia-smi), else CPU workers sharing the cores so that parallel
+    runs do not oversubscribe them."""
     cpus = cpus or usable_cpus()
     if gpus is None:
         gpus = [] if options.device == "cpu" else (options.gpus if options.gpus is not None else detect_gpus())
@@ -80,14 +137,17 @@ def plan_local_slots(
                 raise PetlbenchError(f"--device {options.device}: only {len(gpus)} GPU(s) are visible. "
                                      f"Fix: --device cuda:0 .. cuda:{max(0, len(gpus) - 1)}, or --device cuda for all.")
             gpus = [gpus[index]]
-    if options.device.startswith("cuda") and not gpus:
+    ids = [str(g).strip() for g in gpus]
+    if options.device.startswith("cuda") and not ids:
         raise PetlbenchError("--device cuda was asked for but no GPU is visible. Fix: use --device cpu.")
-    if gpus:
-        chosen = gpus[: options.workers] if options.workers else list(gpus)
+    if ids:
+        chosen = ids[: options.workers] if options.workers else ids
         chosen = chosen[: max(1, n_runs)]
         threads = options.threads_per_worker or max(1, cpus // len(chosen))
+        order = os.environ.get("CUDA_DEVICE_ORDER", DEVICE_ORDER)  # an explicit choice of the user's stands
         return [
-            Slot(f"gpu{g}", {"CUDA_VISIBLE_DEVICES": str(g), **{v: str(threads) for v in THREAD_VARS}}, threads)
+            Slot(_slot_name(g), {"CUDA_VISIBLE_DEVICES": g, "CUDA_DEVICE_ORDER": order,
+                                 **{v: str(threads) for v in THREAD_VARS}}, threads)
             for g in chosen
         ]
     workers = options.workers or max(1, cpus // 2)
