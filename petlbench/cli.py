@@ -220,6 +220,10 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
     from petlbench.launch import LaunchOptions
 
     started = time.perf_counter()
+    if not dry_run:  # a results folder that cannot hold records: say so before data, weights or training
+        from petlbench.records import check_output
+
+        check_output(output, create=False)  # the launcher checks again, creating the record folders
     plan = sweep.plan(suite, split_list([methods]), split_list(tasks), _seeds(seeds),
                       backbone=backbone, backbone_kwargs=parse_backbone_args(backbone_args), pretrained=pretrained,
                       data_root=data_root, output=output, protocol=protocol, sets=parse_sets(sets),
@@ -243,9 +247,10 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
         slurm_array_parallelism=slurm_array_parallelism, slurm_folder=str(Path(output) / ".slurm"),
     )
     try:
-        sweep.execute(plan, todo, launcher, options, quiet=quiet, device=device)
+        ran = sweep.execute(plan, todo, launcher, options, quiet=quiet, device=device)
     except KeyboardInterrupt:
         _interrupted(plan, todo, output, started)
+    elsewhere = sum(r.get("status") == "claimed" for r in ran)
     records = sweep.collect(plan.specs)
     failed = [r for r in records if r.get("status") != "ok"]
     if records:
@@ -253,7 +258,8 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
 
         click.echo(markdown_table(records, suite=plan.suite.name,
                                   on_warning=lambda w: click.echo(f"warning: {w}", err=True)))
-    click.echo(f"{len(records) - len(failed)} ok, {len(failed)} failed, {len(plan.specs) - len(records)} missing; "
+    busy = f" ({elsewhere} running in another sweep)" if elsewhere else ""
+    click.echo(f"{len(records) - len(failed)} ok, {len(failed)} failed, {len(plan.specs) - len(records)} missing{busy}; "
                f"records in {output} ({sweep.elapsed(started)})", err=True)
     if failed or len(records) < len(plan.specs):
         sys.exit(1)

@@ -113,14 +113,36 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8-sig")
+        data = yaml.safe_load(text) or {}
     except OSError as exc:
         raise PetlbenchError(f"config file {path}: cannot read it ({exc.strerror}).") from None
+    except UnicodeDecodeError as exc:
+        raise PetlbenchError(f"config file {path}: not UTF-8 text (byte {exc.start}). "
+                             "Fix: save it as UTF-8 (YAML files are UTF-8).") from None
     except yaml.YAMLError as exc:
         raise PetlbenchError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]}).") from None
+    except RecursionError:
+        raise PetlbenchError(f"config file {path}: nested too deeply (a corrupt file?). "
+                             "Fix: write flat `key: value` settings.") from None
     if not isinstance(data, dict):
         raise PetlbenchError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}.")
     methods = data.pop("methods", {}) or {}
     if not isinstance(methods, dict) or not all(isinstance(v, dict) for v in methods.values()):
         raise PetlbenchError(f"config file {path}: `methods` must map method names to mappings of hyperparameters.")
+    _string_keys(path, data, "")
+    _string_keys(path, methods, "methods")
+    for name, hparams in methods.items():
+        _string_keys(path, hparams, f"methods.{name}")
     return {"set": data, "methods": methods}
+
+
+def _string_keys(path: Path, mapping: Mapping[Any, Any], where: str) -> None:
+    """YAML keys such as ``1:``, ``true:`` or ``null:`` are not names; say which one, not a TypeError."""
+    for key in mapping:
+        if not isinstance(key, str):
+            place = f"`{where}` has" if where else "has"
+            raise PetlbenchError(
+                f"config file {path}: {place} the key {key!r} ({type(key).__name__}), not a name. "
+                "Fix: write names of settings, methods or hyperparameters as keys (quote them if needed)."
+            )

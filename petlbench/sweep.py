@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from petlbench.claims import CLAIMED
 from petlbench.config import load_config_file, resolve_train, split_overrides
 from petlbench.errors import PetlbenchError
 from petlbench.records import is_done
@@ -264,14 +265,19 @@ class Progress:
             self.bar.set_postfix_str(f"{self.current} epoch {epoch}/{epochs} loss {loss:.3f}")
 
     def done(self, spec: RunSpec, record: Mapping[str, Any]) -> None:
+        status = record.get("status")
+        err = record.get("error") or {}
+        line = None
+        if status == CLAIMED:
+            line = f"SKIPPED {spec.label}: {err.get('message')}"
+        elif status != "ok":
+            line = f"FAILED {spec.label}: {err.get('type')}: {err.get('message')}"
         if self.bar is not None:
             self.bar.update(1)
-            if record.get("status") != "ok":
-                err = record.get("error") or {}
-                self.bar.write(f"FAILED {spec.label}: {err.get('type')}: {err.get('message')}")
-        elif record.get("status") != "ok":
-            err = record.get("error") or {}
-            print(f"FAILED {spec.label}: {err.get('type')}: {err.get('message')}", file=sys.stderr)
+            if line:
+                self.bar.write(line)
+        elif line:
+            print(line, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

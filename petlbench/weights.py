@@ -110,6 +110,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise PetlbenchError(f"weights file {path} is not a readable safetensors file ({exc}); it may be truncated. "
                                  + _fix_hint()) from None
     try:
+        if path.stat().st_size == 0:
+            raise PetlbenchError(f"weights file {path} is empty (0 bytes; an interrupted download?). "
+                                 + _fix_hint())
+    except OSError as exc:
+        raise PetlbenchError(f"weights file {path} cannot be read ({exc.strerror or exc}). {_fix_hint()}") from None
+    try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise PetlbenchError(
@@ -117,8 +123,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             "arbitrary code. Fix: re-save it as a state_dict of tensors (torch.save(model.state_dict(), ...)) "
             "or as .safetensors."
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise PetlbenchError(f"weights file {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+    except Exception as exc:  # noqa: BLE001 - garbage bytes raise EOFError, IndexError, KeyError, struct.error...
+        detail = type(exc).__name__ + (f": {str(exc).splitlines()[0]}" if str(exc).strip() else "")
+        raise PetlbenchError(f"weights file {path} cannot be read ({detail}); "
                              f"it may be truncated or not a PyTorch checkpoint. {_fix_hint()}") from None
     for _ in range(3):  # unwrap {"state_dict": {...}} / {"model": {...}} containers
         if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -177,9 +184,33 @@ def load_state(bb: Backbone, state: dict[str, torch.Tensor], source: Path) -> in
             f"weights file {source} does not match backbone {bb.arch!r}: {'; '.join(parts)}. "
             "Fix: pass the checkpoint of this exact architecture (or the --backbone it was trained for)."
         )
+    check_values({k: given[k] for k in sorted(wanted) if own[k].is_floating_point()}, source)
     for key in wanted:
         own[key].copy_(given[key].to(own[key].dtype))
     return len(wanted)
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_values(tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse backbone tensors that are not real floating-point numbers, or that hold NaN/inf.
+
+    Casting an integer or boolean tensor to float "works" and trains on garbage under a valid
+    SHA-256; fp16/bf16/fp64 checkpoints are fine (cast to the model's dtype on load).
+    """
+    wrong = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in tensors.items() if v.dtype not in _FLOAT_DTYPES]
+    if wrong:
+        raise PetlbenchError(
+            f"weights file {source} stores backbone tensors as non-floating-point numbers: {_list(wrong)}. "
+            "Fix: pass the original floating-point checkpoint (fp32, fp16 or bf16); these are not trained weights."
+        )
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise PetlbenchError(
+            f"weights file {source} has NaN or infinite values in backbone tensors: {_list(bad)}. "
+            "Fix: re-download the checkpoint (its SHA-256 will differ from the published one) or re-export it."
+        )
 
 
 @torch.no_grad()
@@ -196,9 +227,15 @@ def load_npz(bb: Backbone, path: Path) -> int:
     try:
         with np.load(str(path), allow_pickle=False) as npz:
             keys = list(npz.files)
+            not_float = [f"{k} ({npz[k].dtype})" for k in keys if npz[k].dtype.kind != "f"]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise PetlbenchError(f"weights file {path} is not a readable .npz ({exc}); it may be truncated. "
                              + _fix_hint()) from None
+    if not_float:
+        raise PetlbenchError(
+            f"weights file {path} stores tensors as non-floating-point numbers: {_list(not_float)}. "
+            "Fix: pass the original floating-point checkpoint; these are not trained weights."
+        )
     blocks = {int(m.group(1)) for k in keys if (m := re.search(r"encoderblock_(\d+)/", k))}
     if blocks and len(blocks) != len(bb.blocks):
         raise PetlbenchError(
@@ -220,6 +257,7 @@ def load_npz(bb: Backbone, path: Path) -> int:
     if missing:
         raise PetlbenchError(f"weights file {path} left backbone tensors unset (or NaN): {_list(missing)}. "
                              + _fix_hint())
+    check_values(dict(body), path)  # infinities
     return len(body)
 
 

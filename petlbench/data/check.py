@@ -30,9 +30,10 @@ from typing import Any
 
 from PIL import Image
 
+from petlbench.data.files import file_problem, read_regular_file
 from petlbench.data.fingerprint import digest_split
 from petlbench.data.problems import WARNING, DataError, Problem
-from petlbench.data.readers import SplitIndex, check_data_root, collect_split, find_task_dir
+from petlbench.data.readers import SplitIndex, check_data_root, collect_split, find_task_dir, missing_fix
 from petlbench.data.suites import Suite, Task, get_suite
 
 
@@ -145,8 +146,11 @@ class CheckReport:
 
 def _verify_image(path: Path) -> tuple[bytes | None, str | None]:
     """Read a file once: its SHA-256, and whether PIL can verify and fully decode it."""
+    cause = file_problem(path)  # FIFOs, devices, folders: one line, never opened
+    if cause is not None:
+        return None, cause
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
     except FileNotFoundError:
         return None, "does not exist"
     except OSError as exc:
@@ -173,15 +177,12 @@ def _check_files(index: SplitIndex, decode: bool, workers: int) -> tuple[list[Pr
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="petlbench-check") as pool:
             results = list(pool.map(_verify_image, paths, chunksize=32))
     else:
-        results = [(b"", None) if p.is_file() else (None, "does not exist") for p in paths]
+        results = [(b"", None) if (c := file_problem(p)) is None else (None, c) for p in paths]
     problems = []
     for i, (_digest, cause) in enumerate(results):
         if cause is not None:
             src, line = index.location(i)
-            fix = (
-                "restore the file or remove its line; a partial download or extraction is the usual cause"
-                if cause == "does not exist" else "replace it with the original image (re-download or re-extract)"
-            )
+            fix = missing_fix(cause) if _digest is None else "replace it with the original image (re-download or re-extract)"
             problems.append(Problem(src, f"image {paths[i]} {cause}", fix, line))
     fingerprint = None
     if decode and all(d is not None for d, _ in results):

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from petlbench.data.files import open_regular
 from petlbench.data.paths import cache_root
 from petlbench.data.problems import Problem, raise_first
 from petlbench.data.readers import SplitIndex, read_split
@@ -40,7 +41,7 @@ def stat_signature(index: SplitIndex) -> bytes:
 def file_sha256(path: str | Path) -> bytes:
     """SHA-256 digest of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(Path(path)) as f:  # never a FIFO or a device
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.digest()

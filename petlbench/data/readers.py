@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import difflib
 import json
+import posixpath
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
+from petlbench.data.files import file_problem
 from petlbench.data.problems import WARNING, Problem, data_error, raise_first
 from petlbench.data.suites import Suite, Task, get_suite, name_key
 from petlbench.errors import PetlbenchError
@@ -137,6 +139,10 @@ def split_path(task_dir: Path, layout: str, split: str) -> Path:
 
 
 def _missing_split(path: Path, suite: Suite) -> Problem:
+    cause = file_problem(path)
+    if cause is not None and cause != "does not exist":  # a FIFO or a device would hang or never end
+        return Problem(str(path), f"split file {cause}", "replace it with the split file itself (only regular files "
+                       "are read)")
     ext = _EXT[suite.layout]
     present = sorted(p.name for p in path.parent.glob(f"*{ext}"))
     expected = ", ".join(f"{s}{ext}" for s in suite.splits)
@@ -193,10 +199,27 @@ def parse_vtab_file(path: Path, classes: int) -> tuple[list[Entry], list[Problem
                 str(path), f"image path {rel!r} is absolute", "write paths relative to the task folder", lineno
             ))
             continue
+        if climbs_out(rel):
+            problems.append(Problem(
+                str(path), f"image path {rel!r} climbs out of the task folder",
+                "write paths inside the task folder (no leading `..`); a split must not read another task's "
+                "or the machine's files", lineno,
+            ))
+            continue
         entries.append((rel, label, lineno))
     if not entries and not problems:
         problems.append(Problem(str(path), "split file is empty", "restore the split file; it must list at least one image"))
     return entries, problems
+
+
+def climbs_out(rel: str) -> bool:
+    """Whether a relative path leaves its folder (``../x``, ``a/../../x``), judged on the text.
+
+    Only ``..`` is refused: a symlink inside the task folder that points elsewhere (data kept on
+    another disk) is the user's own choice and stays allowed.
+    """
+    norm = posixpath.normpath(rel.replace("\\", "/"))
+    return norm == ".." or norm.startswith("../")
 
 
 def parse_fgvc_file(path: Path) -> tuple[list[Entry], list[Problem]]:
@@ -207,6 +230,9 @@ def parse_fgvc_file(path: Path) -> tuple[list[Entry], list[Problem]]:
         return [], [Problem(str(path), "split file is not UTF-8 text", "replace it with the original VPT split file")]
     except json.JSONDecodeError as exc:
         return [], [Problem(str(path), f"invalid JSON: {exc.msg}", "replace it with the original VPT split file", exc.lineno)]
+    except RecursionError:  # `[[[[...`: corrupt, not a reason for a traceback
+        return [], [Problem(str(path), "invalid JSON: nested too deeply (a corrupt file)",
+                            "replace it with the original VPT split file")]
     if not isinstance(data, dict):
         return [], [Problem(
             str(path), f"expected a JSON object mapping image path to class id, got {type(data).__name__}",
@@ -219,9 +245,15 @@ def parse_fgvc_file(path: Path) -> tuple[list[Entry], list[Problem]]:
             problems.append(Problem(
                 str(path), f"class id {value!r} of key {key!r} is not an integer", "write integer class ids"
             ))
-        elif not key.strip() or Path(key).is_absolute():
+        elif not key.strip() or Path(key).is_absolute() or PurePosixPath(key).is_absolute():
             problems.append(Problem(
                 str(path), f"image key {key!r} is not a relative path", "write keys relative to the image root"
+            ))
+        elif climbs_out(key):
+            problems.append(Problem(
+                str(path), f"image key {key!r} climbs out of the task folder",
+                "write keys inside the image root (no leading `..`); a split must not read another dataset's "
+                "or the machine's files",
             ))
         else:
             entries.append((key, value, None))
@@ -265,13 +297,19 @@ def probe_image_root(task_dir: Path, task: Task, keys: Sequence[str], source: Pa
 def _missing_files(root: Path, entries: list[Entry], source: Path) -> list[Problem]:
     problems = []
     for rel, _label, line in entries:
-        if not (root / rel).is_file():
-            problems.append(Problem(
-                str(source), f"image {root / rel} does not exist",
-                "restore the file or remove its line; a partial download or extraction is the usual cause",
-                line,
-            ))
+        cause = file_problem(root / rel)
+        if cause is not None:
+            problems.append(Problem(str(source), f"image {root / rel} {cause}", missing_fix(cause), line))
     return problems
+
+
+def missing_fix(cause: str) -> str:
+    """The fix that goes with a :func:`file_problem` cause."""
+    if cause == "does not exist":
+        return "restore the file or remove its line; a partial download or extraction is the usual cause"
+    if cause.startswith("is not a regular file"):
+        return "replace it with the image file itself (only regular files are read) or remove its line"
+    return "replace it with the original image (re-download or re-extract) or remove its line"
 
 
 # ---------------------------------------------------------------------------- split reading
@@ -365,6 +403,6 @@ def read_split(
 
 
 __all__ = [
-    "SplitIndex", "check_data_root", "collect_split", "find_task_dir",
+    "SplitIndex", "check_data_root", "climbs_out", "collect_split", "find_task_dir", "missing_fix",
     "parse_fgvc_file", "parse_vtab_file", "probe_image_root", "read_split", "split_path",
 ]

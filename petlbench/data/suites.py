@@ -384,6 +384,21 @@ def _train_defaults(value: Any, source: str) -> dict[str, Any]:
     return out
 
 
+def read_suite_text(entry: Any, source: str) -> str:
+    """A suite file's text (a Path or importlib Traversable); not UTF-8 is a one-line error."""
+    try:
+        data = entry.read_bytes()
+    except OSError as exc:
+        raise data_error(source, f"suite file cannot be read ({exc.strerror or exc})",
+                         "check the file's permissions") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise data_error(source, f"suite file is not UTF-8 text (byte {exc.start})",
+                         "save it as UTF-8 (YAML files are UTF-8)", line) from None
+
+
 def parse_suite_text(text: str, source: str) -> Suite:
     """Parse YAML text; syntax errors become one-line errors with the file and line."""
     try:
@@ -393,6 +408,8 @@ def parse_suite_text(text: str, source: str) -> Suite:
         line = mark.line + 1 if mark is not None else None
         cause = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise data_error(source, f"invalid YAML: {cause}", "fix the YAML syntax", line) from None
+    except RecursionError:
+        raise data_error(source, "invalid YAML: nested too deeply (a corrupt file?)", "restore the suite file") from None
     return parse_suite(data, source)
 
 
@@ -401,7 +418,7 @@ def load_suite_file(path: str | Path) -> Suite:
     path = Path(path)
     if not path.is_file():
         raise data_error(path, "suite file does not exist", "pass the path of a suite YAML file")
-    return parse_suite_text(path.read_text(encoding="utf-8"), str(path))
+    return parse_suite_text(read_suite_text(path, str(path)), str(path))
 
 
 # ---------------------------------------------------------------------------- discovery
@@ -457,7 +474,7 @@ def load_suites(extra_dirs: Iterable[str | Path] = ()) -> dict[str, Suite]:
     suites: dict[str, Suite] = {}
     claimed: dict[str, Suite] = {}
     for _origin, entry in suite_sources(extra_dirs):
-        suite = parse_suite_text(entry.read_text(encoding="utf-8"), str(entry))
+        suite = parse_suite_text(read_suite_text(entry, str(entry)), str(entry))
         for key in dict.fromkeys(name_key(n) for n in (suite.name, *suite.aliases)):
             if key in claimed:
                 other = claimed[key]

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from petlbench.data.files import open_regular
 from petlbench.errors import PetlbenchError, did_you_mean
 
 _FGVC_RESIZE = 256 / 224
@@ -169,7 +170,7 @@ def prepare_image(img: Image.Image, spec: TransformSpec) -> Image.Image:
 
 def decode_image(path: str | Path, spec: TransformSpec) -> np.ndarray:
     """Open, fully decode and prepare one image: ``stored x stored x 3`` uint8."""
-    with Image.open(path) as img:
+    with open_regular(Path(path)) as fh, Image.open(fh) as img:  # never a FIFO or a device
         img.load()
         out = np.asarray(prepare_image(img, spec), dtype=np.uint8)
     if out.shape != (spec.stored_size, spec.stored_size, 3):

@@ -15,15 +15,21 @@ the sweep logic does not care where runs happen:
 - A run whose process dies (segfault, ``os._exit``, OOM killer, Slurm failure) never hangs or
   aborts the sweep: it is reported as a failed record, written to ``spec.record_path`` unless the
   engine managed to write one, and the other runs go on.
+- Each run is claimed (:mod:`petlbench.claims`) in the process that runs it: a run another sweep
+  holds comes back as an unwritten record with ``status == "claimed"``, and one another sweep
+  finished meanwhile as that sweep's ``ok`` record. An output folder that cannot hold records is
+  a :class:`PetlbenchError` before anything runs.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
+from petlbench.claims import run_claimed
 from petlbench.errors import PetlbenchError, did_you_mean
 from petlbench.launch.common import (
     LAUNCHERS,
@@ -39,6 +45,7 @@ from petlbench.launch.common import (
 from petlbench.launch.inline import launch_inline
 from petlbench.launch.local import DEVICE_ORDER, detect_gpus, launch_local, plan_local_slots, usable_cpus
 from petlbench.launch.slurm import SlurmRun, check_slurm, launch_slurm, make_slurm_executor, slurm_parameters
+from petlbench.records import check_output
 from petlbench.runspec import RunSpec
 
 __all__ = [
@@ -64,8 +71,9 @@ def launch(
 ) -> list[dict[str, Any]]:
     """Execute ``specs`` with ``launcher`` (inline | local | slurm); returns records in spec order.
 
-    Raises :class:`PetlbenchError` for unusable options or an unreachable Slurm, before anything
-    runs; run failures never raise, they come back as records with ``status == "failed"``.
+    Raises :class:`PetlbenchError` for unusable options, an output folder that cannot hold records
+    or an unreachable Slurm, before anything runs; run failures never raise, they come back as
+    records with ``status == "failed"``.
     """
     if launcher not in LAUNCHERS:
         raise PetlbenchError(did_you_mean(launcher, LAUNCHERS, "launcher"))
@@ -83,8 +91,14 @@ def launch(
     on_done = on_done or noop
     if not specs:  # nothing to run needs no cluster
         return []
+    for output in dict.fromkeys(s.output for s in specs):  # every launcher: before anything trains
+        check_output(output, [s.record_path.parent for s in specs if s.output == output])
     if launcher == "slurm":
+        if options.slurm_folder:
+            check_output(options.slurm_folder)
         check_slurm(options)  # before anything is submitted
+    # Each run is claimed in the process that runs it, so concurrent sweeps never run it twice.
+    execute = functools.partial(run_claimed, execute, since=time.time())
     if launcher == "inline":
         return launch_inline(specs, execute, on_start, on_done)
     if launcher == "local":

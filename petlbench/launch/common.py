@@ -155,7 +155,7 @@ def _fresh_record(spec: RunSpec, since: float) -> dict[str, Any] | None:
         if path.stat().st_mtime < since - 2.0:  # older: a previous attempt's record
             return None
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: a corrupt `[[[[...` file
         return None
     if not isinstance(data, dict) or data.get("status") not in ("ok", "failed"):
         return None

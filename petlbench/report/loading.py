@@ -142,6 +142,9 @@ def load_records(paths: Iterable[str | os.PathLike],
         except json.JSONDecodeError as exc:
             _skip(out, on_warning, str(path), f"invalid JSON, truncated or corrupt ({exc.msg} at line {exc.lineno})")
             continue
+        except RecursionError:  # `[[[[...`: the parser's recursion limit, not a reason for a traceback
+            _skip(out, on_warning, str(path), "invalid JSON, corrupt (nested too deeply)")
+            continue
         except OSError as exc:
             _skip(out, on_warning, str(path), f"cannot be read ({exc.strerror or exc})")
             continue

@@ -18,12 +18,14 @@ from __future__ import annotations
 import base64
 import io
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2.sandbox import SandboxedEnvironment
 
 from petlbench.errors import PetlbenchError
 from petlbench.report.aggregate import DIGITS, Note, Report, Row, Stat
@@ -360,20 +362,85 @@ _TEX_CHARS = {
     "’": "'", "‘": "`", "“": "``", "”": "''", "\u00a0": "~",
 }
 _LATIN1_OK = re.compile(r"[\u00c0-\u00ff]")
+# Letters without a decomposition that pdflatex's default (OT1) fonts still draw.
+_TEX_LETTERS = {
+    "ß": r"\ss{}", "æ": r"\ae{}", "Æ": r"\AE{}", "ø": r"\o{}", "Ø": r"\O{}", "œ": r"\oe{}", "Œ": r"\OE{}",
+    "ł": r"\l{}", "Ł": r"\L{}", "ı": r"\i{}", "ȷ": r"\j{}", "µ": r"\ensuremath{\mu}", "÷": r"\ensuremath{\div}",
+    "→": r"\ensuremath{\rightarrow}", "←": r"\ensuremath{\leftarrow}", "∞": r"\ensuremath{\infty}",
+    "≈": r"\ensuremath{\approx}", "≠": r"\ensuremath{\neq}", "√": r"\ensuremath{\surd}", "•": r"\ensuremath{\bullet}",
+    "ς": r"\ensuremath{\varsigma}", "ϵ": r"\ensuremath{\epsilon}", "ϑ": r"\ensuremath{\vartheta}",
+    "ϕ": r"\ensuremath{\phi}", "ϖ": r"\ensuremath{\varpi}", "ϱ": r"\ensuremath{\varrho}",
+}
+# Combining marks (after NFD) -> LaTeX text accents that work in OT1.
+_TEX_ACCENTS = {
+    "\u0300": "`", "\u0301": "'", "\u0302": "^", "\u0303": "~", "\u0304": "=", "\u0306": "u", "\u0307": ".",
+    "\u0308": '"', "\u030a": "r", "\u030b": "H", "\u030c": "v", "\u0323": "d", "\u0327": "c", "\u0331": "b",
+    # OT1 has no ogonek (\k needs T1) and no comma below: the cedilla is the closest hook below.
+    "\u0326": "c", "\u0328": "c",
+}
+_GREEK = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lamda", "mu",
+          "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega")
+# Capitals that look like Latin letters have no macro of their own in LaTeX.
+_GREEK_LATIN_CAPITALS = {"alpha": "A", "beta": "B", "epsilon": "E", "zeta": "Z", "eta": "H", "iota": "I",
+                         "kappa": "K", "mu": "M", "nu": "N", "omicron": "O", "rho": "P", "tau": "T", "chi": "X"}
+
+
+def _tex_greek(ch: str) -> str | None:
+    """Greek letters as math-mode symbols, which every LaTeX install draws (accents are dropped)."""
+    base = unicodedata.normalize("NFD", ch)[0]
+    name = unicodedata.name(base, "")
+    match = re.fullmatch(r"GREEK (SMALL|CAPITAL) LETTER (\w+)", name)
+    if match is None or match.group(2).lower() not in _GREEK:
+        return None
+    letter = match.group(2).lower()
+    macro = "lambda" if letter == "lamda" else letter
+    if match.group(1) == "SMALL":
+        return "o" if letter == "omicron" else rf"\ensuremath{{\{macro}}}"
+    if letter in _GREEK_LATIN_CAPITALS:
+        return _GREEK_LATIN_CAPITALS[letter]
+    return rf"\ensuremath{{\{macro.capitalize()}}}"
+
+
+def _tex_accented(ch: str) -> str | None:
+    """A Latin letter with diacritics (ő, č, ș, ą...) as its base letter under LaTeX accent commands."""
+    parts = unicodedata.normalize("NFD", ch)
+    base, marks = parts[0], parts[1:]
+    if not (base.isascii() and base.isalpha()) or not marks or any(m not in _TEX_ACCENTS for m in marks):
+        return None
+    out = {"i": r"\i", "j": r"\j"}.get(base, base) if marks[0] not in "\u0323\u0326\u0327\u0328\u0331" else base
+    for mark in marks:
+        out = rf"\{_TEX_ACCENTS[mark]}{{{out}}}"
+    return out
 
 
 def tex_escape(value: Any) -> str:
-    """Make any string safe in LaTeX text mode (pdflatex, OT1 fonts); unknown symbols become [U+XXXX]."""
+    """Make any string safe in LaTeX text mode (pdflatex, OT1 fonts, no extra packages).
+
+    ``[`` and ``]`` are braced: a label that starts a table row after ``\\\\`` or ``\\midrule``
+    would otherwise be read as their optional argument. Latin letters with diacritics become
+    accent commands and Greek letters math symbols; characters those fonts cannot draw at all
+    (CJK, Cyrillic, emoji) are shown as their code point in typewriter type, ``\texttt{U+6F22}``.
+    """
     out = []
     for ch in str(value):
         if ch in _TEX_CHARS:
             out.append(_TEX_CHARS[ch])
+        elif ch in "[]":
+            out.append("{" + ch + "}")
         elif ord(ch) < 128:
             out.append(ch if ch.isprintable() else " ")
         elif _LATIN1_OK.match(ch) and ch not in "×÷ÐðÞþ":
             out.append(ch)
+        elif ch in _TEX_LETTERS:
+            out.append(_TEX_LETTERS[ch])
+        elif (text := _tex_accented(ch) or _tex_greek(ch)) is not None:
+            out.append(text)
+        elif unicodedata.category(ch).startswith(("Z", "C")):
+            out.append(" ")
+        elif unicodedata.category(ch) == "Mn":
+            continue  # a stray combining mark
         else:
-            out.append(f"[U+{ord(ch):04X}]")
+            out.append(rf"\texttt{{U+{ord(ch):04X}}}")
     return "".join(out)
 
 
@@ -417,7 +484,7 @@ def latex_note(note: Note) -> str:
 
 
 def _latex_env(**extra: Any) -> jinja2.Environment:
-    env = jinja2.Environment(
+    env = SandboxedEnvironment(  # --template files are data: no attribute walk to os.system
         loader=jinja2.PackageLoader("petlbench.report", "templates"),
         block_start_string=r"\BLOCK{", block_end_string="}",
         variable_start_string=r"\VAR{", variable_end_string="}",
@@ -432,7 +499,7 @@ def _latex_env(**extra: Any) -> jinja2.Environment:
 
 
 def _html_env() -> jinja2.Environment:
-    env = jinja2.Environment(
+    env = SandboxedEnvironment(  # --template files are data: no attribute walk to os.system
         loader=jinja2.PackageLoader("petlbench.report", "templates"),
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
         keep_trailing_newline=True,
@@ -458,6 +525,9 @@ def _render(env: jinja2.Environment, default: str, template: str | Path | None, 
     except jinja2.UndefinedError as exc:
         raise PetlbenchError(f"template {template or default}: {exc.message} (the variables are listed in "
                              "petlbench.report.render's docstring). Fix the template.") from None
+    except jinja2.exceptions.SecurityError as exc:
+        raise PetlbenchError(f"template {template or default}: {exc} (templates run sandboxed: they may format "
+                             "the report's data but not reach Python internals). Fix the template.") from None
     except jinja2.TemplateError as exc:
         raise PetlbenchError(f"template {template or default}: {exc}. Fix the template.") from None
 

@@ -16,7 +16,7 @@ from tests.report.factory import HOSTILE, HTML_HOSTILE, TEX_HOSTILE, make_record
     ("<a|b>", r"\textless{}a\textbar{}b\textgreater{}"),
     ("x – y − z ± † ‡", r"x -- y \ensuremath{-} z \ensuremath{\pm} \dag{} \ddag{}"),
     ("café", "café"),
-    ("漢", "[U+6F22]"),
+    ("漢", r"\texttt{U+6F22}"),
     ("tab\tnew\nline", "tab new line"),
 ])
 def test_tex_escape(raw, tex):
