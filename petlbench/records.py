@@ -14,10 +14,15 @@ Schema (``schema_version`` 1); every record has these top-level keys:
 - ``config``: ``method_hparams``, ``train`` (fully resolved), ``protocol``, ``backbone``,
   ``backbone_kwargs``, ``pretrained``, ``normalization``, ``splits`` (train/eval split names and sizes).
 - ``efficiency``: ``train_time_s``, ``train_images_per_s``, ``eval_time_s``, ``peak_gpu_mem_allocated``,
-  ``peak_gpu_mem_reserved`` (bytes, null on CPU), ``trainable_state_bytes``, ``compiled`` (whether
-  ``torch.compile`` was used, with ``compile_error`` when it fell back to eager), and the deployed
-  model's batch-1 latency next to the plain backbone's: ``deployed`` (merged/unmerged),
-  ``latency_b1_s``, ``plain_latency_b1_s``, ``latency_ratio``.
+  ``peak_gpu_mem_reserved`` (bytes, training steps only; null on CPU), ``eval_peak_gpu_mem_allocated``,
+  ``eval_peak_gpu_mem_reserved`` (the evaluations', measured apart), ``trainable_state_bytes``,
+  ``compiled`` (true only when every training step ran compiled code; false with ``compile_error``
+  when torch.compile failed or dynamo fell back to eager), with ``compile_graphs_built`` (graphs
+  compiled during this run; 0 when it reused the process's), ``compile_graph_breaks`` and
+  ``compile_backend`` when compiling; ``precision`` (the resolved arithmetic: ``requested``,
+  ``autocast``, ``grad_scaler``, ``tf32``, ``reason``), ``evaluated_merged`` (a mergeable method is
+  evaluated merged), and the deployed model's batch-1 latency next to the plain backbone's:
+  ``deployed`` (merged/unmerged), ``latency_b1_s``, ``plain_latency_b1_s``, ``latency_ratio``.
 - ``provenance``: ``petlbench_version``, ``git_commit``, ``git_dirty``, ``python``, ``torch``,
   ``timm``, ``device``, ``hostname``, ``weights_sha256``, ``weights_source``, ``data_root``,
   ``data_fingerprint`` (per split), ``start_time``, ``end_time`` (ISO 8601, UTC).

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from petlbench.config import parse_floats
+from petlbench.engine import on_device
 from petlbench.errors import PetlbenchError
 from petlbench.records import base_record, write_record
 from petlbench.runspec import RunSpec
@@ -84,11 +85,16 @@ def _git() -> tuple[str | None, bool | None]:
 
 
 def _device(name: str) -> torch.device:
+    """The run's device, with an explicit index for CUDA (``cuda`` alone means the current device),
+    so every tensor, event and stream of the run names the same GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name.startswith("cuda") and not torch.cuda.is_available():
         raise PetlbenchError("--device cuda was asked for but no CUDA device is visible. Fix: use --device cpu.")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def device_name(device: torch.device) -> str:
@@ -141,8 +147,9 @@ def _build(spec: RunSpec, cfg: dict[str, Any], classes: int, device: torch.devic
     for key in ("drop_path_rate", "drop_rate"):
         if cfg[key]:
             kwargs[key] = cfg[key]
+    # The backbone is built, loaded and hashed once per process (petlbench.model.BACKBONES).
     model = create_model(spec.backbone, spec.method, classes, pretrained=spec.pretrained, backbone_kwargs=kwargs,
-                         **spec.method_hparams)
+                         reuse_backbone=True, **spec.method_hparams)
     if spec.weights_sha256 and model.weights and model.weights.sha256 != spec.weights_sha256:
         raise PetlbenchError(f"weights file {spec.pretrained} changed since the sweep was planned "
                              f"(sha256 {model.weights.sha256[:12]} != {spec.weights_sha256[:12]}).")
@@ -161,7 +168,9 @@ def _normalization(model, cfg: dict[str, Any]):
 def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record: dict[str, Any]) -> None:
     from petlbench.accounting import count_params
     from petlbench.bench import deployed_latency
-    from petlbench.engine import evaluate, train
+    from petlbench.engine import deployable, evaluate, train
+    from petlbench.memory import PhasePeaks
+    from petlbench.precision import resolve_precision
 
     cfg = dict(spec.train)
     data = _Data(spec)
@@ -199,15 +208,16 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
         evals, select, every = {"test": data.loader("test", False, cfg, norm, spec.seed, device)}, None, \
             cfg["eval_every"]
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    peaks = PhasePeaks(device)  # training and evaluation measured apart (each resets the counter)
     res = train(model, train_loader, evals, cfg, device, select_on=select, eval_every=every, seed=spec.seed,
-                on_epoch=on_epoch)
+                on_epoch=on_epoch, peaks=peaks)
     test_curve = [c for c in res.curve if c["split"] == "test"]
     if protocol == "fgvc":
         model.load_trainable_state_dict(res.best_state, source="best-validation state")
         model.eval()
-        top1 = evaluate(model, data.loader("test", False, cfg, norm, spec.seed, device), device, cfg["precision"])
+        with peaks.phase("eval"):
+            top1 = evaluate(deployable(model)[0], data.loader("test", False, cfg, norm, spec.seed, device), device,
+                            resolve_precision(cfg["precision"], device))
         metrics.update(top1=top1, top1_final=None, selected_epoch=res.best_epoch, val_top1=res.best_val)
     elif protocol == "legacy-best-test":
         metrics.update(top1=res.best_val, top1_final=test_curve[-1]["top1"], selected_epoch=res.best_epoch,
@@ -228,14 +238,18 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
         "train_time_s": round(res.train_time_s, 3),
         "train_images_per_s": round(res.train_images / res.train_time_s, 2) if res.train_time_s else None,
         "eval_time_s": round(res.eval_time_s, 3),
-        "peak_gpu_mem_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "peak_gpu_mem_reserved": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
+        "peak_gpu_mem_allocated": peaks.get("train"),  # training steps only
+        "peak_gpu_mem_reserved": peaks.get("train", "reserved"),
+        "eval_peak_gpu_mem_allocated": peaks.get("eval"),  # evaluations (test split resident, no gradients)
+        "eval_peak_gpu_mem_reserved": peaks.get("eval", "reserved"),
         "trainable_state_bytes": counts.trainable_bytes,
-        "compiled": res.compiled,
+        "compiled": res.compiled if cfg["compile"] else False,
         "compile_error": res.compile_error,
+        **{k: v for k, v in res.compile_info.items() if k not in ("compiled", "compile_error")},
+        "precision": res.precision,
+        "evaluated_merged": res.evaluated_merged,
         **deployed_latency(model, device, data.suite.image_size,
-                           "bf16" if cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and device.type == "cuda")
-                           else "fp32"),
+                           "bf16" if res.precision.get("autocast") == "bf16" else "fp32"),
     }
     record["provenance"].update(
         weights_sha256=model.weights.sha256 if model.weights else None,
@@ -269,7 +283,8 @@ def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int
     try:
         dev = _device(device)
         record["provenance"]["device"] = device_name(dev)
-        _run(spec, dev, None if quiet else on_epoch, record)
+        with on_device(dev):  # every CUDA call of the run (loaders, events, latency timing) on its GPU
+            _run(spec, dev, None if quiet else on_epoch, record)
         record["status"] = "ok"
     except Exception as exc:  # every failure is recorded, and the sweep goes on
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
