@@ -165,15 +165,31 @@ def _normalization(model, cfg: dict[str, Any]):
     return resolve_normalization(cfg["normalization"])
 
 
+class _Prepared:
+    """A run ready to train: its resolved settings, model and loaders (shared by the packed path)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.__dict__.update(kwargs)
+
+
 def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record: dict[str, Any]) -> None:
-    from petlbench.accounting import count_params
-    from petlbench.bench import deployed_latency
-    from petlbench.engine import deployable, evaluate, train
+    from petlbench.engine import train
     from petlbench.memory import PhasePeaks
-    from petlbench.precision import resolve_precision
+
+    prep = _prepare(spec, device)
+    peaks = PhasePeaks(device)  # training and evaluation measured apart (each resets the counter)
+    res = train(prep.model, prep.train_loader, prep.evals, prep.cfg, device, select_on=prep.select,
+                eval_every=prep.every, seed=spec.seed, on_epoch=on_epoch, peaks=peaks)
+    _finish(spec, prep, res, peaks, device, record)
+
+
+def _prepare(spec: RunSpec, device: torch.device, data: _Data | None = None) -> _Prepared:
+    """Settings, ``tune`` selection, model and loaders of ``spec`` (``data`` may be shared by runs
+    of the same task)."""
+    from petlbench.engine import train
 
     cfg = dict(spec.train)
-    data = _Data(spec)
+    data = data if data is not None else _Data(spec)
     classes = data.task.classes
     protocol = spec.protocol
     metrics: dict[str, Any] = {}
@@ -207,10 +223,20 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
     else:
         evals, select, every = {"test": data.loader("test", False, cfg, norm, spec.seed, device)}, None, \
             cfg["eval_every"]
+    return _Prepared(cfg=cfg, data=data, metrics=metrics, model=model, norm=norm, train_loader=train_loader,
+                     evals=evals, select=select, every=every)
 
-    peaks = PhasePeaks(device)  # training and evaluation measured apart (each resets the counter)
-    res = train(model, train_loader, evals, cfg, device, select_on=select, eval_every=every, seed=spec.seed,
-                on_epoch=on_epoch, peaks=peaks)
+
+def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.device,
+            record: dict[str, Any]) -> None:
+    """The protocol's number from a trained run, and its record."""
+    from petlbench.accounting import count_params
+    from petlbench.bench import deployed_latency
+    from petlbench.engine import deployable, evaluate
+    from petlbench.precision import resolve_precision
+
+    cfg, data, metrics, model, norm, evals = prep.cfg, prep.data, prep.metrics, prep.model, prep.norm, prep.evals
+    protocol = spec.protocol
     test_curve = [c for c in res.curve if c["split"] == "test"]
     if protocol == "fgvc":
         model.load_trainable_state_dict(res.best_state, source="best-validation state")
@@ -259,9 +285,7 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
     )
 
 
-def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int, float], None] | None = None,
-                 device: str = "auto") -> dict[str, Any]:
-    """Run ``spec`` in this process and write its record atomically; never raises for run failures."""
+def _start_record(spec: RunSpec) -> dict[str, Any]:
     import timm
 
     import petlbench
@@ -280,6 +304,13 @@ def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int
             "hostname": socket.gethostname(), "pid": os.getpid(), "start_time": _now(),
         },
     })
+    return record
+
+
+def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int, float], None] | None = None,
+                 device: str = "auto") -> dict[str, Any]:
+    """Run ``spec`` in this process and write its record atomically; never raises for run failures."""
+    record = _start_record(spec)
     try:
         dev = _device(device)
         record["provenance"]["device"] = device_name(dev)
@@ -297,3 +328,78 @@ def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int
     write_record(spec.record_path, record)
     return record
 
+
+
+# ------------------------------------------------------------------ several runs per step
+PACK_PROTOCOLS = ("vtab1k", "fgvc", "legacy-best-test")
+
+
+def pack_key(spec: RunSpec) -> tuple | None:
+    """Specs with equal keys differ only in their seed and can train packed (None: never packed)."""
+    if spec.protocol not in PACK_PROTOCOLS:
+        return None
+    from petlbench.runspec import canonical_json
+
+    ident = {**spec.identity(), "seed": None, "pretrained": spec.pretrained, "data_root": spec.data_root}
+    return (canonical_json(ident),)
+
+
+def pack_groups(specs: list[RunSpec], size: int) -> list[list[RunSpec]]:
+    """``specs`` in groups of at most ``size`` that can share a packed step (order kept; a spec
+    that cannot be packed is a group of one)."""
+    groups: list[list[RunSpec]] = []
+    open_groups: dict[tuple, list[RunSpec]] = {}
+    for spec in specs:
+        key = pack_key(spec) if size > 1 else None
+        if key is None:
+            groups.append([spec])
+            continue
+        group = open_groups.get(key)
+        if group is None or len(group) >= size:
+            group = open_groups[key] = []
+            groups.append(group)
+        group.append(spec)
+    return groups
+
+
+def execute_packed(specs: list[RunSpec], quiet: bool = True, device: str = "auto") -> list[dict[str, Any]]:
+    """Run ``specs`` (one :func:`pack_groups` group) in packed steps and write their records.
+
+    When they cannot be packed, or the packed training fails (one run's non-finite loss, out of
+    memory), each spec runs alone through :func:`execute_spec`, so a pack never costs a result.
+    """
+    from petlbench.memory import PhasePeaks
+    from petlbench.packing import pack_problem, train_packed
+
+    if len(specs) < 2 or len({pack_key(s) for s in specs}) != 1 or pack_key(specs[0]) is None:
+        return [execute_spec(s, quiet=quiet, device=device) for s in specs]
+    records = [_start_record(s) for s in specs]
+    try:
+        dev = _device(device)
+        with on_device(dev):
+            data = _Data(specs[0])
+            preps = [_prepare(s, dev, data) for s in specs]
+            models = [p.model for p in preps]
+            problem = pack_problem(models, [p.cfg for p in preps], [p.train_loader for p in preps], dev)
+            if problem:
+                raise ValueError(problem)
+            peaks = PhasePeaks(dev)  # one pack, one set of peaks: what the R runs needed together
+            results = train_packed(models, [p.train_loader for p in preps], [p.evals for p in preps],
+                                   [p.cfg for p in preps], dev, select_on=preps[0].select, eval_every=preps[0].every,
+                                   peaks=peaks)
+            for spec, prep, res, record in zip(specs, preps, results, records, strict=True):
+                record["provenance"]["device"] = device_name(dev)
+                _finish(spec, prep, res, peaks, dev, record)
+                record["efficiency"]["packed_runs"] = len(specs)
+                record["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure: fall back to honest one-by-one runs
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        out = [execute_spec(s, quiet=quiet, device=device) for s in specs]
+        for record, spec in zip(out, specs, strict=True):
+            record["efficiency"]["pack_fallback"] = reason
+            write_record(spec.record_path, record)
+        return out
+    for spec, record in zip(specs, records, strict=True):
+        record["provenance"]["end_time"] = _now()
+        write_record(spec.record_path, record)
+    return records

@@ -1,0 +1,206 @@
+"""Several runs that share a frozen backbone, trained in one step ("packing").
+
+The runs of a sweep that differ only in what trains (seeds of one method on one task, the
+trials of a ``tune`` grid) spend nearly all their time in the same frozen matmuls. A packed
+step runs R of them at once: ``torch.func.vmap`` over the runs' trainable tensors (adapters,
+heads) with the frozen parameters shared, so every frozen linear sees R x the rows in one
+matmul, the per-run modules are batched over R, and one backward serves all R runs.
+
+What stays per run is exactly what a run owns: its initialisation, its data order and
+augmentation (its own loader), its AdamW optimiser and learning rate (its own
+``torch.optim.AdamW`` over its own parameters, stepped as in the unpacked engine), its gradient
+clipping and its evaluation. The loss is the sum of the runs' mean losses, so run r's
+gradients are those of its own loss alone. The numbers therefore equal those of the same runs
+trained one by one up to floating-point summation order in the batched kernels (tested);
+dropout/drop-path draw from one stream for the pack, so with those on a packed run is an
+equally valid, not an identical, draw.
+
+Not packed (the caller trains them alone): fp16 with a gradient scaler (one scaler would
+couple the runs), linear probing (already one backbone pass per image) and runs whose frozen
+tensors differ.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from petlbench import engine
+from petlbench.memory import PhasePeaks
+from petlbench.precision import apply_matmul_precision, resolve_precision
+
+_SAME_KEYS = ("epochs", "batch_size", "eval_batch_size", "warmup_epochs", "precision", "drop_last", "label_smoothing")
+
+
+def pack_problem(models: Sequence[Any], cfgs: Sequence[Mapping[str, Any]], loaders: Sequence[Any],
+                 device: torch.device) -> str | None:
+    """Why these runs cannot be packed, or None when they can."""
+    if len(models) < 2:
+        return "a pack needs at least two runs"
+    base = models[0]
+    if any(type(m.method) is not type(base.method) or m.method.config != base.method.config for m in models):
+        return "the runs use different methods or hyperparameters"
+    if any(c.get(k) != cfgs[0].get(k) for c in cfgs for k in _SAME_KEYS):
+        return f"the runs differ in a setting packing shares ({', '.join(_SAME_KEYS)})"
+    if base.method.frozen_features:
+        return "linear probing trains on features extracted once; nothing to pack"
+    if resolve_precision(cfgs[0]["precision"], device).grad_scaler:
+        return "fp16 training needs a gradient scaler per run"
+    if len({len(loader) for loader in loaders}) != 1 or len({getattr(loader, "num_samples", None) for loader in loaders}) != 1:
+        return "the runs' training sets differ in size"
+    names = base.trainable_names()
+    params0 = dict(base.named_parameters())
+    for m in models[1:]:
+        if m.trainable_names() != names:
+            return "the runs train different tensors"
+        for n, p in m.named_parameters():
+            q = params0.get(n)
+            if q is None or p.shape != q.shape:
+                return "the runs' models differ in structure"
+            if not p.requires_grad and p.data_ptr() != q.data_ptr() and not torch.equal(p, q):
+                return f"the runs' frozen tensor {n} differs (packed runs share one frozen backbone)"
+    return None
+
+
+def share_frozen(models: Sequence[nn.Module]) -> None:
+    """Point every run's frozen tensors at the first run's (one backbone in memory, not R)."""
+    base = dict(models[0].named_parameters())
+    for m in models[1:]:
+        for n, p in m.named_parameters():
+            if not p.requires_grad:
+                p.data = base[n].data
+
+
+class PackedForward:
+    """``logits[r] = models[r](x[r])`` for all r in one vmapped call (frozen tensors shared)."""
+
+    def __init__(self, models: Sequence[Any]) -> None:
+        self.models = list(models)
+        base = self.models[0]
+        self.names = base.trainable_names()
+        self.frozen = {n: p for n, p in base.named_parameters() if not p.requires_grad}
+        self.frozen.update(dict(base.named_buffers()))
+        self.base = base
+
+        def one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.base, {**self.frozen, **params}, (x,))
+
+        self._vmapped = torch.func.vmap(one, in_dims=(0, 0), randomness="different")
+
+    def __call__(self, xs: torch.Tensor) -> torch.Tensor:
+        # Stacking the runs' own leaves keeps each run's parameters (and optimiser) its own:
+        # the stack's backward hands run r exactly its slice of the gradient.
+        stacked = {n: torch.stack([m.get_parameter(n) for m in self.models]) for n in self.names}
+        with warnings.catch_warnings():
+            # Fused attention has no vmap batching rule yet: it loops over the R runs (the frozen
+            # matmuls around it stay batched). Known and measured; not worth a warning per step.
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+            return self._vmapped(stacked, xs)
+
+
+def train_packed(
+    models: Sequence[Any],
+    train_loaders: Sequence[Any],
+    eval_loaders: Sequence[Mapping[str, Any]],
+    cfgs: Sequence[Mapping[str, Any]],
+    device: torch.device,
+    *,
+    select_on: str | None = None,
+    eval_every: int = 0,
+    peaks: PhasePeaks | None = None,
+    on_epoch: Callable[[int, int, float], None] | None = None,
+) -> list[engine.TrainResult]:
+    """Train the runs ``models[r]`` (with ``train_loaders[r]``, ``cfgs[r]``) in packed steps; the
+    same contract as :func:`petlbench.engine.train` for each run. Raises ValueError when the runs
+    cannot be packed (see :func:`pack_problem`)."""
+    problem = pack_problem(models, cfgs, train_loaders, device)
+    if problem:
+        raise ValueError(f"cannot pack these runs: {problem}")
+    with engine.on_device(device):
+        return _train_packed(models, train_loaders, eval_loaders, cfgs, device, select_on, eval_every, peaks,
+                             on_epoch)
+
+
+def _train_packed(models, train_loaders, eval_loaders, cfgs, device, select_on, eval_every, peaks, on_epoch):
+    R = len(models)
+    cfg0 = cfgs[0]
+    plan = resolve_precision(cfg0["precision"], device)
+    apply_matmul_precision(plan, device)
+    phase = peaks.phase if peaks is not None else (lambda _name: engine._no_phase())
+    share_frozen(models)
+    results = [engine.TrainResult(precision=plan.as_dict()) for _ in range(R)]
+    params = [[p for p in m.parameters() if p.requires_grad] for m in models]
+    opts = [torch.optim.AdamW(ps, lr=c["lr"], weight_decay=c["weight_decay"]) for ps, c in zip(params, cfgs, strict=True)]
+    forward = PackedForward(models)
+    epochs = cfg0["epochs"]
+    steps_per_epoch = len(train_loaders[0])
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(total, cfg0["warmup_epochs"] * steps_per_epoch)
+    best = [-1.0] * R
+    step = 0
+    for epoch in range(epochs):
+        for m, loader in zip(models, train_loaders, strict=True):
+            m.train()
+            loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        running = torch.zeros(R, device=device)
+        batches = 0
+        with phase("train"):
+            for batch in zip(*train_loaders, strict=True):
+                for opt, c in zip(opts, cfgs, strict=True):
+                    opt.zero_grad(set_to_none=True)
+                    for group in opt.param_groups:
+                        group["lr"] = engine.lr_at(step, total, warmup, c)
+                xs = torch.stack([x for x, _ in batch])
+                ys = torch.stack([y for _, y in batch])
+                with plan.context(device):
+                    logits = forward(xs)
+                losses = torch.stack([F.cross_entropy(logits[r].float(), ys[r], label_smoothing=cfg0["label_smoothing"])
+                                      for r in range(R)])
+                losses.sum().backward()
+                for ps, opt, c in zip(params, opts, cfgs, strict=True):
+                    if c["grad_clip"] > 0:
+                        nn.utils.clip_grad_norm_(ps, c["grad_clip"])
+                    opt.step()
+                running += losses.detach()
+                batches += 1
+                step += 1
+                for res in results:
+                    res.train_images += int(ys.shape[1])
+            mean_losses = (running / max(1, batches)).tolist()  # one host sync per epoch
+        elapsed = time.perf_counter() - t0
+        for r, res in enumerate(results):
+            res.train_time_s += elapsed  # the pack's wall time: each run shares it
+            if not math.isfinite(mean_losses[r]):
+                raise engine.RunFailed(f"non-finite training loss ({mean_losses[r]}) in epoch {epoch + 1} "
+                                       f"of packed run {r}")
+            res.train_loss.append(mean_losses[r])
+        if epoch == epochs - 1 or (eval_every and (epoch + 1) % eval_every == 0):
+            t1 = time.perf_counter()
+            with phase("eval"):
+                for r, (m, res) in enumerate(zip(models, results, strict=True)):
+                    m.eval()
+                    evaluated, res.evaluated_merged = engine.deployable(m)
+                    for name, loader in eval_loaders[r].items():
+                        acc = engine.evaluate(evaluated, loader, device, plan)
+                        res.curve.append({"epoch": epoch + 1, "split": name, "top1": acc})
+                        if name == select_on and acc > best[r]:
+                            best[r] = acc
+                            res.best_epoch, res.best_val = epoch + 1, acc
+                            res.best_state = {k: v.detach().clone() for k, v in m.trainable_state_dict().items()}
+                    del evaluated
+            for res in results:
+                res.eval_time_s += time.perf_counter() - t1
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs, sum(mean_losses) / R)
+    for res in results:
+        res.compiled = False
+        res.compile_info = {"packed_runs": R}
+    return results
