@@ -105,6 +105,26 @@ class PackedForward:
             return self._vmapped(stacked, xs)
 
 
+def packed_step(forward: PackedForward, params: Sequence[Sequence[nn.Parameter]],
+                optimizers: Sequence[torch.optim.Optimizer], xs: torch.Tensor, ys: torch.Tensor,
+                cfgs: Sequence[Mapping[str, Any]], plan: Any, device: torch.device) -> torch.Tensor:
+    """One optimisation step of every packed run (``xs``: R x B images); returns the R losses
+    without a host sync. Run r's part is :func:`petlbench.engine.train_step` of run r."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    with plan.context(device):
+        logits = forward(xs)
+    smoothing = cfgs[0]["label_smoothing"]
+    losses = torch.stack([F.cross_entropy(logits[r].float(), ys[r], label_smoothing=smoothing)
+                          for r in range(len(optimizers))])
+    losses.sum().backward()  # run r's parameters get the gradient of its own loss only
+    for ps, opt, c in zip(params, optimizers, cfgs, strict=True):
+        if c["grad_clip"] > 0:
+            nn.utils.clip_grad_norm_(ps, c["grad_clip"])
+        opt.step()
+    return losses.detach()
+
+
 def train_packed(
     models: Sequence[Any],
     train_loaders: Sequence[Any],
@@ -155,21 +175,11 @@ def _train_packed(models, train_loaders, eval_loaders, cfgs, device, select_on, 
         with phase("train"):
             for batch in zip(*train_loaders, strict=True):
                 for opt, c in zip(opts, cfgs, strict=True):
-                    opt.zero_grad(set_to_none=True)
                     for group in opt.param_groups:
                         group["lr"] = engine.lr_at(step, total, warmup, c)
                 xs = torch.stack([x for x, _ in batch])
                 ys = torch.stack([y for _, y in batch])
-                with plan.context(device):
-                    logits = forward(xs)
-                losses = torch.stack([F.cross_entropy(logits[r].float(), ys[r], label_smoothing=cfg0["label_smoothing"])
-                                      for r in range(R)])
-                losses.sum().backward()
-                for ps, opt, c in zip(params, opts, cfgs, strict=True):
-                    if c["grad_clip"] > 0:
-                        nn.utils.clip_grad_norm_(ps, c["grad_clip"])
-                    opt.step()
-                running += losses.detach()
+                running += packed_step(forward, params, opts, xs, ys, cfgs, plan, device)
                 batches += 1
                 step += 1
                 for res in results:
