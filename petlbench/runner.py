@@ -172,20 +172,44 @@ class _Prepared:
         self.__dict__.update(kwargs)
 
 
-def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record: dict[str, Any]) -> None:
+def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record: dict[str, Any],
+         pack_tune: bool = False) -> None:
     from petlbench.engine import train
     from petlbench.memory import PhasePeaks
 
-    prep = _prepare(spec, device)
+    prep = _prepare(spec, device, pack_tune=pack_tune)
     peaks = PhasePeaks(device)  # training and evaluation measured apart (each resets the counter)
     res = train(prep.model, prep.train_loader, prep.evals, prep.cfg, device, select_on=prep.select,
                 eval_every=prep.every, seed=spec.seed, on_epoch=on_epoch, peaks=peaks)
     _finish(spec, prep, res, peaks, device, record)
 
 
-def _prepare(spec: RunSpec, device: torch.device, data: _Data | None = None) -> _Prepared:
+def _tune_packed(spec: RunSpec, cfg: dict[str, Any], trials: list[tuple[float, float]], data: _Data, classes: int,
+                 device: torch.device) -> list[Any] | None:
+    """The ``tune`` grid's trials trained in one packed step (see petlbench/packing.py), or None
+    when they cannot be packed (then they train one by one)."""
+    from petlbench.packing import pack_problem, train_packed
+
+    if len(trials) < 2:
+        return None
+    models, loaders, evals, cfgs = [], [], [], []
+    for lr, wd in trials:
+        trial = {**cfg, "lr": lr, "weight_decay": wd}
+        seed_everything(spec.seed)
+        model = _build(spec, trial, classes, device)
+        norm = _normalization(model, trial)
+        models.append(model)
+        cfgs.append(trial)
+        loaders.append(data.loader("tune_train", True, trial, norm, spec.seed, device))
+        evals.append({"val": data.loader("tune_val", False, trial, norm, spec.seed, device)})
+    if pack_problem(models, cfgs, loaders, device):
+        return None
+    return train_packed(models, loaders, evals, cfgs, device)
+
+
+def _prepare(spec: RunSpec, device: torch.device, data: _Data | None = None, pack_tune: bool = False) -> _Prepared:
     """Settings, ``tune`` selection, model and loaders of ``spec`` (``data`` may be shared by runs
-    of the same task)."""
+    of the same task). ``pack_tune``: train the ``tune`` grid's trials packed."""
     from petlbench.engine import train
 
     cfg = dict(spec.train)
@@ -196,8 +220,11 @@ def _prepare(spec: RunSpec, device: torch.device, data: _Data | None = None) -> 
 
     if protocol == "tune":
         grid = []
-        for lr in parse_floats(cfg["tune_lr"], "tune_lr"):
-            for wd in parse_floats(cfg["tune_weight_decay"], "tune_weight_decay"):
+        trials = [(lr, wd) for lr in parse_floats(cfg["tune_lr"], "tune_lr")
+                  for wd in parse_floats(cfg["tune_weight_decay"], "tune_weight_decay")]
+        packed = _tune_packed(spec, cfg, trials, data, classes, device) if pack_tune else None
+        for i, (lr, wd) in enumerate(trials):
+            if packed is None:
                 trial = {**cfg, "lr": lr, "weight_decay": wd}
                 seed_everything(spec.seed)
                 model = _build(spec, trial, classes, device)
@@ -205,10 +232,13 @@ def _prepare(spec: RunSpec, device: torch.device, data: _Data | None = None) -> 
                 res = train(model, data.loader("tune_train", True, trial, norm, spec.seed, device),
                             {"val": data.loader("tune_val", False, trial, norm, spec.seed, device)},
                             trial, device, seed=spec.seed)
-                grid.append({"lr": lr, "weight_decay": wd, "val_top1": res.curve[-1]["top1"]})
+            else:
+                res = packed[i]
+            grid.append({"lr": lr, "weight_decay": wd, "val_top1": res.curve[-1]["top1"]})
         chosen = max(grid, key=lambda g: g["val_top1"])  # first best on ties: grid order is fixed
         cfg.update(lr=chosen["lr"], weight_decay=chosen["weight_decay"])
-        metrics["tuning"] = {"grid": grid, "selected": {"lr": chosen["lr"], "weight_decay": chosen["weight_decay"]}}
+        metrics["tuning"] = {"grid": grid, "selected": {"lr": chosen["lr"], "weight_decay": chosen["weight_decay"]},
+                             "packed": packed is not None}
 
     seed_everything(spec.seed)
     model = _build(spec, cfg, classes, device)
@@ -308,14 +338,17 @@ def _start_record(spec: RunSpec) -> dict[str, Any]:
 
 
 def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int, float], None] | None = None,
-                 device: str = "auto") -> dict[str, Any]:
-    """Run ``spec`` in this process and write its record atomically; never raises for run failures."""
+                 device: str = "auto", pack_tune: bool = False) -> dict[str, Any]:
+    """Run ``spec`` in this process and write its record atomically; never raises for run failures.
+
+    ``pack_tune``: train a ``tune`` grid's trials in one packed step (equal numbers to within
+    floating-point summation order; see petlbench/packing.py)."""
     record = _start_record(spec)
     try:
         dev = _device(device)
         record["provenance"]["device"] = device_name(dev)
         with on_device(dev):  # every CUDA call of the run (loaders, events, latency timing) on its GPU
-            _run(spec, dev, None if quiet else on_epoch, record)
+            _run(spec, dev, None if quiet else on_epoch, record, pack_tune=pack_tune)
         record["status"] = "ok"
     except Exception as exc:  # every failure is recorded, and the sweep goes on
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -111,3 +111,15 @@ def test_groups_and_fallback(tmp_path) -> None:
     linear = next(g for g in groups if g[0].method == "linear")
     recs = execute_packed(linear)  # linear probing is not packed: each runs alone, and says why
     assert all(r["status"] == "ok" and "linear probing" in r["efficiency"]["pack_fallback"] for r in recs)
+
+
+def test_packed_tune_grid_equals_one_by_one(tmp_path) -> None:
+    sets = {**FAST_SETS, "epochs": 1, "warmup_epochs": 0, "limit_train": 32, "tune_lr": "1e-3,1e-2",
+            "tune_weight_decay": "0"}
+    spec = plan("demo", ["lora"], ["digits"], [0], output=str(tmp_path / "a"), protocol="tune", sets=sets).specs[0]
+    alone = execute_spec(spec)
+    packed = execute_spec(spec, pack_tune=True)
+    assert alone["status"] == packed["status"] == "ok", (alone["error"], packed["error"])
+    assert packed["metrics"]["tuning"]["packed"] and not alone["metrics"]["tuning"]["packed"]
+    assert packed["metrics"]["tuning"]["grid"] == alone["metrics"]["tuning"]["grid"]
+    assert packed["metrics"]["curve"] == alone["metrics"]["curve"]
