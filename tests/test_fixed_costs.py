@@ -4,8 +4,6 @@ numbers as unmerged."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -14,19 +12,16 @@ from petlbench.model import BACKBONES, create_model
 from petlbench.runner import execute_spec
 from petlbench.sweep import plan
 from tests.conftest import TINY_VIT
+from tests.shared_cache import demo_cache_env
 from tests.test_compile_once import ImageLoader, _cfg
 
 FAST_SETS = {"epochs": 2, "warmup_epochs": 1, "limit_train": 64, "limit_eval": 64, "batch_size": 32}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory):
-    cache = os.environ.get("PETLBENCH_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    old = os.environ.get("PETLBENCH_CACHE")
-    os.environ["PETLBENCH_CACHE"] = cache
-    yield cache
-    if old is None:
-        os.environ.pop("PETLBENCH_CACHE", None)
+def demo_cache():
+    with demo_cache_env() as cache:
+        yield cache
 
 
 def test_backbone_built_and_hashed_once_per_process(tmp_path, monkeypatch) -> None:

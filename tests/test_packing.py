@@ -3,8 +3,6 @@ the same runs trained one by one."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ from petlbench.packing import pack_problem, train_packed
 from petlbench.runner import execute_packed, execute_spec, pack_groups, seed_everything
 from petlbench.sweep import plan
 from tests.conftest import TINY_VIT
+from tests.shared_cache import demo_cache_env
 from tests.test_compile_once import ImageLoader, _cfg
 
 FAST_SETS = {"epochs": 2, "warmup_epochs": 1, "limit_train": 64, "limit_eval": 64, "batch_size": 32}
@@ -24,13 +23,9 @@ PARAM_TOL = {"rtol": 1e-3, "atol": 1e-4}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory):
-    cache = os.environ.get("PETLBENCH_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    old = os.environ.get("PETLBENCH_CACHE")
-    os.environ["PETLBENCH_CACHE"] = cache
-    yield cache
-    if old is None:
-        os.environ.pop("PETLBENCH_CACHE", None)
+def demo_cache():
+    with demo_cache_env() as cache:
+        yield cache
 
 
 def _models(method: str, seeds, classes: int = 4, **hparams):
