@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--compile", action="store_true", help="compile both sides (once per structure, as training does)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -61,10 +62,18 @@ def main() -> None:
     params = [[p for p in m.parameters() if p.requires_grad] for m in models]
     alone_opt = torch.optim.AdamW(params[0], lr=1e-4)
     opts = [torch.optim.AdamW(ps, lr=1e-4) for ps in params]
-    forward = PackedForward(models)
+    forward = PackedForward(models, compile=args.compile, batch_shape=(batch, 3, size, size))
     cfgs = [CFG] * args.runs
+    one = models[0]
+    if args.compile:
+        from petlbench.engine import compiled_features
+
+        features, head = compiled_features(one, (batch, 3, size, size), True, True), one.backbone.head
+
+        def one(x: torch.Tensor) -> torch.Tensor:
+            return head(features(x))
     fns = {
-        "one_run": lambda: train_step(models[0], alone_opt, params[0], xs[0], ys[0], device, plan),
+        "one_run": lambda: train_step(one, alone_opt, params[0], xs[0], ys[0], device, plan),
         "packed": lambda: packed_step(forward, params, opts, xs, ys, cfgs, plan, device),
     }
     t = interleaved(fns, device, warmup=2, iters=rounds, min_sample_s=0.05)
@@ -74,7 +83,7 @@ def main() -> None:
     result = {
         "device": name, "torch": torch.__version__, "timm": timm.__version__, "date": time.strftime("%Y-%m-%d"),
         "backbone": arch, "backbone_kwargs": kw, "image_size": size, "method": args.method, "runs": args.runs,
-        "batch_size_per_run": batch, "precision": plan.as_dict(), "rounds": rounds,
+        "batch_size_per_run": batch, "precision": plan.as_dict(), "rounds": rounds, "compiled": args.compile,
         "one_run_step_s": t["one_run"], "packed_step_s": t["packed"],
         "throughput_ratio": ratio,
         "note": "throughput_ratio = R x one run's step time / packed step time (> 1: packing trains more runs per "
@@ -82,7 +91,7 @@ def main() -> None:
     }
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / "-".join(
         [re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower(), "packing", args.method, f"r{args.runs}",
-         "quick" if args.quick else "vit_small", time.strftime("%Y%m%d")])
+         "quick" if args.quick else "vit_small", *(["compiled"] if args.compile else []), time.strftime("%Y%m%d")])
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.method}, R={args.runs}, batch {batch}/run on {name}: one run {t['one_run']['median_s'] * 1e3:.1f} ms/step, "
           f"packed {t['packed']['median_s'] * 1e3:.1f} ms/step -> throughput x{ratio:.2f}  ({out.with_suffix('.json')})")

@@ -155,11 +155,11 @@ class _FeatureCompiler:
     def __init__(self) -> None:
         self._entries: dict[tuple, tuple[Callable, _CountingBackend]] = {}
 
-    def get(self, key: tuple, backend: str) -> tuple[Callable, _CountingBackend]:
-        key = (*key, backend)
+    def get(self, key: tuple, backend: str, fn: Callable = _features) -> tuple[Callable, _CountingBackend]:
+        key = (*key, backend, fn.__qualname__)
         if key not in self._entries:
-            code = _features.__code__.replace(co_name=f"_features_{next(_SERIAL)}")  # never reused
-            fn = types.FunctionType(code, _features.__globals__, code.co_name)
+            code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_SERIAL)}")  # never reused
+            fn = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
             counter = _CountingBackend(backend)
             self._entries[key] = (torch.compile(fn, backend=counter), counter)
         return self._entries[key]

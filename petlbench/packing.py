@@ -22,6 +22,7 @@ tensors differ.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -36,7 +37,8 @@ from petlbench import engine
 from petlbench.memory import PhasePeaks
 from petlbench.precision import apply_matmul_precision, resolve_precision
 
-_SAME_KEYS = ("epochs", "batch_size", "eval_batch_size", "warmup_epochs", "precision", "drop_last", "label_smoothing")
+_SAME_KEYS = ("epochs", "batch_size", "eval_batch_size", "warmup_epochs", "precision", "drop_last", "label_smoothing",
+              "compile")
 
 
 def pack_problem(models: Sequence[Any], cfgs: Sequence[Mapping[str, Any]], loaders: Sequence[Any],
@@ -78,10 +80,26 @@ def share_frozen(models: Sequence[nn.Module]) -> None:
                 p.data = base[n].data
 
 
-class PackedForward:
-    """``logits[r] = models[r](x[r])`` for all r in one vmapped call (frozen tensors shared)."""
+def _packed_features(base: Any, body: dict[str, torch.Tensor], xs: torch.Tensor) -> torch.Tensor:
+    """Pooled features of every run: ``base`` with run r's trainable body tensors, on ``xs[r]``."""
+    from torch.nn.utils.stateless import _reparametrize_module
 
-    def __init__(self, models: Sequence[Any]) -> None:
+    def one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        with _reparametrize_module(base, params):
+            return base.forward_features(x)
+
+    return torch.func.vmap(one, in_dims=(0, 0), randomness="different")(body, xs)
+
+
+class PackedForward:
+    """``logits[r] = models[r](x[r])`` for all r in one vmapped call (frozen tensors shared).
+
+    With ``compile`` the vmapped backbone (up to the pooled features) is compiled once per
+    structure and process, like the unpacked engine's: the heads run eagerly after it as one
+    batched matmul, so the graph depends on neither the number of classes nor the task.
+    """
+
+    def __init__(self, models: Sequence[Any], compile: bool = False, batch_shape: tuple[int, ...] = ()) -> None:
         self.models = list(models)
         base = self.models[0]
         self.names = base.trainable_names()
@@ -93,16 +111,34 @@ class PackedForward:
             return torch.func.functional_call(self.base, {**self.frozen, **params}, (x,))
 
         self._vmapped = torch.func.vmap(one, in_dims=(0, 0), randomness="different")
+        self.features: engine.MaybeCompiled | None = None
+        if compile:
+            head = {id(p) for p in base.backbone.head.parameters()}
+            named = dict(base.named_parameters())
+            self.head_names = [n for n in self.names if id(named[n]) in head]
+            self.body_names = [n for n in self.names if id(named[n]) not in head]
+            key = (*engine.structure_key(base, batch_shape, True), "packed", len(self.models))
+            compiled_fn, counter = engine.FEATURE_COMPILER.get(key, engine.compile_backend(), _packed_features)
+            self.features = engine.MaybeCompiled(functools.partial(_packed_features, base), True,
+                                                 compiled_fn=functools.partial(compiled_fn, base), counter=counter)
 
-    def __call__(self, xs: torch.Tensor) -> torch.Tensor:
+    def _stack(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         # Stacking the runs' own leaves keeps each run's parameters (and optimiser) its own:
         # the stack's backward hands run r exactly its slice of the gradient.
-        stacked = {n: torch.stack([m.get_parameter(n) for m in self.models]) for n in self.names}
+        return {n: torch.stack([m.get_parameter(n) for m in self.models]) for n in names}
+
+    def __call__(self, xs: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
             # Fused attention has no vmap batching rule yet: it loops over the R runs (the frozen
             # matmuls around it stay batched). Known and measured; not worth a warning per step.
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-            return self._vmapped(stacked, xs)
+            if self.features is None:
+                return self._vmapped(self._stack(self.names), xs)
+            feats = self.features(self._stack(self.body_names), xs)
+        head = self._stack(self.head_names)
+        weight = next(v for n, v in head.items() if n.endswith("weight"))
+        bias = next(v for n, v in head.items() if n.endswith("bias"))
+        return torch.baddbmm(bias.unsqueeze(1).to(feats.dtype), feats, weight.transpose(1, 2).to(feats.dtype))
 
 
 def packed_step(forward: PackedForward, params: Sequence[Sequence[nn.Parameter]],
@@ -115,8 +151,8 @@ def packed_step(forward: PackedForward, params: Sequence[Sequence[nn.Parameter]]
     with plan.context(device):
         logits = forward(xs)
     smoothing = cfgs[0]["label_smoothing"]
-    losses = torch.stack([F.cross_entropy(logits[r].float(), ys[r], label_smoothing=smoothing)
-                          for r in range(len(optimizers))])
+    losses = torch.stack([F.cross_entropy(logits[r].float(), ys[r], label_smoothing=smoothing,
+                                          ignore_index=engine._PAD_LABEL) for r in range(len(optimizers))])
     losses.sum().backward()  # run r's parameters get the gradient of its own loss only
     for ps, opt, c in zip(params, optimizers, cfgs, strict=True):
         if c["grad_clip"] > 0:
@@ -158,7 +194,10 @@ def _train_packed(models, train_loaders, eval_loaders, cfgs, device, select_on, 
     results = [engine.TrainResult(precision=plan.as_dict()) for _ in range(R)]
     params = [[p for p in m.parameters() if p.requires_grad] for m in models]
     opts = [torch.optim.AdamW(ps, lr=c["lr"], weight_decay=c["weight_decay"]) for ps, c in zip(params, cfgs, strict=True)]
-    forward = PackedForward(models)
+    pad_to = cfg0["batch_size"] if cfg0["compile"] else 0  # fixed shapes for the compiled graph
+    size = getattr(train_loaders[0], "output_size", None)
+    forward = PackedForward(models, compile=bool(cfg0["compile"]),
+                            batch_shape=(pad_to, 3, *size) if size else (pad_to,))
     epochs = cfg0["epochs"]
     steps_per_epoch = len(train_loaders[0])
     total = max(1, epochs * steps_per_epoch)
@@ -177,13 +216,16 @@ def _train_packed(models, train_loaders, eval_loaders, cfgs, device, select_on, 
                 for opt, c in zip(opts, cfgs, strict=True):
                     for group in opt.param_groups:
                         group["lr"] = engine.lr_at(step, total, warmup, c)
+                n = int(batch[0][1].shape[0])
+                if pad_to:
+                    batch = [engine.pad_batch(x, y, pad_to) for x, y in batch]
                 xs = torch.stack([x for x, _ in batch])
                 ys = torch.stack([y for _, y in batch])
                 running += packed_step(forward, params, opts, xs, ys, cfgs, plan, device)
                 batches += 1
                 step += 1
                 for res in results:
-                    res.train_images += int(ys.shape[1])
+                    res.train_images += n
             mean_losses = (running / max(1, batches)).tolist()  # one host sync per epoch
         elapsed = time.perf_counter() - t0
         for r, res in enumerate(results):
@@ -210,7 +252,8 @@ def _train_packed(models, train_loaders, eval_loaders, cfgs, device, select_on, 
                 res.eval_time_s += time.perf_counter() - t1
         if on_epoch is not None:
             on_epoch(epoch + 1, epochs, sum(mean_losses) / R)
+    info = forward.features.summary() if forward.features is not None else {"compiled": False, "compile_error": None}
     for res in results:
-        res.compiled = False
-        res.compile_info = {"packed_runs": R}
+        res.compiled, res.compile_error = info["compiled"], info["compile_error"]
+        res.compile_info = {**info, "packed_runs": R}
     return results

@@ -118,3 +118,37 @@ def test_packed_tune_grid_equals_one_by_one(tmp_path) -> None:
     assert packed["metrics"]["tuning"]["packed"] and not alone["metrics"]["tuning"]["packed"]
     assert packed["metrics"]["tuning"]["grid"] == alone["metrics"]["tuning"]["grid"]
     assert packed["metrics"]["curve"] == alone["metrics"]["curve"]
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_packs_compile_once_and_equal_eager(monkeypatch, backend) -> None:
+    """Packs of three tasks with different class counts and a short last batch: one graph, the
+    numbers of the eager pack."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("PETLBENCH_COMPILE_BACKEND", backend)
+    torch._dynamo.reset()
+    engine.FEATURE_COMPILER.clear()
+    counters.clear()
+    seeds = (0, 1)
+    try:
+        for classes in (3, 10, 47):
+            x, y = torch.randn(10, 3, 32, 32), torch.randint(0, classes, (10,))
+            out = {}
+            for compiled in (False, True):
+                models = _models("lora", seeds, classes)
+                res = train_packed(models, [ImageLoader(x, y, 4, True, s, False) for s in seeds],
+                                   [{"test": ImageLoader(x, y, 8, False, 0, False)} for _ in seeds],
+                                   [_cfg(epochs=2, compile=compiled)] * 2, torch.device("cpu"))
+                out[compiled] = res, [m.trainable_state_dict() for m in models]
+            (eager, e_states), (comp, c_states) = out[False], out[True]
+            for e, c, es, cs in zip(eager, comp, e_states, c_states, strict=True):
+                assert c.compiled is True and e.compiled is False, c.compile_info
+                assert c.curve == e.curve and c.train_images == e.train_images == 20
+                torch.testing.assert_close(torch.tensor(c.train_loss), torch.tensor(e.train_loss), **TOL)
+                for k in es:
+                    torch.testing.assert_close(cs[k], es[k], **PARAM_TOL)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["unimplemented"]
+    finally:
+        torch._dynamo.reset()
+        engine.FEATURE_COMPILER.clear()
