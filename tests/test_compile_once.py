@@ -111,3 +111,21 @@ def test_a_silent_fallback_to_eager_is_recorded(fresh_dynamo) -> None:
     wrapped(torch.ones(4))  # a new shape: a recompile, over the limit of 1 -> eager
     info = wrapped.summary()
     assert info["compiled"] is False and "fell back to eager in 1 of 2 calls" in info["compile_error"]
+
+
+def test_a_compiled_sweep_records_the_truth(fresh_dynamo, tmp_path) -> None:
+    """Through the runner: two tasks with different class counts, one graph; the records say so."""
+    from petlbench.runner import execute_spec
+    from petlbench.sweep import plan
+    from tests.shared_cache import demo_cache_env
+
+    sets = {"epochs": 1, "warmup_epochs": 0, "limit_train": 40, "limit_eval": 32, "batch_size": 16, "compile": True}
+    with demo_cache_env():
+        specs = plan("demo", ["lora"], ["digits", "faces"], [0], output=str(tmp_path), sets=sets).specs
+        recs = [execute_spec(s) for s in specs]
+    assert all(r["status"] == "ok" for r in recs), [r["error"] for r in recs]
+    eff = [r["efficiency"] for r in recs]
+    assert [e["compiled"] for e in eff] == [True, True] and [e["compile_graphs_built"] for e in eff] == [1, 0]
+    assert eff[0]["compile_backend"] == "eager" and eff[0]["precision"]["autocast"] is None
+    assert eff[0]["peak_gpu_mem_allocated"] is None and eff[0]["eval_peak_gpu_mem_allocated"] is None
+    assert counters["stats"]["unique_graphs"] == 1
