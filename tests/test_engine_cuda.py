@@ -61,7 +61,7 @@ def test_a_run_executes_on_its_own_device(monkeypatch, tmp_path) -> None:
     fake.current = 0
     seen = {}
 
-    def fake_run(spec, device, on_epoch, record) -> None:  # what the run's body sees
+    def fake_run(spec, device, on_epoch, record, **kwargs) -> None:  # what the run's body sees
         seen["device"], seen["current"] = device, fake.current
 
     monkeypatch.setattr(runner, "_run", fake_run)
