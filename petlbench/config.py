@@ -28,7 +28,8 @@ TRAIN_HPARAMS: dict[str, HParam] = {
     "drop_path_rate": HParam(0.0, "stochastic depth of the (frozen) backbone", low=0.0, high=0.99),
     "drop_rate": HParam(0.0, "dropout of the backbone (embedding and MLP)", low=0.0, high=0.99),
     "drop_last": HParam(False, "drop the last incomplete training batch"),
-    "precision": HParam("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16")),
+    "precision": HParam("auto", "auto: bf16 autocast on GPUs with native bf16, fp16 + loss scaling on older ones, "
+                        "fp32 on CPU; fp32 uses TF32 matmuls on Ampere+", choices=("auto", "fp32", "bf16", "fp16")),
     "normalization": HParam("backbone", "input normalisation: the backbone's pretrained config or a preset",
                             choices=("backbone", "imagenet", "inception")),
     "compile": HParam(False, "torch.compile the model (falls back to eager mode if compilation fails)"),

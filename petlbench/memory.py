@@ -88,3 +88,42 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
         storage = t.untyped_storage()
         seen[storage._cdata] = storage.nbytes()
     return sum(seen.values())
+
+
+class PhasePeaks:
+    """CUDA allocator peaks per phase of a run (``train``, ``eval``), each phase measured on its own.
+
+    A run alternates training epochs and evaluations; one peak counter read at the end mixes
+    them (the evaluation's activations and the test split resident on the device land in the
+    training figure). Each phase resets the counter on entry and folds the peak into its own
+    maximum on exit. On devices without an allocator counter every figure is None.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.allocated: dict[str, int] = {}
+        self.reserved: dict[str, int] = {}
+
+    def phase(self, name: str) -> _Phase:
+        return _Phase(self, name)
+
+    def get(self, name: str, kind: str = "allocated") -> int | None:
+        return (self.allocated if kind == "allocated" else self.reserved).get(name)
+
+
+class _Phase:
+    def __init__(self, peaks: PhasePeaks, name: str) -> None:
+        self.peaks, self.name = peaks, name
+
+    def __enter__(self) -> _Phase:
+        if self.peaks.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.peaks.device)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        p = self.peaks
+        if p.device.type != "cuda":
+            return
+        alloc, res = torch.cuda.max_memory_allocated(p.device), torch.cuda.max_memory_reserved(p.device)
+        p.allocated[self.name] = max(p.allocated.get(self.name, 0), int(alloc))
+        p.reserved[self.name] = max(p.reserved.get(self.name, 0), int(res))

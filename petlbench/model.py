@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,7 +24,7 @@ from petlbench.backbone import Backbone, petl_hooks, remove_petl_hooks
 from petlbench.errors import NotMergeableError, PetlbenchError, did_you_mean
 from petlbench.method import Method
 from petlbench.registry import get_method
-from petlbench.weights import WeightsInfo, load_weights
+from petlbench.weights import WeightsInfo, load_weights, resolve_source
 
 
 class PETLModel(nn.Module):
@@ -124,6 +125,7 @@ def create_model(
     suite: str | None = None,
     task: str | None = None,
     device: str | torch.device | None = None,
+    reuse_backbone: bool = False,
     **method_hparams: Any,
 ) -> PETLModel:
     """Build ``backbone`` (a timm architecture, optionally ``arch.tag``) adapted by ``method``.
@@ -133,9 +135,11 @@ def create_model(
     the method's paper publishes; ``method_hparams`` override them. ``backbone_kwargs`` go to
     ``timm.create_model`` (e.g. ``drop_path_rate``, or a tiny ``depth``/``embed_dim`` for tests).
     ``device="meta"`` builds shapes only (parameter counting without allocating memory).
+    ``reuse_backbone``: take the backbone from the per-process cache (:data:`BACKBONES`): built,
+    loaded and hashed once, copied per model, with a fresh head. The backbone is then built
+    outside the caller's random stream, so a model's initialisation is the same whether the
+    cache had it or not (but differs from a model built without the cache).
     """
-    import timm
-
     method_cls = get_method(method)
     hparams = method_cls.resolve(method_hparams, suite=suite, task=task)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
@@ -144,14 +148,11 @@ def create_model(
     kwargs = dict(backbone_kwargs or {})
     if device is not None and str(device) == "meta" and pretrained:
         raise PetlbenchError("cannot load weights onto the meta device; build on a real device instead.")
-    try:
-        with torch.device(device) if device is not None else nullcontext():
-            net = timm.create_model(backbone, pretrained=False, num_classes=num_classes, **kwargs)
-    except (TypeError, RuntimeError) as exc:
-        raise PetlbenchError(f"backbone {backbone!r} cannot be built with {kwargs or 'default settings'}: {exc}. "
-                             "Fix: check the architecture name/tag and backbone_kwargs.") from None
+    if reuse_backbone and (device is None or str(device) == "cpu"):
+        net, weights = BACKBONES.get(backbone, arch, num_classes, pretrained, kwargs)
+    else:
+        net, weights = _build_backbone(backbone, arch, num_classes, pretrained, kwargs, device)
     bb = Backbone(net, arch)
-    weights = load_weights(bb, pretrained) if pretrained not in (None, False) else None
     model = PETLModel(net, method_cls(**hparams), arch, kwargs, weights)
     model.method.check_backbone(bb)
     with torch.device(device) if device is not None else nullcontext():
@@ -161,6 +162,77 @@ def create_model(
     for param in model.method.trainable(bb, model.petl):
         param.requires_grad_(True)
     return model
+
+
+def _build_backbone(backbone: str, arch: str, num_classes: int, pretrained: Any, kwargs: Mapping[str, Any],
+                    device: str | torch.device | None = None) -> tuple[nn.Module, WeightsInfo | None]:
+    import timm
+
+    try:
+        with torch.device(device) if device is not None else nullcontext():
+            net = timm.create_model(backbone, pretrained=False, num_classes=num_classes, **kwargs)
+    except (TypeError, RuntimeError) as exc:
+        raise PetlbenchError(f"backbone {backbone!r} cannot be built with {kwargs or 'default settings'}: {exc}. "
+                             "Fix: check the architecture name/tag and backbone_kwargs.") from None
+    weights = load_weights(Backbone(net, arch), pretrained) if pretrained not in (None, False) else None
+    return net, weights
+
+
+def _new_head(net: nn.Module, arch: str, num_classes: int) -> None:
+    """A fresh classifier for ``num_classes``, initialised as timm initialises ViT and Swin heads
+    (truncated normal, std 0.02; zero bias)."""
+    net.reset_classifier(num_classes)
+    head = Backbone(net, arch).head
+    with torch.no_grad():
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+
+
+class BackboneCache:
+    """Backbones built, loaded and hashed once per process, handed out as copies.
+
+    A sweep runs dozens of models on one backbone; building it, reading the weights file and
+    hashing it (seconds for ViT-B) are paid once. Keyed by architecture, build arguments and the
+    weights file's path, size and modification time (a file changed in place is read again). The
+    pristine copy stays on the CPU; each model gets its own deep copy with a new head.
+    """
+
+    def __init__(self, maxsize: int = 2) -> None:
+        self.maxsize = maxsize
+        self._entries: OrderedDict[tuple, tuple[nn.Module, WeightsInfo | None]] = OrderedDict()
+        self.builds = 0
+
+    def _key(self, backbone: str, arch: str, pretrained: Any, kwargs: Mapping[str, Any]) -> tuple:
+        source: tuple = (None,)
+        if pretrained not in (None, False):
+            path, description = resolve_source(pretrained, arch)
+            st = path.stat()
+            source = (str(path.resolve()), description, st.st_size, st.st_mtime_ns)
+        return backbone, repr(sorted(kwargs.items())), source
+
+    def get(self, backbone: str, arch: str, num_classes: int, pretrained: Any, kwargs: Mapping[str, Any]
+            ) -> tuple[nn.Module, WeightsInfo | None]:
+        key = self._key(backbone, arch, pretrained, kwargs)
+        if key not in self._entries:
+            with torch.random.fork_rng(devices=[]):  # the caller's random stream must not depend on a hit
+                net, weights = _build_backbone(backbone, arch, 1, pretrained, kwargs)
+            self.builds += 1
+            net.requires_grad_(False)
+            self._entries[key] = (net, weights)
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
+        pristine, weights = self._entries[key]
+        net = copy.deepcopy(pristine)
+        _new_head(net, arch, num_classes)
+        net.requires_grad_(True)  # as timm builds it; create_model freezes what the method does not train
+        return net, weights
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+BACKBONES = BackboneCache()
 
 
 def _check_hooks(model: PETLModel) -> None:

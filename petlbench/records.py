@@ -19,12 +19,17 @@ Schema (``schema_version`` 1); every record has these top-level keys:
   source_sha256}`` for a method registered from a script), ``normalization``, ``splits``
   (train/eval split names and sizes).
 - ``efficiency``: ``train_time_s``, ``train_images_per_s``, ``eval_time_s``, ``peak_gpu_mem_allocated``,
-  ``peak_gpu_mem_reserved`` (bytes, null on CPU), ``trainable_state_bytes``, ``compiled`` (whether
-  ``torch.compile`` was used, with ``compile_error`` when it fell back to eager), and the deployed
-  model's batch-1 latency next to the plain backbone's: ``deployed`` (merged/unmerged),
-  ``latency_b1_s``, ``plain_latency_b1_s``, ``latency_ratio`` and its relative half-spread
-  ``latency_ratio_spread``; ``concurrency`` (``parallel_runs`` on the machine, ``torch_threads``,
-  ``device``): under which load ``train_time_s`` was measured.
+  ``peak_gpu_mem_reserved`` (bytes, training steps only; null on CPU), ``eval_peak_gpu_mem_allocated``,
+  ``eval_peak_gpu_mem_reserved`` (the evaluations', measured apart), ``trainable_state_bytes``,
+  ``compiled`` (true only when every training step ran compiled code; false with ``compile_error``
+  when torch.compile failed or dynamo fell back to eager), with ``compile_graphs_built`` (graphs
+  compiled during this run; 0 when it reused the process's), ``compile_graph_breaks`` and
+  ``compile_backend`` when compiling; ``precision`` (the resolved arithmetic: ``requested``,
+  ``autocast``, ``grad_scaler``, ``tf32``, ``reason``), ``evaluated_merged`` (a mergeable method is
+  evaluated merged), and the deployed model's batch-1 latency next to the plain backbone's:
+  ``deployed`` (merged/unmerged), ``latency_b1_s``, ``plain_latency_b1_s``, ``latency_ratio`` and its
+  relative half-spread ``latency_ratio_spread``; ``concurrency`` (``parallel_runs`` on the machine,
+  ``torch_threads``, ``device``): under which load ``train_time_s`` was measured.
 - ``provenance``: ``petlbench_version``, ``git_commit``, ``git_dirty``, ``method_code`` (distribution,
   version, ``class``, ``source_sha256`` of its file, ``display_name``), ``python``, ``torch``,
   ``timm``, ``device``, ``hostname``, ``weights_sha256``, ``weights_source``, ``data_root``,

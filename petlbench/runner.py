@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from petlbench.config import parse_floats
+from petlbench.engine import on_device
 from petlbench.errors import PetlbenchError
 from petlbench.records import base_record, write_record
 from petlbench.runspec import RunSpec
@@ -84,11 +85,16 @@ def _git() -> tuple[str | None, bool | None]:
 
 
 def _device(name: str) -> torch.device:
+    """The run's device, with an explicit index for CUDA (``cuda`` alone means the current device),
+    so every tensor, event and stream of the run names the same GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name.startswith("cuda") and not torch.cuda.is_available():
         raise PetlbenchError("--device cuda was asked for but no CUDA device is visible. Fix: use --device cpu.")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def device_name(device: torch.device) -> str:
@@ -150,8 +156,9 @@ def _build(spec: RunSpec, cfg: dict[str, Any], classes: int, device: torch.devic
     for key in ("drop_path_rate", "drop_rate"):
         if cfg[key]:
             kwargs[key] = cfg[key]
+    # The backbone is built, loaded and hashed once per process (petlbench.model.BACKBONES).
     model = create_model(spec.backbone, spec.method, classes, pretrained=spec.pretrained, backbone_kwargs=kwargs,
-                         **spec.method_hparams)
+                         reuse_backbone=True, **spec.method_hparams)
     if spec.weights_sha256 and model.weights and model.weights.sha256 != spec.weights_sha256:
         raise PetlbenchError(f"weights file {spec.pretrained} changed since the sweep was planned "
                              f"(sha256 {model.weights.sha256[:12]} != {spec.weights_sha256[:12]}).")
@@ -167,21 +174,66 @@ def _normalization(model, cfg: dict[str, Any]):
     return resolve_normalization(cfg["normalization"])
 
 
-def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record: dict[str, Any]) -> None:
-    from petlbench.accounting import count_params
-    from petlbench.bench import deployed_latency
-    from petlbench.engine import evaluate, train
+class _Prepared:
+    """A run ready to train: its resolved settings, model and loaders (shared by the packed path)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.__dict__.update(kwargs)
+
+
+def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record: dict[str, Any],
+         pack_tune: bool = False) -> None:
+    from petlbench.engine import train
+    from petlbench.memory import PhasePeaks
+
+    prep = _prepare(spec, device, pack_tune=pack_tune)
+    peaks = PhasePeaks(device)  # training and evaluation measured apart (each resets the counter)
+    res = train(prep.model, prep.train_loader, prep.evals, prep.cfg, device, select_on=prep.select,
+                eval_every=prep.every, seed=spec.seed, on_epoch=on_epoch, peaks=peaks)
+    _finish(spec, prep, res, peaks, device, record)
+
+
+def _tune_packed(spec: RunSpec, cfg: dict[str, Any], trials: list[tuple[float, float]], data: _Data, classes: int,
+                 device: torch.device) -> list[Any] | None:
+    """The ``tune`` grid's trials trained in one packed step (see petlbench/packing.py), or None
+    when they cannot be packed (then they train one by one)."""
+    from petlbench.packing import pack_problem, train_packed
+
+    if len(trials) < 2:
+        return None
+    models, loaders, evals, cfgs = [], [], [], []
+    for lr, wd in trials:
+        trial = {**cfg, "lr": lr, "weight_decay": wd}
+        seed_everything(spec.seed)
+        model = _build(spec, trial, classes, device)
+        norm = _normalization(model, trial)
+        models.append(model)
+        cfgs.append(trial)
+        loaders.append(data.loader("tune_train", True, trial, norm, spec.seed, device))
+        evals.append({"val": data.loader("tune_val", False, trial, norm, spec.seed, device)})
+    if pack_problem(models, cfgs, loaders, device):
+        return None
+    return train_packed(models, loaders, evals, cfgs, device)
+
+
+def _prepare(spec: RunSpec, device: torch.device, data: _Data | None = None, pack_tune: bool = False) -> _Prepared:
+    """Settings, ``tune`` selection, model and loaders of ``spec`` (``data`` may be shared by runs
+    of the same task). ``pack_tune``: train the ``tune`` grid's trials packed."""
+    from petlbench.engine import train
 
     cfg = dict(spec.train)
-    data = _Data(spec)
+    data = data if data is not None else _Data(spec)
     classes = data.task.classes
     protocol = spec.protocol
     metrics: dict[str, Any] = {}
 
     if protocol == "tune":
         grid = []
-        for lr in parse_floats(cfg["tune_lr"], "tune_lr"):
-            for wd in parse_floats(cfg["tune_weight_decay"], "tune_weight_decay"):
+        trials = [(lr, wd) for lr in parse_floats(cfg["tune_lr"], "tune_lr")
+                  for wd in parse_floats(cfg["tune_weight_decay"], "tune_weight_decay")]
+        packed = _tune_packed(spec, cfg, trials, data, classes, device) if pack_tune else None
+        for i, (lr, wd) in enumerate(trials):
+            if packed is None:
                 trial = {**cfg, "lr": lr, "weight_decay": wd}
                 seed_everything(spec.seed)
                 model = _build(spec, trial, classes, device)
@@ -189,10 +241,13 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
                 res = train(model, data.loader("tune_train", True, trial, norm, spec.seed, device),
                             {"val": data.loader("tune_val", False, trial, norm, spec.seed, device)},
                             trial, device, seed=spec.seed)
-                grid.append({"lr": lr, "weight_decay": wd, "val_top1": res.curve[-1]["top1"]})
+            else:
+                res = packed[i]
+            grid.append({"lr": lr, "weight_decay": wd, "val_top1": res.curve[-1]["top1"]})
         chosen = max(grid, key=lambda g: g["val_top1"])  # first best on ties: grid order is fixed
         cfg.update(lr=chosen["lr"], weight_decay=chosen["weight_decay"])
-        metrics["tuning"] = {"grid": grid, "selected": {"lr": chosen["lr"], "weight_decay": chosen["weight_decay"]}}
+        metrics["tuning"] = {"grid": grid, "selected": {"lr": chosen["lr"], "weight_decay": chosen["weight_decay"]},
+                             "packed": packed is not None}
 
     seed_everything(spec.seed)
     model = _build(spec, cfg, classes, device)
@@ -207,16 +262,27 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
     else:
         evals, select, every = {"test": data.loader("test", False, cfg, norm, spec.seed, device)}, None, \
             cfg["eval_every"]
+    return _Prepared(cfg=cfg, data=data, metrics=metrics, model=model, norm=norm, train_loader=train_loader,
+                     evals=evals, select=select, every=every)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    res = train(model, train_loader, evals, cfg, device, select_on=select, eval_every=every, seed=spec.seed,
-                on_epoch=on_epoch)
+
+def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.device,
+            record: dict[str, Any]) -> None:
+    """The protocol's number from a trained run, and its record."""
+    from petlbench.accounting import count_params
+    from petlbench.bench import deployed_latency
+    from petlbench.engine import deployable, evaluate
+    from petlbench.precision import resolve_precision
+
+    cfg, data, metrics, model, norm, evals = prep.cfg, prep.data, prep.metrics, prep.model, prep.norm, prep.evals
+    protocol = spec.protocol
     test_curve = [c for c in res.curve if c["split"] == "test"]
     if protocol == "fgvc":
         model.load_trainable_state_dict(res.best_state, source="best-validation state")
         model.eval()
-        top1 = evaluate(model, data.loader("test", False, cfg, norm, spec.seed, device), device, cfg["precision"])
+        with peaks.phase("eval"):
+            top1 = evaluate(deployable(model)[0], data.loader("test", False, cfg, norm, spec.seed, device), device,
+                            resolve_precision(cfg["precision"], device))
         metrics.update(top1=top1, top1_final=None, selected_epoch=res.best_epoch, val_top1=res.best_val)
     elif protocol == "legacy-best-test":
         metrics.update(top1=res.best_val, top1_final=test_curve[-1]["top1"], selected_epoch=res.best_epoch,
@@ -237,17 +303,21 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
         "train_time_s": round(res.train_time_s, 3),
         "train_images_per_s": round(res.train_images / res.train_time_s, 2) if res.train_time_s else None,
         "eval_time_s": round(res.eval_time_s, 3),
-        "peak_gpu_mem_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "peak_gpu_mem_reserved": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
+        "peak_gpu_mem_allocated": peaks.get("train"),  # training steps only
+        "peak_gpu_mem_reserved": peaks.get("train", "reserved"),
+        "eval_peak_gpu_mem_allocated": peaks.get("eval"),  # evaluations (test split resident, no gradients)
+        "eval_peak_gpu_mem_reserved": peaks.get("eval", "reserved"),
         "trainable_state_bytes": counts.trainable_bytes,
         # Train time depends on what else ran at the same time: say under which concurrency it was measured.
         "concurrency": {"parallel_runs": _parallel_runs(), "torch_threads": torch.get_num_threads(),
                         "device": device.type},
-        "compiled": res.compiled,
+        "compiled": res.compiled if cfg["compile"] else False,
         "compile_error": res.compile_error,
+        **{k: v for k, v in res.compile_info.items() if k not in ("compiled", "compile_error")},
+        "precision": res.precision,
+        "evaluated_merged": res.evaluated_merged,
         **deployed_latency(model, device, data.suite.image_size,
-                           "bf16" if cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and device.type == "cuda")
-                           else "fp32"),
+                           "bf16" if res.precision.get("autocast") == "bf16" else "fp32"),
     }
     record["provenance"].update(
         weights_sha256=model.weights.sha256 if model.weights else None,
@@ -257,9 +327,7 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
     )
 
 
-def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int, float], None] | None = None,
-                 device: str = "auto") -> dict[str, Any]:
-    """Run ``spec`` in this process and write its record atomically; never raises for run failures."""
+def _start_record(spec: RunSpec) -> dict[str, Any]:
     import timm
 
     import petlbench
@@ -283,12 +351,23 @@ def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int
         from petlbench.registry import method_provenance
 
         record["provenance"]["method_code"] = method_provenance(spec.method)
-    except PetlbenchError:  # an unknown method fails below, with its own message
+    except PetlbenchError:  # an unknown method fails later, with its own message
         pass
+    return record
+
+
+def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int, float], None] | None = None,
+                 device: str = "auto", pack_tune: bool = False) -> dict[str, Any]:
+    """Run ``spec`` in this process and write its record atomically; never raises for run failures.
+
+    ``pack_tune``: train a ``tune`` grid's trials in one packed step (equal numbers to within
+    floating-point summation order; see petlbench/packing.py)."""
+    record = _start_record(spec)
     try:
         dev = _device(device)
         record["provenance"]["device"] = device_name(dev)
-        _run(spec, dev, None if quiet else on_epoch, record)
+        with on_device(dev):  # every CUDA call of the run (loaders, events, latency timing) on its GPU
+            _run(spec, dev, None if quiet else on_epoch, record, pack_tune=pack_tune)
         record["status"] = "ok"
     except Exception as exc:  # every failure is recorded, and the sweep goes on
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -301,3 +380,78 @@ def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int
     write_record(spec.record_path, record)
     return record
 
+
+
+# ------------------------------------------------------------------ several runs per step
+PACK_PROTOCOLS = ("vtab1k", "fgvc", "legacy-best-test")
+
+
+def pack_key(spec: RunSpec) -> tuple | None:
+    """Specs with equal keys differ only in their seed and can train packed (None: never packed)."""
+    if spec.protocol not in PACK_PROTOCOLS:
+        return None
+    from petlbench.runspec import canonical_json
+
+    ident = {**spec.identity(), "seed": None, "pretrained": spec.pretrained, "data_root": spec.data_root}
+    return (canonical_json(ident),)
+
+
+def pack_groups(specs: list[RunSpec], size: int) -> list[list[RunSpec]]:
+    """``specs`` in groups of at most ``size`` that can share a packed step (order kept; a spec
+    that cannot be packed is a group of one)."""
+    groups: list[list[RunSpec]] = []
+    open_groups: dict[tuple, list[RunSpec]] = {}
+    for spec in specs:
+        key = pack_key(spec) if size > 1 else None
+        if key is None:
+            groups.append([spec])
+            continue
+        group = open_groups.get(key)
+        if group is None or len(group) >= size:
+            group = open_groups[key] = []
+            groups.append(group)
+        group.append(spec)
+    return groups
+
+
+def execute_packed(specs: list[RunSpec], quiet: bool = True, device: str = "auto") -> list[dict[str, Any]]:
+    """Run ``specs`` (one :func:`pack_groups` group) in packed steps and write their records.
+
+    When they cannot be packed, or the packed training fails (one run's non-finite loss, out of
+    memory), each spec runs alone through :func:`execute_spec`, so a pack never costs a result.
+    """
+    from petlbench.memory import PhasePeaks
+    from petlbench.packing import pack_problem, train_packed
+
+    if len(specs) < 2 or len({pack_key(s) for s in specs}) != 1 or pack_key(specs[0]) is None:
+        return [execute_spec(s, quiet=quiet, device=device) for s in specs]
+    records = [_start_record(s) for s in specs]
+    try:
+        dev = _device(device)
+        with on_device(dev):
+            data = _Data(specs[0])
+            preps = [_prepare(s, dev, data) for s in specs]
+            models = [p.model for p in preps]
+            problem = pack_problem(models, [p.cfg for p in preps], [p.train_loader for p in preps], dev)
+            if problem:
+                raise ValueError(problem)
+            peaks = PhasePeaks(dev)  # one pack, one set of peaks: what the R runs needed together
+            results = train_packed(models, [p.train_loader for p in preps], [p.evals for p in preps],
+                                   [p.cfg for p in preps], dev, select_on=preps[0].select, eval_every=preps[0].every,
+                                   peaks=peaks)
+            for spec, prep, res, record in zip(specs, preps, results, records, strict=True):
+                record["provenance"]["device"] = device_name(dev)
+                _finish(spec, prep, res, peaks, dev, record)
+                record["efficiency"]["packed_runs"] = len(specs)
+                record["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure: fall back to honest one-by-one runs
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        out = [execute_spec(s, quiet=quiet, device=device) for s in specs]
+        for record, spec in zip(out, specs, strict=True):
+            record["efficiency"]["pack_fallback"] = reason
+            write_record(spec.record_path, record)
+        return out
+    for spec, record in zip(specs, records, strict=True):
+        record["provenance"]["end_time"] = _now()
+        write_record(spec.record_path, record)
+    return records

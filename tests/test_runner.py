@@ -231,13 +231,19 @@ def test_config_file_and_local_launcher(tmp_path) -> None:
 
 
 def test_compile_falls_back_to_eager_and_says_so(tmp_path, monkeypatch) -> None:
+    from petlbench.engine import FEATURE_COMPILER
+
     def broken(fn, *args, **kwargs):
-        def call(x):
+        def call(*inputs):
             raise RuntimeError("no compiler on this machine")
         return call
 
     monkeypatch.setattr(torch, "compile", broken)
+    FEATURE_COMPILER.clear()  # graphs compiled earlier in this process would be reused
     spec = plan("demo", ["arc"], ["faces"], [0], output=str(tmp_path), sets={**FAST_SETS, "compile": True}).specs[0]
-    rec = execute_spec(spec)
+    try:
+        rec = execute_spec(spec)
+    finally:
+        FEATURE_COMPILER.clear()  # nor may later tests reuse the broken one
     assert rec["status"] == "ok", rec["error"]
     assert rec["efficiency"]["compiled"] is False and "no compiler" in rec["efficiency"]["compile_error"]
