@@ -183,6 +183,15 @@ class Backbone:
         return self.model.norm_pre
 
     @property
+    def cls_token(self) -> nn.Parameter | None:
+        """ViT: the learned class token (1, 1, dim) that starts the token sequence, or None when the
+        model has none; Swin: None. A method that tunes it adds a delta at :attr:`token_site`."""
+        if self.family != "vit":
+            return None
+        token = getattr(self.model, "cls_token", None)
+        return token if isinstance(token, nn.Parameter) else None
+
+    @property
     def num_prefix_tokens(self) -> int:
         """ViT only: class/register tokens at the start of the sequence."""
         self.require("vit", "prefix tokens")
