@@ -158,6 +158,9 @@ def params_cmd(method: str, backbone: str, backbone_args: tuple[str, ...], num_c
         value = counts[key]
         extra = f"  ({value / 1e6:.4f} M)" if key != "trainable_bytes" else ""
         click.echo(f"  {label:<32} {value:>12,}{extra}")
+    if model.method.needs_calibration:
+        click.echo(f"  note: {method} chooses what trains from gradients on the task's training data (its calibration "
+                   "step); these are the counts before calibration. See README, Methods.")
 
 
 def _seeds(text: str) -> list[int]:

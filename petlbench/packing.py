@@ -51,6 +51,8 @@ def pack_problem(models: Sequence[Any], cfgs: Sequence[Mapping[str, Any]], loade
         return "the runs use different methods or hyperparameters"
     if any(c.get(k) != cfgs[0].get(k) for c in cfgs for k in _SAME_KEYS):
         return f"the runs differ in a setting packing shares ({', '.join(_SAME_KEYS)})"
+    if base.method.needs_calibration:
+        return "the method chooses what trains from each run's own data (calibration); runs differ in their masks"
     if base.method.frozen_features:
         return "linear probing trains on features extracted once; nothing to pack"
     if resolve_precision(cfgs[0]["precision"], device).grad_scaler:

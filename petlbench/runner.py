@@ -150,7 +150,7 @@ class _Data:
 
 
 def _build(spec: RunSpec, cfg: dict[str, Any], classes: int, device: torch.device):
-    from petlbench.model import create_model
+    from petlbench.model import create_model, init_head
 
     kwargs = {**spec.backbone_kwargs}
     for key in ("drop_path_rate", "drop_rate"):
@@ -159,6 +159,7 @@ def _build(spec: RunSpec, cfg: dict[str, Any], classes: int, device: torch.devic
     # The backbone is built, loaded and hashed once per process (petlbench.model.BACKBONES).
     model = create_model(spec.backbone, spec.method, classes, pretrained=spec.pretrained, backbone_kwargs=kwargs,
                          reuse_backbone=True, **spec.method_hparams)
+    init_head(model.backbone.head, cfg["head_init"])
     if spec.weights_sha256 and model.weights and model.weights.sha256 != spec.weights_sha256:
         raise PetlbenchError(f"weights file {spec.pretrained} changed since the sweep was planned "
                              f"(sha256 {model.weights.sha256[:12]} != {spec.weights_sha256[:12]}).")
@@ -220,6 +221,7 @@ def _prepare(spec: RunSpec, device: torch.device, data: _Data | None = None, pac
     """Settings, ``tune`` selection, model and loaders of ``spec`` (``data`` may be shared by runs
     of the same task). ``pack_tune``: train the ``tune`` grid's trials packed."""
     from petlbench.engine import train
+    from petlbench.model import calibrate
 
     cfg = dict(spec.train)
     data = data if data is not None else _Data(spec)
@@ -238,8 +240,9 @@ def _prepare(spec: RunSpec, device: torch.device, data: _Data | None = None, pac
                 seed_everything(spec.seed)
                 model = _build(spec, trial, classes, device)
                 norm = _normalization(model, trial)
-                res = train(model, data.loader("tune_train", True, trial, norm, spec.seed, device),
-                            {"val": data.loader("tune_val", False, trial, norm, spec.seed, device)},
+                tune_train = data.loader("tune_train", True, trial, norm, spec.seed, device)
+                calibrate(model, tune_train, device)  # before the optimiser: what trains may depend on it
+                res = train(model, tune_train, {"val": data.loader("tune_val", False, trial, norm, spec.seed, device)},
                             trial, device, seed=spec.seed)
             else:
                 res = packed[i]
@@ -253,6 +256,7 @@ def _prepare(spec: RunSpec, device: torch.device, data: _Data | None = None, pac
     model = _build(spec, cfg, classes, device)
     norm = _normalization(model, cfg)
     train_loader = data.loader("train", True, cfg, norm, spec.seed, device)
+    calibration = calibrate(model, train_loader, device)  # gradient-based selection (SPT, GPS) sees train only
     if protocol == "fgvc":
         evals, select, every = {"val": data.loader("tune_val", False, cfg, norm, spec.seed, device)}, "val", \
             cfg["eval_every"] or 1
@@ -263,7 +267,7 @@ def _prepare(spec: RunSpec, device: torch.device, data: _Data | None = None, pac
         evals, select, every = {"test": data.loader("test", False, cfg, norm, spec.seed, device)}, None, \
             cfg["eval_every"]
     return _Prepared(cfg=cfg, data=data, metrics=metrics, model=model, norm=norm, train_loader=train_loader,
-                     evals=evals, select=select, every=every)
+                     evals=evals, select=select, every=every, calibration=calibration)
 
 
 def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.device,
@@ -298,6 +302,7 @@ def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.
         train=cfg,
         normalization=norm.as_dict(),
         splits={"train": data.suite.split_for("train"), "eval": sorted(evals), "sizes": data.sizes},
+        calibration=prep.calibration,
     )
     record["efficiency"] = {
         "train_time_s": round(res.train_time_s, 3),

@@ -75,3 +75,12 @@ def test_cuda_timing_runs_on_the_timed_device(monkeypatch) -> None:
     records = [detail for what, current, detail in fake.log if what == "event.record"]
     assert len(records) == 2 and all(s.device == 1 for s in records)
     assert {current for _, current, _ in fake.log} == {1}
+
+
+def test_bench_calibrates_methods_that_choose_what_trains() -> None:
+    """An uncalibrated SPT would train only its class-token delta: the benchmark calibrates it first."""
+    arch, kw = TINY_VIT
+    result = run_bench(BenchConfig(methods=["spt_lora"], backbone=arch, backbone_kwargs=kw, batch_size=2,
+                                   timing=False))
+    (row,) = result["methods"]
+    assert row["trainable_without_head"] > kw["embed_dim"]

@@ -67,7 +67,7 @@ def test_shipped_templates_still_work_as_template(results_dir: Path, tmp_path: P
     result = CliRunner().invoke(main, ["report", "--results", str(results_dir), "--format", fmt,
                                        "--template", str(own), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "linear" in out.read_text(encoding="utf-8")
+    assert "Linear probing" in out.read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(("raw", "tex"), [
