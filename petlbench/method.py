@@ -105,6 +105,10 @@ class Method:
     - ``mergeable``: True when :meth:`merge` folds the method into the plain backbone exactly.
     - ``frozen_features``: True when only the head trains and the backbone's features never
       change (linear probing), so the engine may extract features once and train on them.
+    - ``pooling``: None when the classifier sees the backbone's own pooled features
+      (:attr:`Backbone.pooling`); otherwise a short name of the pooling the method installs
+      (DTL: ``"mean_patch_tokens_then_norm"``). It is recorded with every run, because pooling
+      is a protocol variable that changes accuracy.
     """
 
     name: ClassVar[str] = ""
@@ -116,6 +120,7 @@ class Method:
     families: ClassVar[frozenset[str]] = frozenset({"vit", "swin"})
     mergeable: ClassVar[bool] = False
     frozen_features: ClassVar[bool] = False
+    pooling: ClassVar[str | None] = None
 
     def __init__(self, **hparams: Any) -> None:
         self.config: dict[str, Any] = self.validate(hparams, complete=True)

@@ -222,6 +222,7 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
     record["config"].update(
         train=cfg,
         normalization=norm.as_dict(),
+        pooling=model.pooling,
         splits={"train": data.suite.split_for("train"), "eval": sorted(evals), "sizes": data.sizes},
     )
     record["efficiency"] = {
