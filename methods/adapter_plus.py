@@ -54,7 +54,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
-from petlbench.layers import check_width
 
 PLACEMENTS = ("post", "pfeiffer", "pre", "intermediate", "houlsby", "parallel")
 
@@ -141,6 +140,7 @@ class AdapterPlus(Method):
     summary = "Adapter+: post-block bottleneck adapter with per-channel scaling; Houlsby/Pfeiffer/... via placement."
     paper = "Steitz & Roth, Adapters Strike Back, CVPR 2024"
     published = {"vtab": "Adapter+", "fgvc": "Adapter+"}
+    bounded_by_width = frozenset({"bottleneck"})
     hparams = {
         "variant": HParam("adapter_plus", "a published configuration (sets the options below unless you set them)",
                           choices=tuple(VARIANTS)),
@@ -177,7 +177,6 @@ class AdapterPlus(Method):
         return out
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
-        check_width(self.name, "bottleneck", self.hp.bottleneck, backbone)
         place = self.hp.placement
         mlp = nn.ModuleList(BottleneckPlus(b.dim, self.hp) for b in backbone.blocks)
         petl["mlp"] = mlp

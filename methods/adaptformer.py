@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
-from petlbench.layers import check_width
 
 
 class ParallelAdapter(nn.Module):
@@ -69,6 +68,7 @@ class AdaptFormer(Method):
     summary = "AdaptFormer: 0.1-scaled ReLU bottleneck (dim 8) in parallel with every MLP."
     paper = "Chen et al., AdaptFormer: Adapting Vision Transformers for Scalable Visual Recognition, NeurIPS 2022"
     published = {"vtab": "AdaptFormer", "fgvc": "AdaptFormer"}
+    bounded_by_width = frozenset({"bottleneck"})
     hparams = {
         "bottleneck": HParam(8, "hidden size of the adapter (official image scripts: 64; VTAB tables: 8)", low=1),
         "scale": HParam(0.1, "fixed scale s of the adapter output", low=0.0, low_exclusive=True),
@@ -78,7 +78,6 @@ class AdaptFormer(Method):
     }
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
-        check_width(self.name, "bottleneck", self.hp.bottleneck, backbone)
         adapters = nn.ModuleList(
             ParallelAdapter(b.dim, self.hp.bottleneck, self.hp.scale, self.hp.dropout, self.hp.layernorm)
             for b in backbone.blocks

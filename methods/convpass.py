@@ -36,7 +36,6 @@ from torch import nn
 
 from petlbench import Backbone, HParam, Method
 from petlbench.errors import PetlbenchError
-from petlbench.layers import check_width
 
 # (scale, xavier_init) per VTAB task, from the official configs/convpass and configs/convpass_attn.
 _CONVPASS = {
@@ -124,6 +123,7 @@ class Convpass(Method):
     summary = "Convpass: QuickGELU bottleneck with a 3x3 conv on the token grid, parallel to attention and MLP."
     paper = "Jie & Deng, Convolutional Bypasses Are Better Vision Transformer Adapters, arXiv 2207.07039"
     published = {"vtab": "Convpass"}
+    bounded_by_width = frozenset({"dim"})
     hparams = {
         "dim": HParam(8, "bottleneck channels (the conv's width)", low=1),
         "scale": HParam(1.0, "scale s of the bypass output (the paper tunes it per task)", low=0.0,
@@ -150,7 +150,6 @@ class Convpass(Method):
         return {"scale": scale, "xavier_init": xavier}
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
-        check_width(self.name, "dim", self.hp.dim, backbone)
         vit = backbone.family == "vit"
         prefix = backbone.num_prefix_tokens if vit else 0
         positions = ("attn", "mlp") if self.hp.positions == "attn_mlp" else ("attn",)

@@ -132,6 +132,7 @@ class DTL(Method):
     published = {"vtab": "DTL"}
     families = frozenset({"vit"})
     pooling = POOLING
+    bounded_by_width = frozenset({"rank"})
     fusion_default = 0
     hparams = {
         "rank": HParam(2, "rank r of each block's low-rank map", low=1),
@@ -154,9 +155,6 @@ class DTL(Method):
         depth = len(backbone.blocks)
         lora = parse_blocks(self.name, self.hp.lora_blocks, depth, range(depth), "lora_blocks")
         add = parse_blocks(self.name, self.hp.add_blocks, depth, range(depth // 2, depth), "add_blocks")
-        if self.hp.rank > backbone.blocks[0].dim:
-            raise PetlbenchError(f"method {self.name!r}: rank={self.hp.rank} is larger than the embedding width "
-                                 f"{backbone.blocks[0].dim}. Fix: --set rank=2 (the paper's value).")
         if add[-1] < lora[0]:
             raise PetlbenchError(f"method {self.name!r}: every add block ({self.hp.add_blocks}) comes before the first "
                                  f"lora block ({lora[0]}), so the side network would never be used.")

@@ -36,7 +36,6 @@ from torch import nn
 
 from petlbench import Backbone, HParam, Method
 from petlbench.errors import PetlbenchError
-from petlbench.layers import check_width
 
 
 class SalientChannels(nn.Module):
@@ -76,6 +75,7 @@ class SCT(Method):
     published = {"vtab": "SCT"}
     families = frozenset({"vit"})
     needs_calibration = True
+    bounded_by_width = frozenset({"channels"})
     hparams = {"channels": HParam(0, "K: salient channels tuned per block (topN); 0 = width/8, i.e. 96 on ViT-B",
                                   low=0)}
     presets = {"vtab": {"*": {"channels": 96}}}
@@ -84,7 +84,6 @@ class SCT(Method):
         return self.hp.channels or max(1, backbone.blocks[0].dim // 8)
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
-        check_width(self.name, "channels", self._channels(backbone), backbone)
         tuner = SalientChannels(len(backbone.blocks), self._channels(backbone), backbone.num_prefix_tokens)
         petl["sct"] = tuner
         for blk in backbone.blocks:

@@ -5,15 +5,10 @@ All folds compute in float64 and cast back, so merged and unmerged models agree 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from petlbench.errors import PetlbenchError
-
-if TYPE_CHECKING:
-    from petlbench.backbone import Backbone
 
 
 def _bias(layer: nn.Module, what: str) -> nn.Parameter:
@@ -74,12 +69,3 @@ def add_to_weight_rows(linear: nn.Linear, start: int, delta: torch.Tensor) -> No
     block = linear.weight[start:start + rows]
     block.copy_((block.double() + delta.double()).to(block.dtype))
 
-
-def check_width(method: str, option: str, width: int, backbone: Backbone) -> None:
-    """Reject a bottleneck/rank wider than the narrowest block: one clear line instead of a silent expansion."""
-    narrowest = min(b.dim for b in backbone.blocks)
-    if width > narrowest:
-        raise PetlbenchError(
-            f"method {method!r}: {option}={width} is larger than the embedding width {narrowest} of backbone "
-            f"{backbone.arch or backbone.family!r}. Fix: --set {option}=<a value <= {narrowest}>."
-        )

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import petlbench
 from petlbench import PetlbenchError
+from petlbench.model import calibrate
 from tests.conftest import BACKBONES
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -338,11 +339,11 @@ def test_sct_vtab_preset_is_the_papers_top96() -> None:
 @pytest.mark.parametrize("method,hp,match", [
     ("adapter_plus", {"placement": "sideways"}, "placement.*must be one of"),
     ("adapter_plus", {"variant": "nope"}, "variant.*must be one of"),
-    ("adapter_plus", {"bottleneck": 33}, "bottleneck=33 is larger than the embedding width 32"),
-    ("adaptformer", {"bottleneck": 64}, "bottleneck=64 is larger than the embedding width 32"),
-    ("convpass", {"dim": 40}, "dim=40 is larger than the embedding width 32"),
-    ("sct", {"channels": 33}, "channels=33 is larger than the embedding width 32"),
-    ("dtl", {"rank": 33}, "rank=33 is larger than the embedding width 32"),
+    ("adapter_plus", {"bottleneck": 33}, "'bottleneck'=33 is larger than the width"),
+    ("adaptformer", {"bottleneck": 64}, "'bottleneck'=64 is larger than the width"),
+    ("convpass", {"dim": 40}, "'dim'=40 is larger than the width"),
+    ("sct", {"channels": 33}, "'channels'=33 is larger than the width"),
+    ("dtl", {"rank": 33}, "'rank'=33 is larger than the width"),
     ("dtl", {"add_blocks": "5-9"}, "outside 0-1"),
     ("dtl", {"lora_blocks": "a-b"}, "is not a block list"),
     ("convpass", {"positions": "everywhere"}, "positions.*must be one of"),
@@ -363,3 +364,18 @@ def test_dtl_refuses_a_vit_that_already_average_pools() -> None:
     arch, kwargs = BACKBONES["vit"]
     with pytest.raises(PetlbenchError, match="class-token pool"):
         petlbench.create_model(arch, "dtl", 5, backbone_kwargs={**kwargs, "global_pool": "avg"})
+
+
+def test_sct_calibration_is_saved_and_restored(images: torch.Tensor, tmp_path) -> None:
+    torch.manual_seed(1)
+    source = build("sct", channels=16)
+    calibrate(source, [(images, torch.tensor([0, 1, 2])), (images.flip(-1), torch.tensor([2, 2, 0]))])
+    assert source.calibration["images"] == 6
+    assert not torch.equal(source.petl["sct"].index[0], torch.arange(16))
+    path = petlbench.save_trainable(source, tmp_path / "sct.safetensors")
+    torch.manual_seed(1)
+    target = build("sct", channels=16)
+    petlbench.load_trainable(target, path)
+    assert torch.equal(target.petl["sct"].index, source.petl["sct"].index) and bool(target.petl["sct"].calibrated)
+    with torch.no_grad():
+        assert torch.equal(source.eval()(images), target.eval()(images))
