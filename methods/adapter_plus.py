@@ -46,7 +46,7 @@ non-linear, so it cannot be merged.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -175,6 +175,16 @@ class AdapterPlus(Method):
         elif suite == "fgvc" and task in FGVC_DIMS:
             out["bottleneck"] = FGVC_DIMS[task]
         return out
+
+    @classmethod
+    def published_as(cls, suite: str, config: Mapping[str, Any]) -> str | None:
+        """Only Adapter+ itself has published rows (VTAB: bottleneck 8; FGVC: the per-task dims 1-32)."""
+        plus = {k: v for k, v in VARIANTS["adapter_plus"].items() if k != "scale"}
+        if any(config.get(k) != v for k, v in plus.items()):
+            return None
+        if suite == "vtab" and (config.get("bottleneck") != 8 or config.get("task_dims")):
+            return None
+        return super().published_as(suite, config)
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
         place = self.hp.placement

@@ -27,6 +27,8 @@ branch non-linear, so it cannot be merged.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,6 +78,13 @@ class AdaptFormer(Method):
         "layernorm": HParam("none", "learnable LayerNorm on the adapter input ('in') or output ('out')",
                             choices=("none", "in", "out")),
     }
+
+    @classmethod
+    def published_as(cls, suite: str, config: Mapping[str, Any]) -> str | None:
+        """The quoted VTAB rows are the bottleneck-8, s = 0.1 configuration (0.16 M)."""
+        if suite == "vtab" and (config.get("bottleneck") != 8 or config.get("scale") != 0.1):
+            return None
+        return super().published_as(suite, config)
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
         adapters = nn.ModuleList(

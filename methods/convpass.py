@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -148,6 +149,13 @@ class Convpass(Method):
             return {}
         scale, xavier = _CONVPASS[task]
         return {"scale": scale, "xavier_init": xavier}
+
+    @classmethod
+    def published_as(cls, suite: str, config: Mapping[str, Any]) -> str | None:
+        """The quoted rows are Convpass (attention and MLP bypasses, dim 8), not Convpass-attn."""
+        if config.get("positions") != "attn_mlp" or config.get("dim") != 8:
+            return None
+        return super().published_as(suite, config)
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
         vit = backbone.family == "vit"

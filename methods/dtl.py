@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +144,13 @@ class DTL(Method):
         "fusion_size": HParam(0, "DTL+ depth-wise conv kernel on the patch grid (0 = DTL)", low=0),
     }
     train_presets = {"vtab": {"*": dict(_TRAIN), **{t: {"lr": lr, "drop_path_rate": dp} for t, (lr, dp) in _DTL.items()}}}
+
+    @classmethod
+    def published_as(cls, suite: str, config: Mapping[str, Any]) -> str | None:
+        """The quoted DTL row is rank 2 without the fusion conv (DTL+ has no table row here)."""
+        if config.get("rank") != 2 or config.get("fusion_size") != 0:
+            return None
+        return super().published_as(suite, config)
 
     def check_backbone(self, backbone: Backbone) -> None:
         super().check_backbone(backbone)

@@ -28,6 +28,7 @@ acts on the residual stream, so it cannot fold into a plain ViT's weights: not m
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -79,6 +80,11 @@ class SCT(Method):
     hparams = {"channels": HParam(0, "K: salient channels tuned per block (topN); 0 = width/8, i.e. 96 on ViT-B",
                                   low=0)}
     presets = {"vtab": {"*": {"channels": 96}}}
+
+    @classmethod
+    def published_as(cls, suite: str, config: Mapping[str, Any]) -> str | None:
+        """The quoted row is topN = 96 on ViT-B/16 (0 = width/8 = 96 there)."""
+        return super().published_as(suite, config) if config.get("channels") in (0, 96) else None
 
     def _channels(self, backbone: Backbone) -> int:
         return self.hp.channels or max(1, backbone.blocks[0].dim // 8)

@@ -235,13 +235,18 @@ class Backbone:
         """
         if position not in ("attn", "mlp"):
             raise PetlbenchError(f"transform_branch: position must be 'attn' or 'mlp', got {position!r}.")
-        norm = block.norm1 if position == "attn" else block.norm2
-        branch = getattr(block.block, "drop_path1" if position == "attn" else "drop_path2", None)
-        if not isinstance(branch, nn.Module) or branch is norm:
+        from timm.models.swin_transformer import SwinTransformerBlock
+        from timm.models.vision_transformer import Block
+
+        # Only the pre-norm blocks ``x + drop_path(ls(sublayer(norm(x))))`` have h = the norm's input.
+        if type(block.block) not in (Block, SwinTransformerBlock):
             raise PetlbenchError(
-                f"backbone block {block.index} has no stochastic-depth module closing its {position} branch; this "
-                "timm variant is not supported. Fix: use a standard ViT/DeiT/Swin architecture."
+                f"backbone {self.arch!r} block {block.index} is a {type(block.block).__name__}, not timm's pre-norm "
+                "Block/SwinTransformerBlock, so its residual branches are not where this method acts. Fix: use a "
+                "standard ViT/DeiT/Swin architecture."
             )
+        norm = block.norm1 if position == "attn" else block.norm2
+        branch = block.block.drop_path1 if position == "attn" else block.block.drop_path2
         fn = _checked(fn)
         cell = _Cell()
         norm.register_forward_pre_hook(_StashHook(fn, cell))

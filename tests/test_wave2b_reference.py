@@ -379,3 +379,29 @@ def test_sct_calibration_is_saved_and_restored(images: torch.Tensor, tmp_path) -
     assert torch.equal(target.petl["sct"].index, source.petl["sct"].index) and bool(target.petl["sct"].calibrated)
     with torch.no_grad():
         assert torch.equal(source.eval()(images), target.eval()(images))
+
+
+def test_published_rows_follow_the_published_configuration() -> None:
+    def row(method: str, suite: str, task: str, **hp):
+        cls = petlbench.get_method(method)
+        return cls.published_as(suite, cls.resolve(hp, suite=suite, task=task))
+
+    assert row("adaptformer", "vtab", "cifar") == "AdaptFormer"
+    assert row("adaptformer", "vtab", "cifar", bottleneck=64) is None
+    assert row("adapter_plus", "vtab", "cifar") == "Adapter+"
+    assert row("adapter_plus", "vtab", "cifar", variant="houlsby") is None
+    assert row("adapter_plus", "vtab", "cifar", task_dims="1-32") is None
+    assert row("adapter_plus", "fgvc", "StanfordCars") == "Adapter+"
+    assert row("convpass", "vtab", "svhn") == "Convpass"
+    assert row("convpass", "vtab", "svhn", positions="attn") is None
+    assert row("dtl", "vtab", "dtd") == "DTL" and row("dtl_plus", "vtab", "dtd") is None
+    assert row("sct", "vtab", "dtd") == "SCT" and row("sct", "vtab", "dtd", channels=32) is None
+    assert row("ln_tune", "vtab", "dtd") == "LN-tune"
+
+
+def test_transform_branch_refuses_post_norm_blocks() -> None:
+    from timm.models.vision_transformer import ResPostBlock
+
+    arch, kwargs = BACKBONES["vit"]
+    with pytest.raises(PetlbenchError, match="ResPostBlock, not timm's pre-norm"):
+        petlbench.create_model(arch, "adaptformer", 5, backbone_kwargs={**kwargs, "block_fn": ResPostBlock})
