@@ -16,6 +16,11 @@ attention bypass only). The paper's per-task scale s and conv init (``configs/co
 the VTAB presets.
 ViT-B/16: 12 * 2 * (768*8 + 8 + 8*8*9 + 8 + 8*768 + 768) = 327,552 (0.33 M).
 
+Training presets follow the official ``train.py``: AdamW lr 1e-3, wd 1e-4, batch 64 (drop_last),
+100 epochs with 10 warm-up epochs (cosine, 1e-6 -> 1e-5), backbone stochastic depth 0.1, ImageNet
+mean/std. Note: that script reports the best test accuracy over evaluations every 10 epochs, i.e.
+the published row is test-selected (petlbench's ``legacy-best-test`` protocol reproduces that).
+
 Swin (the official ``Convpass_swin``): no class token, the grid is the window-free H x W map.
 Deliberate differences: on ViT the bypass is added inside the sub-layer's stochastic depth, so it
 shares the sub-layer's drop-path mask (the official code draws a second, independent one); on
