@@ -46,7 +46,6 @@ from torch import nn
 from petlbench import Backbone, HParam, Method
 from petlbench.errors import PetlbenchError
 
-
 # run_model_sct.sh (lr, weight decay) and configs/model_sct/vtab/*.yaml (label smoothing), by petlbench task name.
 _TRAIN = {
     "cifar": (0.013, 1.0, 0.1), "caltech101": (0.006, 0.35, 0.1), "dtd": (0.0032, 0.04, 0.1),
