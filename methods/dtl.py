@@ -12,6 +12,7 @@ PyTorch's default init) over the patch-token grid, the class token passing uncha
 kaiming-uniform(a=sqrt 5), B zero, so the model starts as the pre-trained one. Official
 defaults (ViT-B/16): r = 2, beta = 100, lora_blocks 0-11, add_blocks 6-11; here the defaults
 are "all blocks" and "the second half" so they scale with depth (the same blocks on ViT-B).
+A lora block after the last add block could never reach the output and is left out.
 
 The classifier input changes too: DTL averages the *patch* tokens of the last block and then
 applies the pre-trained final LayerNorm (``norm(mean(x[:, 1:]))``), instead of the class token
@@ -135,7 +136,6 @@ class DTL(Method):
     families = frozenset({"vit"})
     pooling = POOLING
     bounded_by_width = frozenset({"rank"})
-    fusion_default = 0
     hparams = {
         "rank": HParam(2, "rank r of each block's low-rank map", low=1),
         "beta": HParam(100.0, "swish sharpness beta", low=0.0, low_exclusive=True),
