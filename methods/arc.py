@@ -66,6 +66,8 @@ def _stages(backbone: Backbone) -> list[list]:
 
 class ARC(Method):
     name = "arc"
+    display_name = "ARC"
+    published = {"vtab": "ARC"}  # FGVC: the only rows found ran an AugReg backbone, so none is declared
     summary = "ARC: shared symmetric down/up projection + per-layer re-scaling, before qkv and fc1."
     paper = "Dong et al., Efficient Adaptation of Large Vision Transformer via Adapter Re-Composing, NeurIPS 2023"
     mergeable = True
@@ -120,6 +122,8 @@ class ARC(Method):
 
 class ARCAtt(ARC):
     name = "arc_att"
+    display_name = "ARC_att"
+    published = {}  # no ARC_att number was found anywhere reachable
     summary = "ARC_att: ARC on the attention input only (before qkv)."
     positions = ("attn",)
     hparams = {k: v for k, v in ARC.hparams.items() if k != "mlp_scale_init"}

@@ -22,12 +22,31 @@ ALL = [(m, fam) for m in petlbench.list_methods() for fam in BACKBONES]
 CASES = [(m, fam) for m, fam in ALL if fam in petlbench.get_method(m).families]
 UNSUPPORTED = [(m, fam) for m, fam in ALL if (m, fam) not in CASES]
 BUILTIN = {"linear", "full", "bitfit", "vpt_shallow", "vpt_deep", "adapter", "lora", "ssf", "repadapter", "arc",
-           "arc_att"}
+           "arc_att", "spt_lora", "spt_adapter"}
 
 
-def build(method: str, family: str, num_classes: int = 5, **hp) -> petlbench.PETLModel:
+#: Hyperparameters that make a method meaningful on the tiny test backbones (a budget in millions
+#: of parameters far above a tiny model's size would tune everything whole; drop-path on a batch
+#: of 3 drops a whole branch for every image often enough to leave it without a gradient).
+TINY_HP: dict[str, dict] = {"spt_lora": {"budget": 0.003, "drop_path": 0.0},
+                            "spt_adapter": {"budget": 0.003, "drop_path": 0.0}}
+
+
+def calibration_batches(num_classes: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic training batches for methods with a calibration step."""
+    gen = torch.Generator().manual_seed(123)
+    return [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, num_classes, (4,), generator=gen))
+            for _ in range(2)]
+
+
+def build(method: str, family: str, num_classes: int = 5, calibrated: bool = True, **hp) -> petlbench.PETLModel:
+    """A tiny model; a calibration-based method is calibrated (unless ``calibrated=False``)."""
     arch, kwargs = BACKBONES[family]
-    return petlbench.create_model(arch, method, num_classes, backbone_kwargs=kwargs, **hp)
+    model = petlbench.create_model(arch, method, num_classes, backbone_kwargs=kwargs,
+                                   **{**TINY_HP.get(method, {}), **hp})
+    if calibrated and model.method.needs_calibration:
+        petlbench.calibrate(model, calibration_batches(num_classes))
+    return model
 
 
 def randomise_method_params(model: petlbench.PETLModel) -> None:
@@ -88,6 +107,7 @@ def test_train_step_changes_only_trainable(method: str, family: str, images: tor
     model = build(method, family)
     randomise_method_params(model)
     model.train()
+    buffers = {k: v.clone() for k, v in model.calibration_buffers().items()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     loss = F.cross_entropy(model(images), torch.tensor([0, 1, 2]))
@@ -101,6 +121,7 @@ def test_train_step_changes_only_trainable(method: str, family: str, images: tor
     for name, p in model.named_parameters():
         changed = not torch.equal(before[name], p.detach())
         assert changed == p.requires_grad, f"{name}: changed={changed}, trainable={p.requires_grad}"
+    assert all(torch.equal(v, model.calibration_buffers()[k]) for k, v in buffers.items()), "training moved a mask"
 
 
 @pytest.mark.parametrize("method,family", CASES)
@@ -145,9 +166,14 @@ def test_save_and_load_trainable_state(method: str, family: str, images: torch.T
     randomise_method_params(source)
     path = petlbench.save_trainable(source, tmp_path / "task.safetensors")
     torch.manual_seed(1)  # same backbone init, as with shared pretrained weights
-    target = build(method, family)
+    target = build(method, family, calibrated=False)  # calibration results come from the file, not from data
     meta = petlbench.load_trainable(target, path)
     assert meta["method"] == method
+    assert petlbench.count_params(target) == petlbench.count_params(source)
+    assert sorted(target.calibration_buffers()) == sorted(source.calibration_buffers())
+    assert all(torch.equal(a, target.calibration_buffers()[k]) for k, a in source.calibration_buffers().items())
+    if source.method.needs_calibration:
+        assert meta["calibration"]["batches"] == 2 and target.calibration is not None
     source.eval(), target.eval()
     with torch.no_grad():
         assert torch.equal(source(images), target(images))
