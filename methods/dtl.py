@@ -9,22 +9,28 @@ it (heekhero/DTL ``models/vision_transformer.py``, ``train_vit_vtab.py``,
 
 F is the identity for DTL; DTL+ adds a depth-wise k x k convolution (no bias, "same" padding,
 PyTorch's default init) over the patch-token grid, the class token passing unchanged. A is
-kaiming-uniform(a=sqrt 5), B zero, so the model starts as the pre-trained one. Official
-defaults (ViT-B/16): r = 2, beta = 100, lora_blocks 0-11, add_blocks 6-11; here the defaults
-are "all blocks" and "the second half" so they scale with depth (the same blocks on ViT-B).
-A lora block after the last add block could never reach the output and is left out.
+kaiming-uniform(a=sqrt 5), B zero, so the model starts as the pre-trained one. The sum R runs
+within a stage (on Swin, where the width changes, the official code restarts it at every stage).
+Official defaults: ViT-B/16 r = 2, lora_blocks 0-11, add_blocks 6-11; Swin-B r = 4, lora_blocks
+4-23, add_blocks 14-23; beta = 100. Here ``rank=0`` means that per-family value, and the default
+blocks follow one rule that gives exactly those: lora = the blocks of the last two stages (all of
+a ViT), add = the second half of the lora blocks. A lora block with no later add block in its
+stage could never reach the output and is left out; DTL+ convs exist only for stages that add.
 
-The classifier input changes too: DTL averages the *patch* tokens of the last block and then
-applies the pre-trained final LayerNorm (``norm(mean(x[:, 1:]))``), instead of the class token
-after the norm. This is installed here (on the final norm's input) and recorded as the run's
-pooling, ``mean_patch_tokens_then_norm``.
+The classifier input changes too: on ViT, DTL averages the *patch* tokens of the last block and
+then applies the pre-trained final LayerNorm (``norm(mean(x[:, 1:]))``), instead of the class
+token after the norm. This is installed here (on the final norm's input) and recorded as the
+run's pooling, ``mean_patch_tokens_then_norm``. Swin keeps its own pooling (norm, then average),
+as in the official Swin code.
 ViT-B/16, r = 2: 12 * 2 * 2 * 768 = 36,864 (0.04 M); DTL+ adds 768 * k * k.
 
-Presets: the official per-task VTAB scripts (lr, stochastic depth, DTL+ kernel size; batch 32,
-100 epochs, 10 warm-up epochs, weight decay 0.05). Deliberate differences: ViT only here (the
-official repository also has a Swin variant, not ported); the official optimiser exempts biases
-from weight decay (only the head's bias is affected); swish and the conv are non-linear, so DTL
-cannot be merged.
+Presets: the official per-task ViT-B/16 VTAB scripts (lr, stochastic depth, DTL+ kernel size;
+batch 32, 100 epochs, 10 warm-up epochs, weight decay 0.05). Training presets cannot depend on the
+backbone, so a Swin run gets the ViT values unless overridden (the official Swin-B scripts,
+``train_scripts/swin/vtab``, use other learning rates and stochastic depth). Deliberate
+differences: the official optimiser exempts biases from weight decay (only the head's bias is
+affected); the official Swin code builds a DTL+ conv for every stage, used or not; swish and the
+conv are non-linear, so DTL cannot be merged.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ _TRAIN = {"batch_size": 32, "epochs": 100, "warmup_epochs": 10, "weight_decay": 
           "min_lr": 1e-8}
 
 
-def parse_blocks(method: str, text: str, depth: int, default: range, option: str) -> list[int]:
+def parse_blocks(method: str, text: str, depth: int, default: list[int], option: str) -> list[int]:
     """'' -> ``default``; '3-7' -> 3..7; '0,2,5' -> those blocks. Bad input is one clear line."""
     if not text.strip():
         return list(default)
@@ -83,17 +89,27 @@ def parse_blocks(method: str, text: str, depth: int, default: range, option: str
 
 
 class SideNetwork(nn.Module):
-    """The DTL side branch. ``parts`` holds this forward pass's B_i A_i x_i until the last addition."""
+    """The DTL side branch. ``parts`` holds this forward pass's B_i A_i x_i until the last addition.
 
-    def __init__(self, dim: int, rank: int, beta: float, lora_blocks: list[int], add_blocks: list[int],
-                 fusion: int, prefix: int) -> None:
+    ``lora_blocks``/``add_blocks``/``stage_of`` index the backbone's blocks; R sums only within a
+    stage (on Swin the width changes between stages and the official code restarts R at 0).
+    """
+
+    def __init__(self, dims: dict[int, int], stage_of: dict[int, int], rank: int, beta: float,
+                 lora_blocks: list[int], add_blocks: list[int], fusion: int, prefix: int) -> None:
         super().__init__()
-        self.lora_blocks, self.add_blocks = lora_blocks, add_blocks
-        self.lora_a = nn.Parameter(torch.empty(len(lora_blocks), rank, dim))
-        self.lora_b = nn.Parameter(torch.zeros(len(lora_blocks), dim, rank))
+        self.lora_blocks, self.add_blocks, self.stage_of = lora_blocks, add_blocks, stage_of
+        self.lora_a = nn.ParameterList(nn.Parameter(torch.empty(rank, dims[i])) for i in lora_blocks)
+        self.lora_b = nn.ParameterList(nn.Parameter(torch.zeros(dims[i], rank)) for i in lora_blocks)
         for a in self.lora_a:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.fusion = nn.Conv2d(dim, dim, fusion, padding="same", groups=dim, bias=False) if fusion else None
+        stages = sorted({stage_of[i] for i in add_blocks}) if fusion else []
+        dim_of_stage = {stage_of[i]: dims[i] for i in add_blocks}
+        self.fusion = nn.ModuleDict({
+            str(st): nn.Conv2d(dim_of_stage[st], dim_of_stage[st], fusion, padding="same", groups=dim_of_stage[st],
+                               bias=False)
+            for st in stages
+        })
         self.beta = beta
         self.prefix = prefix
         self.parts: dict[int, torch.Tensor] = {}
@@ -104,22 +120,28 @@ class SideNetwork(nn.Module):
         self.parts[slot] = F.linear(F.linear(x, a), b)
         return x
 
+    def _fuse(self, conv: nn.Conv2d, r: torch.Tensor) -> torch.Tensor:
+        """Depth-wise conv over the patch grid: (B, H, W, C) on Swin; (B, prefix + H*W, C) on ViT."""
+        if r.dim() == 4:
+            return conv(r.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        p, (n, t, c) = self.prefix, r.shape
+        side = math.isqrt(t - p)
+        grid = conv(r[:, p:].reshape(n, side, side, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(n, -1, c)
+        return torch.cat([r[:, :p], grid], dim=1)
+
     def add(self, block: int, x: torch.Tensor) -> torch.Tensor:
         """Output hook of an add block: x + F(swish(R_block))."""
-        parts = [p for slot, p in self.parts.items() if self.lora_blocks[slot] <= block]
+        stage = self.stage_of[block]
+        parts = [p for slot, p in self.parts.items()
+                 if self.lora_blocks[slot] <= block and self.stage_of[self.lora_blocks[slot]] == stage]
         if block == self.add_blocks[-1]:
             self.parts = {}
         if not parts:
             return x
         r = torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
         r = r * torch.sigmoid(r * self.beta)
-        if self.fusion is not None:
-            p = self.prefix
-            n, c = r.shape[0], r.shape[-1]
-            side = math.isqrt(r.shape[1] - p)
-            grid = r[:, p:].reshape(n, side, side, c).permute(0, 3, 1, 2)
-            grid = self.fusion(grid.to(self.fusion.weight.dtype)).to(r.dtype).permute(0, 2, 3, 1).reshape(n, -1, c)
-            r = torch.cat([r[:, :p], grid], dim=1)
+        if str(stage) in self.fusion:
+            r = self._fuse(self.fusion[str(stage)], r)
         return x + r
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,11 +155,10 @@ class DTL(Method):
     summary = "DTL: rank-2 side network summed over blocks, swish-added to the second half; mean-pooled head."
     paper = "Fu et al., DTL: Disentangled Transfer Learning for Visual Recognition, AAAI 2024"
     published = {"vtab": "DTL"}
-    families = frozenset({"vit"})
     pooling = POOLING
     bounded_by_width = frozenset({"rank"})
     hparams = {
-        "rank": HParam(2, "rank r of each block's low-rank map", low=1),
+        "rank": HParam(0, "rank r of each block's low-rank map (0 = the official value: ViT 2, Swin 4)", low=0),
         "beta": HParam(100.0, "swish sharpness beta", low=0.0, low_exclusive=True),
         "lora_blocks": HParam("", "blocks whose input feeds the side network ('' = all; e.g. 0-11)"),
         "add_blocks": HParam("", "blocks after which the side features are added ('' = second half; e.g. 6-11)"),
@@ -148,34 +169,44 @@ class DTL(Method):
     @classmethod
     def published_as(cls, suite: str, config: Mapping[str, Any]) -> str | None:
         """The quoted DTL row is rank 2 without the fusion conv (DTL+ has no table row here)."""
-        if config.get("rank") != 2 or config.get("fusion_size") != 0:
+        if config.get("rank") not in (0, 2) or config.get("fusion_size") != 0:
             return None
         return super().published_as(suite, config)
 
     def check_backbone(self, backbone: Backbone) -> None:
         super().check_backbone(backbone)
-        if backbone.pooling != "cls_token":
+        if backbone.family == "vit" and backbone.pooling != "cls_token":
             raise PetlbenchError(
                 f"method {self.name!r} installs its own pooling and needs a ViT built with the class-token pool; "
                 f"{backbone.arch!r} pools with {backbone.pooling!r}. Fix: build the backbone with global_pool='token'."
             )
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
-        depth = len(backbone.blocks)
-        lora = parse_blocks(self.name, self.hp.lora_blocks, depth, range(depth), "lora_blocks")
-        add = parse_blocks(self.name, self.hp.add_blocks, depth, range(depth // 2, depth), "add_blocks")
-        if add[-1] < lora[0]:
-            raise PetlbenchError(f"method {self.name!r}: every add block ({self.hp.add_blocks}) comes before the first "
-                                 f"lora block ({lora[0]}), so the side network would never be used.")
-        lora = [i for i in lora if i <= add[-1]]  # a map after the last addition could never reach the output
-        side = SideNetwork(backbone.blocks[0].dim, self.hp.rank, self.hp.beta, lora, add, self.hp.fusion_size,
-                           backbone.num_prefix_tokens)
+        blocks = backbone.blocks
+        depth, stage_of = len(blocks), {b.index: b.stage for b in blocks}
+        last_stages = sorted(set(stage_of.values()))[-2:]
+        default_lora = [b.index for b in blocks if b.stage in last_stages]
+        lora = parse_blocks(self.name, self.hp.lora_blocks, depth, default_lora, "lora_blocks")
+        add = parse_blocks(self.name, self.hp.add_blocks, depth, lora[len(lora) // 2:], "add_blocks")
+        # A map reaches the output only through a later addition in its own stage.
+        lora = [i for i in lora if any(j >= i and stage_of[j] == stage_of[i] for j in add)]
+        if not lora:
+            raise PetlbenchError(f"method {self.name!r}: no lora block ({self.hp.lora_blocks or 'default'}) has an add "
+                                 f"block ({self.hp.add_blocks or 'default'}) after it in the same stage, so the side "
+                                 "network would never be used. Fix: e.g. --set lora_blocks=0-11 --set add_blocks=6-11.")
+        rank = self.hp.rank or (2 if backbone.family == "vit" else 4)
+        if rank > min(b.dim for b in blocks):
+            raise PetlbenchError(f"method {self.name!r}: rank {rank} is larger than the width of {backbone.arch!r}.")
+        self.pooling = POOLING if backbone.family == "vit" else None  # Swin keeps its own average pool
+        side = SideNetwork({b.index: b.dim for b in blocks}, stage_of, rank, self.hp.beta, lora, add,
+                           self.hp.fusion_size, backbone.num_prefix_tokens if backbone.family == "vit" else 0)
         petl["side"] = side
         for slot, i in enumerate(lora):
-            backbone.transform_input(backbone.blocks[i].block, functools.partial(side.collect, slot))
+            backbone.transform_input(blocks[i].block, functools.partial(side.collect, slot))
         for i in add:
-            backbone.transform_output(backbone.blocks[i].block, functools.partial(side.add, i))
-        backbone.transform_input(backbone.final_norm, side.pool)
+            backbone.transform_output(blocks[i].block, functools.partial(side.add, i))
+        if backbone.family == "vit":
+            backbone.transform_input(backbone.final_norm, side.pool)
 
 
 class DTLPlus(DTL):

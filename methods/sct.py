@@ -1,5 +1,5 @@
 """SCT, Salient Channel Tuning (Zhao et al., "SCT: A Simple Baseline for Parameter-Efficient
-Fine-Tuning via Salient Channels", IJCV 2023).
+Fine-Tuning via Salient Channels", IJCV 2024).
 
 As the official code does it (showlab/SCT ``models/vision_transformer_sct.py`` ChannelAdapter
 and Block, ``train_model_sct.py`` getSalientChannels, ``run_model_sct.sh``; mode ``sct_attn``):
@@ -91,7 +91,7 @@ class SCT(Method):
     name = "sct"
     display_name = "SCT"
     summary = "SCT: a K x K linear on the K=96 most salient residual channels after each attention (calibrated)."
-    paper = "Zhao et al., SCT: A Simple Baseline for Parameter-Efficient Fine-Tuning via Salient Channels, IJCV 2023"
+    paper = "Zhao et al., SCT: A Simple Baseline for Parameter-Efficient Fine-Tuning via Salient Channels, IJCV 2024"
     published = {"vtab": "SCT"}
     families = frozenset({"vit"})
     needs_calibration = True

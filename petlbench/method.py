@@ -138,8 +138,9 @@ class Method:
       when the row depends on hyperparameters.
     - ``pooling``: None when the classifier sees the backbone's own pooled features
       (:attr:`Backbone.pooling`); otherwise a short name of the pooling the method installs
-      (DTL: ``"mean_patch_tokens_then_norm"``). It is recorded with every run, because pooling
-      is a protocol variable that changes accuracy.
+      (DTL on ViT: ``"mean_patch_tokens_then_norm"``); ``apply`` may set it on the instance when it
+      depends on the backbone. It is recorded with every run, because pooling is a protocol
+      variable that changes accuracy.
     """
 
     name: ClassVar[str] = ""
@@ -154,7 +155,7 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     published: ClassVar[Mapping[str, str]] = {}
     bounded_by_width: ClassVar[frozenset[str]] = frozenset()
-    pooling: ClassVar[str | None] = None
+    pooling: str | None = None  # a class attribute; apply() may set it when it depends on the backbone
 
     def __init__(self, **hparams: Any) -> None:
         self.config: dict[str, Any] = self.validate(hparams, complete=True)
