@@ -68,4 +68,3 @@ def add_to_weight_rows(linear: nn.Linear, start: int, delta: torch.Tensor) -> No
     rows = delta.shape[0]
     block = linear.weight[start:start + rows]
     block.copy_((block.double() + delta.double()).to(block.dtype))
-
