@@ -88,11 +88,12 @@ class ARC(Method):
             "StanfordCars": {"dropout": 0.0},
         }
     }
+    # head_init "zeros": the official code zero-initialises the classifier (fidelity.md).
     train_presets = {
         "vtab": {"*": {"lr": 1e-2, "weight_decay": 0.0, "batch_size": 32, "epochs": 100, "warmup_epochs": 10,
-                       "grad_clip": 1.0}},
+                       "grad_clip": 1.0, "head_init": "zeros"}},
         "fgvc": {
-            "*": {"batch_size": 32, "epochs": 100, "warmup_epochs": 10, "grad_clip": 1.0},
+            "*": {"batch_size": 32, "epochs": 100, "warmup_epochs": 10, "grad_clip": 1.0, "head_init": "zeros"},
             "CUB_200_2011": {"lr": 1e-3, "weight_decay": 0.05, "drop_rate": 0.1},
             "NABirds": {"lr": 2e-4, "weight_decay": 0.05, "drop_rate": 0.1},
             "OxfordFlowers": {"lr": 2.5e-3, "weight_decay": 0.01, "drop_rate": 0.1},

@@ -90,6 +90,7 @@ class LoRA(Method):
                           "fused qkv)", choices=("qv", "qkv")),
     }
     train_presets = {"vtab": {"*": {"lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64, "epochs": 100}}}
+    published = {"vtab": NOAH_ROW}  # for targets=qkv, rank 8, scale 1 only (see published_as)
 
     @classmethod
     def preset(cls, suite: str | None, task: str | None, current: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,7 +103,7 @@ class LoRA(Method):
     def published_as(cls, suite: str, config: Mapping[str, Any]) -> str | None:
         """Only NOAH's configuration is compared with NOAH's row (the LoRA paper has no VTAB row)."""
         noah = config["targets"] == "qkv" and config["rank"] == 8 and float(config["alpha"]) == 8.0
-        return NOAH_ROW if suite == "vtab" and noah else None
+        return cls.published.get(suite) if noah else None
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
         kind = QVLoRA if self.hp.targets == "qv" else FusedLoRA

@@ -72,6 +72,8 @@ DEEP_FGVC_TOKENS = {"CUB_200_2011": 10, "NABirds": 50, "OxfordFlowers": 5, "Stan
 class _VPT(Method):
     families = frozenset({"vit"})
     deep = False
+    # VPT's classifier: kaiming-normal fan-out weight, bias -log(99) (src/models/mlp.py, special_bias)
+    train_presets = {"vtab": {"*": {"head_init": "vpt"}}, "fgvc": {"*": {"head_init": "vpt"}}}
     hparams = {
         "num_tokens": HParam(50, "prompt tokens per layer (VPT tunes this per task)", low=1),
         "dropout": HParam(0.0, "dropout on the prompt tokens, one mask per image (VPT: 0.0 shallow, 0.1 deep)",

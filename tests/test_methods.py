@@ -234,3 +234,80 @@ def test_trainable_state_files_are_byte_stable(tmp_path) -> None:
     a = petlbench.save_trainable(model, tmp_path / "a.safetensors").read_bytes()
     for _ in range(3):
         assert petlbench.save_trainable(model, tmp_path / "b.safetensors").read_bytes() == a
+
+
+# ------------------------------------------------------------------ declarations and bad input
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+def test_presets_name_real_tasks() -> None:
+    """A preset keyed by a task its suite does not define would silently never apply."""
+    from petlbench.data import get_suite
+
+    for name in petlbench.list_methods():
+        cls = petlbench.get_method(name)
+        for table in (cls.presets, cls.train_presets):
+            for suite, per_task in table.items():
+                tasks = set(get_suite(suite).task_names) | {"*"}
+                assert set(per_task) <= tasks, f"{name}: {sorted(set(per_task) - tasks)} are not {suite} tasks"
+
+
+def test_published_declarations_name_shipped_rows() -> None:
+    from petlbench.data import get_suite
+    from petlbench.data.suites import name_key
+    from petlbench.report import load_reference
+
+    df, _ = load_reference("paper")
+    for name in petlbench.list_methods():
+        cls = petlbench.get_method(name)
+        for suite, row in cls.published.items():
+            keys = {name_key(n) for n in (suite, *get_suite(suite).aliases)}
+            rows = df[df.benchmark.map(name_key).isin(keys) & (df.method == row)]
+            assert len(rows), f"{name} declares {row!r} on {suite}, which the shipped reference CSV lacks"
+        for suite in ("vtab", "fgvc"):  # the suite presets reproduce the declared row's configuration
+            declared = cls.published_as(suite, cls.resolve(suite=suite))
+            assert declared == cls.published.get(suite), (name, suite, declared)
+
+
+@pytest.mark.parametrize("method", [m for m in petlbench.list_methods() if petlbench.get_method(m).bounded_by_width])
+def test_rank_larger_than_the_width_is_one_clear_line(method: str) -> None:
+    cls = petlbench.get_method(method)
+    width = BACKBONES["vit"][1]["embed_dim"]
+    for key in cls.bounded_by_width:
+        with pytest.raises(PetlbenchError, match=f"'{key}'={width + 1} is larger than the width") as err:
+            build(method, "vit", calibrated=False, **{key: width + 1})
+        assert "Fix:" in _one_line(err.value)
+        build(method, "vit", calibrated=False, **{key: width})  # the width itself is allowed
+
+
+@pytest.mark.parametrize("method,key", [(m, k) for m in petlbench.list_methods()
+                                        for k, h in petlbench.get_method(m).hparams.items() if h.choices])
+def test_unknown_choice_is_one_clear_line(method: str, key: str) -> None:
+    """Unknown placements, variants, targets ...: the message lists the allowed values."""
+    with pytest.raises(PetlbenchError, match="must be one of") as err:
+        build(method, "vit", calibrated=False, **{key: "no_such_placement"})
+    assert key in _one_line(err.value)
+
+
+@pytest.mark.parametrize("method", [m for m in petlbench.list_methods() if petlbench.get_method(m).presets
+                                    or petlbench.get_method(m).train_presets])
+def test_preset_for_a_task_that_does_not_exist_is_one_clear_line(method: str) -> None:
+    cls = petlbench.get_method(method)
+    suite = next(iter(cls.presets or cls.train_presets))
+    with pytest.raises(PetlbenchError, match="unknown task 'no_such_task'") as err:
+        cls.resolve(suite=suite, task="no_such_task")
+    assert _one_line(err.value).startswith(f"presets for suite {suite!r}")
+    arch, kwargs = BACKBONES["vit"]
+    with pytest.raises(PetlbenchError, match="unknown task"):
+        petlbench.create_model(arch, method, 5, backbone_kwargs=kwargs, suite=suite, task="no_such_task")
+
+
+@pytest.mark.parametrize("method", [m for m in petlbench.list_methods() if petlbench.get_method(m).needs_calibration])
+def test_calibration_without_training_data_is_one_clear_line(method: str) -> None:
+    model = build(method, "vit", calibrated=False)
+    with pytest.raises(PetlbenchError, match="no training batches") as err:
+        petlbench.calibrate(model, [])
+    assert method in _one_line(err.value)
