@@ -78,7 +78,7 @@ class SalientChannels(nn.Module):
             return b
         idx = self.index[block]
         delta = F.linear(y.index_select(-1, idx), self.weight[block].to(y.dtype), self.bias[block].to(y.dtype))
-        return b.index_add(-1, idx, delta)
+        return b.index_add(-1, idx, delta.to(b.dtype))
 
     def _record(self, block: int, y: torch.Tensor) -> None:
         obs = self.observe
