@@ -197,6 +197,20 @@ class Backbone:
         self.require("vit", "prefix tokens")
         return int(self.model.num_prefix_tokens)
 
+    @property
+    def pooling(self) -> str:
+        """How this backbone pools tokens into the classifier input, as recorded with each run.
+
+        ``"cls_token"``: the class token after the final norm (timm ViT ``global_pool='token'``);
+        ``"avg"``: the mean of the (patch) tokens after the final norm (Swin, ViT ``'avg'``);
+        other timm pools by their timm name. A method that changes the pooling says so in
+        :attr:`~petlbench.method.Method.pooling`.
+        """
+        if self.family == "swin":
+            return "avg"
+        pool = str(getattr(self.model, "global_pool", "token") or "none")
+        return "cls_token" if pool == "token" else pool
+
     def require(self, family: str, what: str) -> None:
         if self.family != family:
             raise PetlbenchError(f"backbone {self.arch!r} ({self.family}) has no {what}; only {family} backbones do.")
@@ -229,6 +243,38 @@ class Backbone:
     def add_parallel(self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace ``module``'s output ``y`` by ``y + fn(x)``: a branch in parallel with ``module``."""
         module.register_forward_hook(_ParallelHook(_checked(fn)))
+
+    def transform_branch(
+        self, block: BlockRoles, position: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> None:
+        """Replace a sub-layer's residual update ``h + b`` by ``h + fn(h, b)``.
+
+        ``position`` is ``"attn"`` or ``"mlp"``; ``h`` is the residual stream entering that
+        sub-layer (the input of ``norm1``/``norm2``) and ``b`` is what the sub-layer adds to it
+        (after layer scale and stochastic depth). This is where adapters that sit on the residual
+        stream act: ``fn(h, b) = b + f(h)`` runs parallel to the whole sub-layer (AdaptFormer),
+        ``b + f(b)`` adapts its output (Houlsby), ``b + f(h + b)`` adapts the stream after it
+        (a post-block adapter when ``position="mlp"``). ``h`` is held only between the norm and
+        the end of the sub-layer.
+        """
+        if position not in ("attn", "mlp"):
+            raise PetlbenchError(f"transform_branch: position must be 'attn' or 'mlp', got {position!r}.")
+        from timm.models.swin_transformer import SwinTransformerBlock
+        from timm.models.vision_transformer import Block
+
+        # Only the pre-norm blocks ``x + drop_path(ls(sublayer(norm(x))))`` have h = the norm's input.
+        if type(block.block) not in (Block, SwinTransformerBlock):
+            raise PetlbenchError(
+                f"backbone {self.arch!r} block {block.index} is a {type(block.block).__name__}, not timm's pre-norm "
+                "Block/SwinTransformerBlock, so its residual branches are not where this method acts. Fix: use a "
+                "standard ViT/DeiT/Swin architecture."
+            )
+        norm = block.norm1 if position == "attn" else block.norm2
+        branch = block.block.drop_path1 if position == "attn" else block.block.drop_path2
+        fn = _checked(fn)
+        cell = _Cell()
+        norm.register_forward_pre_hook(_StashHook(fn, cell))
+        branch.register_forward_hook(_BranchHook(fn, cell))
 
 
 # --------------------------------------------------------------------- hook plumbing
@@ -280,6 +326,33 @@ class _ParallelHook(_PetlHook):
         if type(module) is nn.Linear and delta.dtype == output.dtype and delta.shape == output.shape:
             return output.add_(delta)  # a Linear's backward never reads its output: no extra buffer
         return output + delta
+
+
+class _Cell:
+    """The residual stream ``h`` between a sub-layer's norm and its branch end (see transform_branch)."""
+
+    value: torch.Tensor | None = None
+
+
+class _StashHook(_PetlHook):
+    def __init__(self, fn: Callable, cell: _Cell) -> None:
+        super().__init__(fn)
+        self.cell = cell
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.cell.value = args[0]
+
+
+class _BranchHook(_PetlHook):
+    def __init__(self, fn: Callable, cell: _Cell) -> None:
+        super().__init__(fn)
+        self.cell = cell
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        h, self.cell.value = self.cell.value, None
+        if h is None:
+            raise RuntimeError("transform_branch: the sub-layer ran without its norm; the block forward is not standard")
+        return self.fn(h, output)
 
 
 def petl_hooks(model: nn.Module) -> Iterator[tuple[nn.Module, dict, int, _PetlHook]]:

@@ -140,6 +140,11 @@ class Method:
     - ``published``: ``{suite: method name in the reference CSV}``, the published rows this method
       reproduces (``petlbench report --reference paper --delta``); override :meth:`published_as`
       when the row depends on hyperparameters.
+    - ``pooling``: None when the classifier sees the backbone's own pooled features
+      (:attr:`Backbone.pooling`); otherwise a short name of the pooling the method installs
+      (DTL on ViT: ``"mean_patch_tokens_then_norm"``); ``apply`` may set it on the instance when it
+      depends on the backbone. It is recorded with every run, because pooling is a protocol
+      variable that changes accuracy.
     """
 
     name: ClassVar[str] = ""
@@ -155,6 +160,7 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     published: ClassVar[Mapping[str, str]] = {}
     bounded_by_width: ClassVar[frozenset[str]] = frozenset()
+    pooling: str | None = None  # a class attribute; apply() may set it when it depends on the backbone
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Default ``display_name``: the class's own registry name, never a parent's display name."""

@@ -60,6 +60,11 @@ class PETLModel(nn.Module):
         return self.backbone.num_classes
 
     @property
+    def pooling(self) -> str:
+        """What the classifier sees: the method's own pooling if it installs one, else the backbone's."""
+        return self.method.pooling or self.backbone.pooling
+
+    @property
     def data_config(self) -> dict[str, Any]:
         """Input size, interpolation and normalisation from the backbone's pretrained config."""
         from timm.data import resolve_data_config

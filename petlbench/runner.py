@@ -301,6 +301,7 @@ def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.
     record["config"].update(
         train=cfg,
         normalization=norm.as_dict(),
+        pooling=model.pooling,
         splits={"train": data.suite.split_for("train"), "eval": sorted(evals), "sizes": data.sizes},
         calibration=prep.calibration,
     )

@@ -87,6 +87,9 @@ def test_trainable_set(method: str, family: str) -> None:
         assert frozen_body_trains == {id(b) for _, b in bb.modules_with_bias()}
         assert all(name.endswith("bias") for name, p in model.net.named_parameters()
                    if id(p) in frozen_body_trains)
+    elif method == "ln_tune":
+        norms = {id(q) for m in bb.model.modules() if isinstance(m, torch.nn.LayerNorm) for q in m.parameters()}
+        assert norms and frozen_body_trains == norms
     else:
         assert not frozen_body_trains, "PETL methods keep the backbone frozen"
     counts = petlbench.count_params(model)
@@ -125,7 +128,7 @@ def test_train_step_changes_only_trainable(method: str, family: str, images: tor
 def test_merge(method: str, family: str, images: torch.Tensor) -> None:
     model = build(method, family)
     randomise_method_params(model)
-    if method in ("bitfit", "full"):
+    if method in ("bitfit", "full", "ln_tune"):
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
