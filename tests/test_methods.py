@@ -27,7 +27,14 @@ BUILTIN = {"linear", "full", "bitfit", "vpt_shallow", "vpt_deep", "adapter", "lo
 
 def build(method: str, family: str, num_classes: int = 5, **hp) -> petlbench.PETLModel:
     arch, kwargs = BACKBONES[family]
-    return petlbench.create_model(arch, method, num_classes, backbone_kwargs=kwargs, **hp)
+    model = petlbench.create_model(arch, method, num_classes, backbone_kwargs=kwargs, **hp)
+    # A pre-trained backbone has non-zero biases; timm's random init zeroes them, which would hide every
+    # bias-dependent term of a method (GLoRA's b * D). Same values on every build (own generator).
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, bias in model.backbone.modules_with_bias():
+            bias.add_(torch.randn(bias.shape, generator=gen).to(bias.device) * 0.02)
+    return model
 
 
 def randomise_method_params(model: petlbench.PETLModel) -> None:
