@@ -15,14 +15,17 @@ from torch import nn
 class ParamCounts:
     """All counts are numbers of scalars.
 
-    - ``trainable``: parameters updated during training (head included).
+    - ``trainable``: parameters updated during training (head included). A method whose
+      gradient is masked (GPS, SPT's sparse part) reports its honest count through
+      :meth:`~petlbench.method.Method.trainable_count`; masks are buffers, never counted.
     - ``head``: the classifier head (``feature_dim * C + C``).
     - ``trainable_without_head``: what most PETL papers report as the method's parameters.
     - ``extra_after_merge``: parameters the deployed model has beyond the plain backbone (0 for
       methods that merge).
     - ``backbone``: the backbone without its head (85,798,656 for ViT-B/16).
     - ``total``: everything in the unmerged model.
-    - ``trainable_bytes``: bytes of the per-task state (the trainable tensors in their dtype).
+    - ``trainable_bytes``: bytes of the per-task state as saved (the trainable tensors in their
+      dtype, plus the method's calibration buffers).
     """
 
     trainable: int
@@ -52,12 +55,18 @@ def count_params(model) -> ParamCounts:
     everything = _unique(model.parameters())
     trainable = [p for p in everything if p.requires_grad]
     added = _unique(model.petl.parameters())
+    head_count = sum(p.numel() for p in head)
+    without_head = model.method.trainable_count(bb, model.petl)
+    if without_head is None:
+        without_head = sum(p.numel() for p in trainable if id(p) not in head_ids)
+    buffers = model.calibration_buffers().values() if hasattr(model, "calibration_buffers") else ()
     return ParamCounts(
-        trainable=sum(p.numel() for p in trainable),
-        head=sum(p.numel() for p in head),
-        trainable_without_head=sum(p.numel() for p in trainable if id(p) not in head_ids),
+        trainable=without_head + sum(p.numel() for p in head if p.requires_grad),
+        head=head_count,
+        trainable_without_head=without_head,
         extra_after_merge=0 if model.method.mergeable else sum(p.numel() for p in added),
         backbone=sum(p.numel() for p in _unique(bb.body_parameters())),
         total=sum(p.numel() for p in everything),
-        trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
+        trainable_bytes=sum(p.numel() * p.element_size() for p in trainable)
+        + sum(b.numel() * b.element_size() for b in buffers),
     )

@@ -31,6 +31,9 @@ TRAIN_HPARAMS: dict[str, HParam] = {
     "precision": HParam("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16")),
     "normalization": HParam("backbone", "input normalisation: the backbone's pretrained config or a preset",
                             choices=("backbone", "imagenet", "inception")),
+    "head_init": HParam("timm", "classifier-head initialisation: timm (trunc-normal std 0.02, bias 0; timm's "
+                        "default), zeros (ARC's code), vpt (VPT's code: kaiming-normal fan-out, bias -log(99))",
+                        choices=("timm", "zeros", "vpt")),
     "compile": HParam(False, "torch.compile the model (falls back to eager mode if compilation fails)"),
     "eval_every": HParam(0, "evaluate every N epochs for the learning curve (0 = only at the end)", low=0),
     "tune_lr": HParam("1e-3,1e-2", "learning rates tried by the `tune` protocol (comma-separated)"),

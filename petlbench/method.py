@@ -6,6 +6,11 @@ supports and whether it merges; it implements :meth:`Method.apply` (add modules 
 attach hooks through the :class:`~petlbench.backbone.Backbone` roles), optionally
 :meth:`Method.trainable` and, for linear methods, :meth:`Method.merge`.
 
+Methods that choose what trains from the task's data (SPT, GPS) set ``needs_calibration`` and
+implement :meth:`Method.calibrate`; the runner calls it after ``apply`` and before the optimiser
+is built, with the training loader. Its results live as buffers (and parameters) in ``petl``, so
+they are saved, loaded and counted with the trainable state.
+
 Methods register through the entry-point group ``petlbench.methods`` (built-ins do too) or, in
 a script or notebook, with :func:`petlbench.register_method`.
 """
@@ -18,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from petlbench.backbone import Backbone
@@ -88,6 +94,24 @@ class HParam:
         return value
 
 
+def canonical_task(suite: str, task: str | None) -> tuple[str, str | None]:
+    """(suite, task) by their canonical names when ``suite`` is a known suite, so presets keyed by
+    canonical names apply to aliases too; an unknown task of a known suite is a one-line error.
+    Unknown suites (a plugin's own presets) pass through unchanged."""
+    from petlbench.data import get_suite
+
+    try:
+        found = get_suite(suite)
+    except PetlbenchError:
+        return suite, task
+    if task is None:
+        return found.name, None
+    try:
+        return found.name, found.resolve_task(task).name
+    except PetlbenchError as exc:
+        raise PetlbenchError(f"presets for suite {found.name!r}: {exc}") from None
+
+
 class Method:
     """Base class of every PETL method (built-in or plugin).
 
@@ -105,6 +129,13 @@ class Method:
     - ``mergeable``: True when :meth:`merge` folds the method into the plain backbone exactly.
     - ``frozen_features``: True when only the head trains and the backbone's features never
       change (linear probing), so the engine may extract features once and train on them.
+    - ``needs_calibration``: True when :meth:`calibrate` must run on the task's training data
+      before training (gradient-based selection of what trains).
+    - ``bounded_by_width``: names of integer hyperparameters (a rank, a bottleneck) that must not
+      exceed the narrowest block width of the backbone; checked before ``apply``.
+    - ``published``: ``{suite: method name in the reference CSV}``, the published rows this method
+      reproduces (``petlbench report --reference paper --delta``); override :meth:`published_as`
+      when the row depends on hyperparameters.
     """
 
     name: ClassVar[str] = ""
@@ -116,6 +147,9 @@ class Method:
     families: ClassVar[frozenset[str]] = frozenset({"vit", "swin"})
     mergeable: ClassVar[bool] = False
     frozen_features: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = False
+    published: ClassVar[Mapping[str, str]] = {}
+    bounded_by_width: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **hparams: Any) -> None:
         self.config: dict[str, Any] = self.validate(hparams, complete=True)
@@ -153,6 +187,8 @@ class Method:
         cls, overrides: Mapping[str, Any] | None = None, suite: str | None = None, task: str | None = None
     ) -> dict[str, Any]:
         """defaults < suite/task presets < user overrides, validated."""
+        if suite is not None:
+            suite, task = canonical_task(suite, task)
         user = cls.validate(overrides or {})
         current = {**{k: h.default for k, h in cls.hparams.items()}, **user}
         preset = cls.validate(cls.preset(suite, task, current))
@@ -166,6 +202,15 @@ class Method:
                 f"method {self.name!r} is not defined on {backbone.family} backbones ({backbone.arch}); it supports "
                 f"{', '.join(sorted(self.families))}. Fix: choose another --backbone or method."
             )
+        narrowest = min((b.dim for b in backbone.blocks), default=None)
+        for key in sorted(self.bounded_by_width):
+            value = self.config[key]
+            if narrowest is not None and value > narrowest:
+                raise PetlbenchError(
+                    f"method {self.name!r}: hyperparameter {key!r}={value} is larger than the width of "
+                    f"{backbone.arch or backbone.family} ({narrowest}), so it adds no capacity. "
+                    f"Fix: --set {key}=<a value <= {narrowest}>"
+                )
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
         """Add the method's modules to ``petl`` and attach them to ``backbone`` through hooks."""
@@ -174,6 +219,49 @@ class Method:
         """Parameters that train: by default the method's own modules plus the classifier head."""
         yield from petl.parameters()
         yield from backbone.head_parameters()
+
+    def calibrate(self, backbone: Backbone, petl: nn.ModuleDict, loader: Iterable, device: torch.device) -> None:
+        """Decide what trains from the task's training data (only when ``needs_calibration``).
+
+        Called once per trained model, after :meth:`apply` and before the optimiser is built, with
+        the run's training loader (batches ``(images, labels)`` already on ``device``) and the model
+        on ``device``. Store every result as a buffer (a mask, chosen indices) or as new modules in
+        ``petl``; add hooks through ``backbone`` as in ``apply``. Afterwards the model is frozen
+        again from :meth:`trainable`, so parameters created here train if ``trainable`` yields them.
+        Buffers of ``petl`` are saved with the trainable state; see :meth:`restore_calibration`.
+        """
+
+    def restore_calibration(self, backbone: Backbone, petl: nn.ModuleDict, buffers: Mapping[str, torch.Tensor]) -> None:
+        """Rebuild a calibrated model from saved buffers (``{name in petl: tensor}``), without data.
+
+        Called when a saved trainable state is loaded into a model that was not calibrated. The
+        default copies each tensor into the existing buffer of that name (enough when ``apply``
+        creates the buffers and ``calibrate`` only fills them); override it when ``calibrate``
+        creates modules whose shapes depend on its results.
+        """
+        current = dict(petl.named_buffers())
+        for key, value in buffers.items():
+            if key not in current or tuple(current[key].shape) != tuple(value.shape):
+                raise PetlbenchError(
+                    f"method {self.name!r}: saved calibration buffer {key!r} {tuple(value.shape)} has no buffer of that "
+                    "shape to go into. Fix: load it into a model built with the same method, hyperparameters and "
+                    "backbone."
+                )
+            with torch.no_grad():
+                current[key].copy_(value)
+
+    def trainable_count(self, backbone: Backbone, petl: nn.ModuleDict) -> int | None:
+        """Scalars that really train, head excluded, when that is not every scalar of the parameters
+        :meth:`trainable` yields (e.g. a sparse gradient mask: the number of True entries).
+        ``None`` (the default) counts the trainable parameters' elements."""
+        return None
+
+    @classmethod
+    def published_as(cls, suite: str, config: Mapping[str, Any]) -> str | None:
+        """The reference-CSV method name of the published rows this configuration reproduces on
+        ``suite`` (``"vtab"``, ``"fgvc"``, ...), or None. ``config`` holds resolved hyperparameters;
+        the default looks ``suite`` up in :attr:`published` whatever the configuration."""
+        return cls.published.get(suite)
 
     def merge(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
         """Fold ``petl`` into the backbone's existing weights (hooks are removed by the caller)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -44,6 +45,9 @@ class PETLModel(nn.Module):
         self.arch = arch
         self.backbone_kwargs = dict(backbone_kwargs or {})
         self.weights = weights
+        #: What :func:`calibrate` did ({"images", "batches", "seconds"} or {"restored_from": ...});
+        #: None until a calibration-based method has been calibrated.
+        self.calibration: dict[str, Any] | None = None
 
     @property
     def backbone(self) -> Backbone:
@@ -72,16 +76,34 @@ class PETLModel(nn.Module):
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
+    def calibration_buffers(self) -> dict[str, torch.Tensor]:
+        """The persistent buffers of ``petl`` (a calibration's masks and indices), by model name."""
+        params = {n for n, _ in self.petl.named_parameters()}
+        return {f"petl.{k}": v for k, v in self.petl.state_dict(keep_vars=True).items() if k not in params}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The per-task state: every trainable parameter (adapter + head), nothing frozen."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        """The per-task state: every trainable parameter (adapter + head) and the method's buffers
+        (calibration results), nothing frozen."""
+        state = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        state.update({n: b.detach() for n, b in self.calibration_buffers().items()})
+        return state
+
+    def refreeze(self) -> None:
+        """Freeze everything, then unfreeze what the method trains (after apply or calibrate)."""
+        self.requires_grad_(False)
+        for param in self.method.trainable(self.backbone, self.petl):
+            param.requires_grad_(True)
 
     @torch.no_grad()
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "state") -> None:
+        if self.method.needs_calibration and self.calibration is None:
+            self._restore_calibration(state, source)
         params = dict(self.named_parameters())
-        expected = set(self.trainable_names())
+        buffers = self.calibration_buffers()
+        expected = set(self.trainable_names()) | set(buffers)
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        wrong = sorted(k for k in expected & set(state) if tuple(state[k].shape) != tuple(params[k].shape))
+        current = {**params, **buffers}
+        wrong = sorted(k for k in expected & set(state) if tuple(state[k].shape) != tuple(current[k].shape))
         if missing or unexpected or wrong:
             raise PetlbenchError(
                 f"{source} does not fit this {self.method.name} model: missing {missing[:4]}, unexpected "
@@ -89,7 +111,20 @@ class PETLModel(nn.Module):
                 "hyperparameters, backbone and number of classes."
             )
         for key in expected:
-            params[key].copy_(state[key].to(params[key].dtype))
+            current[key].copy_(state[key].to(current[key].dtype))
+
+    def _restore_calibration(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Rebuild an uncalibrated model's calibration from the saved buffers (no data needed)."""
+        params = {n for n, _ in self.named_parameters()}
+        saved = {k[len("petl."):]: v for k, v in state.items() if k.startswith("petl.") and k not in params}
+        if not saved:
+            return  # not a calibrated state; the shape check reports what is missing
+        device = next(iter(self.net.parameters())).device
+        self.method.restore_calibration(self.backbone, self.petl, saved)
+        self.petl.to(device)
+        _check_hooks(self)
+        self.refreeze()
+        self.calibration = {"restored_from": source}
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, arch={self.arch!r}"
@@ -157,10 +192,92 @@ def create_model(
     with torch.device(device) if device is not None else nullcontext():
         model.method.apply(bb, model.petl)
     _check_hooks(model)
-    model.requires_grad_(False)
-    for param in model.method.trainable(bb, model.petl):
-        param.requires_grad_(True)
+    model.refreeze()
     return model
+
+
+#: Classifier-head initialisations (training setting ``head_init``), by the code they come from.
+HEAD_INITS = ("timm", "zeros", "vpt")
+
+
+@torch.no_grad()
+def init_head(head: nn.Linear, scheme: str) -> None:
+    """(Re-)initialise the classifier head as a published codebase does; the result is part of the run.
+
+    ``timm``: leave the head as timm created it (trunc-normal std 0.02 weight, zero bias; nothing is
+    redrawn, so the seeded run is unchanged). ``zeros``: weight and bias zero (ARC's code). ``vpt``: kaiming-normal (fan-out, a=0) weight and
+    bias ``-log((1 - 0.01) / 0.01)`` = -4.595 (VPT's ``MLP(special_bias=True)``).
+    """
+    if scheme == "timm":
+        return
+    if scheme == "zeros":
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    elif scheme == "vpt":
+        nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+        nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
+    else:
+        raise PetlbenchError(f"training setting 'head_init' must be one of {', '.join(HEAD_INITS)}, got {scheme!r}.")
+
+
+def calibrate(model: PETLModel, loader: Any, device: str | torch.device | None = None) -> dict[str, Any] | None:
+    """Run the method's calibration step on ``loader`` (the task's training batches), if it has one.
+
+    Call it after :func:`create_model` (and after moving the model to ``device``), before building
+    the optimiser. Returns what was done ({"images", "batches", "seconds"}), also kept as
+    ``model.calibration``; None for methods without a calibration step.
+    """
+    import time
+
+    method = model.method
+    if not method.needs_calibration:
+        return None
+    name = method.name
+    size = len(loader) if loader is not None and hasattr(loader, "__len__") else None
+    if loader is None or size == 0:
+        raise PetlbenchError(
+            f"method {name!r} chooses what trains from gradients on the task's training data, but its calibration "
+            "loader has no training batches. Fix: run it on a task with a non-empty training split (check "
+            "limit_train and the split files)."
+        )
+    dev = torch.device(device) if device is not None else next(iter(model.net.parameters())).device
+    counted = _CountingLoader(loader)
+    was_training = model.training
+    start = time.perf_counter()
+    method.calibrate(model.backbone, model.petl, counted, dev)
+    seconds = time.perf_counter() - start
+    if counted.batches == 0:
+        raise PetlbenchError(
+            f"method {name!r}: its calibration step saw no training batch (the loader yielded nothing). Fix: run it "
+            "on a task with a non-empty training split."
+        )
+    model.petl.to(dev)
+    _check_hooks(model)
+    model.refreeze()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    model.calibration = {"images": counted.images, "batches": counted.batches, "seconds": round(seconds, 3)}
+    return model.calibration
+
+
+class _CountingLoader:
+    """Wraps a loader to count the batches and images a calibration step really used."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader, self.batches, self.images = loader, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.batches += 1
+            first = batch[0] if isinstance(batch, (tuple, list)) else batch
+            self.images += int(first.shape[0]) if hasattr(first, "shape") else 0
+            yield batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
 
 
 def _check_hooks(model: PETLModel) -> None:
@@ -206,6 +323,8 @@ def save_trainable(model: PETLModel, path: str | os.PathLike) -> Path:
         "num_classes": model.num_classes,
         "weights_sha256": model.weights.sha256 if model.weights else "",
     }
+    if model.calibration is not None:
+        meta["calibration"] = {k: v for k, v in model.calibration.items() if k != "seconds"}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     # One metadata key: safetensors writes a multi-key metadata map in arbitrary order, and the
     # same state must always give the same bytes (and SHA-256).
@@ -233,4 +352,4 @@ def load_trainable(model: PETLModel, path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-__all__ = ["PETLModel", "create_model", "merge", "save_trainable", "load_trainable", "NotMergeableError"]
+__all__ = ["PETLModel", "calibrate", "create_model", "merge", "save_trainable", "load_trainable", "NotMergeableError"]

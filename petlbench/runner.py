@@ -135,7 +135,7 @@ class _Data:
 
 
 def _build(spec: RunSpec, cfg: dict[str, Any], classes: int, device: torch.device):
-    from petlbench.model import create_model
+    from petlbench.model import create_model, init_head
 
     kwargs = {**spec.backbone_kwargs}
     for key in ("drop_path_rate", "drop_rate"):
@@ -143,6 +143,7 @@ def _build(spec: RunSpec, cfg: dict[str, Any], classes: int, device: torch.devic
             kwargs[key] = cfg[key]
     model = create_model(spec.backbone, spec.method, classes, pretrained=spec.pretrained, backbone_kwargs=kwargs,
                          **spec.method_hparams)
+    init_head(model.backbone.head, cfg["head_init"])
     if spec.weights_sha256 and model.weights and model.weights.sha256 != spec.weights_sha256:
         raise PetlbenchError(f"weights file {spec.pretrained} changed since the sweep was planned "
                              f"(sha256 {model.weights.sha256[:12]} != {spec.weights_sha256[:12]}).")
@@ -162,6 +163,7 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
     from petlbench.accounting import count_params
     from petlbench.bench import deployed_latency
     from petlbench.engine import evaluate, train
+    from petlbench.model import calibrate
 
     cfg = dict(spec.train)
     data = _Data(spec)
@@ -177,8 +179,9 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
                 seed_everything(spec.seed)
                 model = _build(spec, trial, classes, device)
                 norm = _normalization(model, trial)
-                res = train(model, data.loader("tune_train", True, trial, norm, spec.seed, device),
-                            {"val": data.loader("tune_val", False, trial, norm, spec.seed, device)},
+                tune_train = data.loader("tune_train", True, trial, norm, spec.seed, device)
+                calibrate(model, tune_train, device)  # before the optimiser: what trains may depend on it
+                res = train(model, tune_train, {"val": data.loader("tune_val", False, trial, norm, spec.seed, device)},
                             trial, device, seed=spec.seed)
                 grid.append({"lr": lr, "weight_decay": wd, "val_top1": res.curve[-1]["top1"]})
         chosen = max(grid, key=lambda g: g["val_top1"])  # first best on ties: grid order is fixed
@@ -189,6 +192,7 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
     model = _build(spec, cfg, classes, device)
     norm = _normalization(model, cfg)
     train_loader = data.loader("train", True, cfg, norm, spec.seed, device)
+    calibration = calibrate(model, train_loader, device)  # gradient-based selection (SPT, GPS) sees train only
     if protocol == "fgvc":
         evals, select, every = {"val": data.loader("tune_val", False, cfg, norm, spec.seed, device)}, "val", \
             cfg["eval_every"] or 1
@@ -223,6 +227,7 @@ def _run(spec: RunSpec, device: torch.device, on_epoch: Callable | None, record:
         train=cfg,
         normalization=norm.as_dict(),
         splits={"train": data.suite.split_for("train"), "eval": sorted(evals), "sizes": data.sizes},
+        calibration=calibration,
     )
     record["efficiency"] = {
         "train_time_s": round(res.train_time_s, 3),

@@ -78,7 +78,12 @@ def test_trainable_set(method: str, family: str) -> None:
     else:
         assert not frozen_body_trains, "PETL methods keep the backbone frozen"
     counts = petlbench.count_params(model)
-    assert counts.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    honest = model.method.trainable_count(bb, model.petl)
+    dense = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if honest is None:
+        assert counts.trainable == dense
+    else:  # a gradient mask: never more than the tensors that train
+        assert counts.trainable_without_head == honest and counts.trainable <= dense
     assert counts.trainable == counts.head + counts.trainable_without_head
 
 
