@@ -334,3 +334,26 @@ def test_shared_names(method: str, display: str, vtab: str) -> None:
     cls = petlbench.get_method(method)
     assert cls.display_name == display
     assert cls.published["vtab"] == vtab
+
+
+def test_gps_selection_is_saved_and_restored_without_data(images: torch.Tensor, tmp_path) -> None:
+    from petlbench.model import calibrate
+
+    torch.manual_seed(5)
+    model = build("gps", randomise=False, k=2)
+    done = calibrate(model, loader(), "cpu")
+    assert done["batches"] == 2 and done["images"] == 8
+    with torch.no_grad():
+        for p in model.petl.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = petlbench.save_trainable(model, tmp_path / "gps.safetensors")
+    torch.manual_seed(5)
+    fresh = build("gps", randomise=False, k=2)  # never calibrated; same backbone
+    assert any(not torch.equal(a.index, b.index) for a, b in zip(model.petl["gps"], fresh.petl["gps"], strict=True))
+    meta = petlbench.load_trainable(fresh, path)
+    assert meta["calibration"] == {"images": 8, "batches": 2}
+    assert all(torch.equal(a.index, b.index) for a, b in zip(model.petl["gps"], fresh.petl["gps"], strict=True))
+    assert petlbench.count_params(fresh).trainable_without_head == petlbench.count_params(model).trainable_without_head
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(images), fresh(images))
