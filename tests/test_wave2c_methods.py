@@ -357,3 +357,86 @@ def test_gps_selection_is_saved_and_restored_without_data(images: torch.Tensor, 
     model.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(model(images), fresh(images))
+
+
+# ------------------------------------------------------------------------ GLoRA supernet + search
+def supernet_reference(mod, lin, x: torch.Tensor, forms: dict[str, str]) -> torch.Tensor:
+    """SuperScalableLinear.forward with eval_config=forms (prepare_path slices of the supernet tensors)."""
+    w, b = lin.weight, lin.bias
+
+    def path(key: str):
+        form = forms[key]
+        if key in "ABC":
+            d, u = getattr(mod, key + "d"), getattr(mod, key + "u")
+            if form == "lora":
+                return d @ u
+            if form == "vector":
+                return d[:, 0].unsqueeze(1)
+            if form == "constant":
+                return d[0, 0]
+            return torch.zeros(d.shape[0], u.shape[1])
+        t = getattr(mod, key)
+        return {"vector": t, "constant": t[0], "none": torch.zeros(1)}[form]
+
+    a, bb, c, d, e = (path(k) for k in "ABCDE")
+    return F.linear(x, w + w * a + bb, b + b * d + e + torch.matmul(w, c).squeeze())
+
+
+@pytest.mark.parametrize("config", ["LLLVV", "VCVCC", "CNNNV"])
+def test_glora_supernet_eval_matches_the_official_slices(config: str, images: torch.Tensor) -> None:
+    from petlbench_methods.glora import parse_config
+
+    model = build("glora", rank=3, config=config, supernet=True)
+    forms = parse_config(config, 1)[0]
+    modules = iter(model.petl["glora"])
+    seen = capture(model, images)
+    with torch.no_grad():
+        for blk in model.backbone.blocks:
+            for site in SITES:
+                x, y = seen[(blk.index, site)]
+                torch.testing.assert_close(y, supernet_reference(next(modules), getattr(blk, site), x, forms),
+                                           rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(petlbench.merge(model).eval()(images), model(images), rtol=1e-5, atol=1e-5)
+
+
+def test_glora_supernet_samples_a_sub_network_per_step(images: torch.Tensor) -> None:
+    model = build("glora", supernet=True).train()
+    arch, kwargs = BACKBONES["vit"]
+    full = petlbench.create_model(arch, "glora", 5, backbone_kwargs=kwargs, device="meta", supernet=True)
+    fixed = petlbench.create_model(arch, "glora", 5, backbone_kwargs=kwargs, device="meta", config="NNNNN")
+    assert petlbench.count_params(full).trainable > petlbench.count_params(fixed).trainable
+    torch.manual_seed(0)
+    outs = [model(images) for _ in range(3)]
+    assert not torch.equal(outs[0], outs[1]) or not torch.equal(outs[1], outs[2])
+    forms = {tuple(m.sampled.values()) for m in model.petl["glora"]}
+    assert len(forms) > 1  # linears draw their forms independently
+
+
+def test_glora_search_finds_a_legal_sub_network() -> None:
+    from petlbench_methods.glora import parse_config, search, subnet_params
+
+    model = build("glora", supernet=True)
+    data = loader(2)
+    lins = model.method._linears(model.backbone)
+    limit = 3000
+    result = search(model, data, "cpu", param_limit=limit, epochs=3, population=6, select=2, mutation=2,
+                    crossover=2, seed=1)
+    configs = parse_config(result["config"], len(lins))
+    assert result["params"] == sum(subnet_params(f, lin.out_features, lin.in_features, 4)
+                                   for f, lin in zip(configs, lins, strict=True)) <= limit
+    assert result["evaluated"] >= 6
+    assert all(m.forms == parse_config("LLLVV", 1)[0] for m in model.petl["glora"])  # left as it was
+    for m, forms in zip(model.petl["glora"], configs, strict=True):
+        m.forms = forms
+    from petlbench_methods.glora import _accuracy
+
+    assert _accuracy(model.eval(), data, "cpu") == result["accuracy"]
+
+
+def test_glora_search_needs_a_supernet() -> None:
+    from petlbench_methods.glora import search
+
+    with pytest.raises(PetlbenchError, match="supernet=True"):
+        search(build("glora"), loader(1))
+    with pytest.raises(PetlbenchError, match="no sub-network within"):
+        search(build("glora", supernet=True), loader(1), param_limit=-1, epochs=1, population=2)
