@@ -164,31 +164,32 @@ def noah_reference(model: petlbench.PETLModel, images: torch.Tensor) -> torch.Te
     """supernet_vision_transformer_timm.py Block/VisionTransformer forward, written out on a plain copy."""
     net = copy.deepcopy(model.net)
     remove_petl_hooks(net)
-    petl = model.petl
-    prompts = petl["prompts"]
+    noah = model.petl["noah"]
+    sizes = noah.fixed
     x = net.patch_embed(images)
     x = net._pos_embed(x)
-    previous = 0
     for i, blk in enumerate(net.blocks):
-        n = prompts.sizes[i]
+        n = sizes["prompt"][i]
         if n:
-            tokens = prompts.tokens[str(i)].expand(x.shape[0], -1, -1)
+            previous = sizes["prompt"][i - 1] if i > 0 else 0  # sample_last_prompt_tuning_dim
+            tokens = noah.prompts[str(i)][:n].expand(x.shape[0], -1, -1)
             x = torch.cat((x if previous == 0 else x[:, :-previous], tokens), dim=1)
-        previous = n  # sample_last_prompt_tuning_dim of the next block
         h = blk.norm1(x)
         B, N, C = h.shape
         qkv = blk.attn.qkv(h)
-        if str(i) in petl["lora"]:
-            lora = petl["lora"][str(i)]
-            qkv = qkv + F.linear(F.linear(h, lora.a), lora.b)
+        r = sizes["lora"][i]
+        if r:
+            lora = noah.lora[str(i)]
+            qkv = qkv + F.linear(F.linear(h, lora.a[:r]), lora.b[:, :r])
         q, k, v = qkv.reshape(B, N, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         att = ((q @ k.transpose(-2, -1)) * blk.attn.scale).softmax(dim=-1)
         x = x + blk.attn.proj((att @ v).transpose(1, 2).reshape(B, N, C))
         m = blk.mlp(blk.norm2(x))
-        if str(i) in petl["adapter"]:
-            ad = petl["adapter"][str(i)]
-            z = F.linear(m, ad.down.weight, ad.down.bias)
-            m = m + F.linear(z * torch.sigmoid(1.702 * z), ad.up.weight, ad.up.bias)
+        d = sizes["adapter"][i]
+        if d:
+            ad = noah.adapter[str(i)]
+            z = F.linear(m, ad.down.weight[:d], ad.down.bias[:d])
+            m = m + F.linear(z * torch.sigmoid(1.702 * z), ad.up.weight[:, :d], ad.up.bias)
         x = x + m
     x = net.norm(x)
     return net.head(x[:, 0])
@@ -311,6 +312,9 @@ def test_gps_presets() -> None:
     ("noah", {"lora_dims": "1,2,3"}, "one per block"),
     ("noah", {"adapter_dims": "x"}, "adapter_dims"),
     ("noah", {"lora_dims": "64"}, "larger than the width 32"),
+    ("noah", {"supernet": True, "lora_dims": "20"}, "must be <= the largest search_dims"),
+    ("noah", {"supernet": True, "search_depths": "3"}, "beyond the 2 blocks"),
+    ("noah", {"supernet": True, "search_dims": "0,x"}, "search_dims"),
     ("gps", {"k": 200}, "k=200 is larger"),
 ])
 def test_bad_input_is_one_clear_line(method: str, hp: dict, match: str) -> None:
@@ -440,3 +444,58 @@ def test_glora_search_needs_a_supernet() -> None:
         search(build("glora"), loader(1))
     with pytest.raises(PetlbenchError, match="no sub-network within"):
         search(build("glora", supernet=True), loader(1), param_limit=-1, epochs=1, population=2)
+
+
+# ------------------------------------------------------------------------- NOAH supernet + search
+def test_noah_supernet_eval_is_the_sliced_sub_network(images: torch.Tensor) -> None:
+    model = build("noah", supernet=True, search_dims="1,3,4", search_depths="1,2",
+                  lora_dims="3,1", adapter_dims="0,4", prompt_dims="4,1")
+    noah = model.petl["noah"]
+    assert all(m.a.shape[0] == 4 for m in noah.lora.values()) and len(noah.prompts) == 2  # largest size, every block
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), noah_reference(model, images), rtol=1e-5, atol=1e-5)
+
+
+def test_noah_supernet_draws_a_sub_network_per_forward(images: torch.Tensor) -> None:
+    model = build("noah", supernet=True, search_dims="1,2,4", search_depths="1,2", lora_dims="2", adapter_dims="2",
+                  prompt_dims="2").train()
+    noah = model.petl["noah"]
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(12):
+        model(images).sum().backward()
+        sizes = noah.active
+        assert all(v in (0, 1, 2, 4) for k in sizes for v in sizes[k])
+        assert all(sizes[k][1] == 0 or sizes[k][0] > 0 for k in sizes)  # leading blocks only
+        seen.add(tuple(map(tuple, sizes.values())))
+    assert len(seen) > 1
+    model.eval()
+    with torch.no_grad():
+        model(images)
+    assert noah.active == noah.fixed
+
+
+def test_noah_search_returns_a_legal_subnet() -> None:
+    from petlbench_methods.noah import noah_count, search
+
+    model = build("noah", supernet=True, search_dims="1,2,4", search_depths="1,2", lora_dims="2", adapter_dims="2",
+                  prompt_dims="2")
+    limit = 6000  # the dead model-level prompts alone count (1 + 100) * 32
+    result = search(model, loader(2), "cpu", param_limit=limit, epochs=3, population=5, select=2, mutation=2,
+                    crossover=2, seed=0)
+    sizes = {k: [int(v) for v in result[f"{k}_dims"].split(",")] for k in ("prompt", "lora", "adapter")}
+    assert result["noah_params"] == noah_count(sizes, 32, 100, dead=True) <= limit
+    assert result["params"] == noah_count(sizes, 32, 100)
+    for kind in sizes.values():  # a depth of leading blocks
+        assert kind[1] == 0 or kind[0] > 0
+    arch, kwargs = BACKBONES["vit"]
+    retrain = petlbench.create_model(arch, "noah", 5, backbone_kwargs=kwargs, device="meta",
+                                     **{k: result[k] for k in ("prompt_dims", "lora_dims", "adapter_dims")})
+    assert petlbench.count_params(retrain).trainable_without_head == result["params"]
+
+
+def test_noah_search_needs_a_supernet() -> None:
+    from petlbench_methods.noah import search
+
+    with pytest.raises(PetlbenchError, match="supernet=True"):
+        search(build("noah"), loader(1))
