@@ -21,6 +21,7 @@ Initialisation as the official code: U like ``nn.Linear`` (kaiming-uniform, a=sq
 xavier-uniform. Dropout 0.1 on the r-dimensional activations; the scale s and the rank are
 published per VTAB task (``configs/tt``, ``configs/tk``) and are the VTAB presets. With the
 per-task ranks, the VTAB mean counts are 39,734 (TT, "0.04 M") and 68,985 (TK, "0.07 M").
+Outside the presets: r = 8 (TT) and r = 32 (TK), the ranks most tasks use, and s = 1.
 
 Every branch is linear, so eval-mode FacT merges: delta_W is read off the branch applied to the
 identity and added to the frozen weight.
@@ -255,3 +256,5 @@ class FacTTK(_FacTMethod):
     published = {"vtab": "FacT (TK)"}
     kind = _FacTTK
     column = 1
+    hparams = {**_FacTMethod.hparams,
+               "rank": HParam(32, "rank r of the factorisation (dim in the official code; per-task VTAB presets)", low=1)}

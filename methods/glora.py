@@ -26,9 +26,10 @@ lr 1e-4) and (2) runs an evolutionary search over per-linear forms under a param
 scoring each candidate with the supernet's weights (``evolution.py``), and reports that
 sub-network without retraining. Here (1) is ``--set supernet=true`` (all tensors allocated in
 their largest form, sampled per forward in training mode, ``config`` used in eval mode) and (2)
-is :func:`search` on the trained supernet model, which returns the best ``config`` code. The
-search is a Python call, not a CLI stage, and should get a validation split (the official script
-searches on the test set). The official repository publishes no searched per-layer
+is :func:`search` on the trained supernet model, which returns the best ``config`` code. Both
+are Python-level (train the supernet model with ``petlbench.engine.train`` or any loop;
+``petlbench run`` keeps no weights), not CLI stages; give the search a validation split (the
+official script searches on the test set). The official repository publishes no searched per-layer
 configurations, so there are no per-task presets.
 
 Deliberate differences: the head is timm's (the official ``reset_classifier`` of timm 0.4.12

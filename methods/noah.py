@@ -33,8 +33,10 @@ kind a random depth (3, 6, 9 or 12 leading blocks) and each of those blocks a ra
 under a parameter budget with an evolutionary search scored on the supernet's weights
 (``evolution.py``) and (3) retrains the winner from the pre-trained backbone. Here (1) is
 ``--set supernet=true`` (``search_dims``, ``search_depths``; eval mode runs the ``*_dims``),
-(2) is :func:`search` on the trained supernet model (a Python call, not a CLI stage; give it a
-validation split), and (3) is an ordinary run with the returned ``*_dims``. ViT only (prompts
+(2) is :func:`search` on the trained supernet model, and (3) is an ordinary run with the
+returned ``*_dims``. (1) and (2) are Python-level (train the supernet model with
+``petlbench.engine.train`` or any loop; ``petlbench run`` keeps no weights); give the search a
+validation split. ViT only (prompts
 need the token sequence), and not mergeable (the adapter is non-linear, prompts add tokens).
 """
 
