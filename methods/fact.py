@@ -26,6 +26,9 @@ Outside the presets: r = 8 (TT) and r = 32 (TK), the ranks most tasks use, and s
 Every branch is linear, so eval-mode FacT merges: delta_W is read off the branch applied to the
 identity and added to the frozen weight.
 
+Run side by side with the official ``set_FacT`` forwards on the same tensors (eval mode), the
+outputs agree to 6e-7 (TT) and 2e-6 (TK) relative, merged or not.
+
 Deliberate differences: none in the forward pass. The official code hard-codes width 768, depth
 12 and an MLP ratio of 4; here they come from the backbone (the MLP ratio must be an integer).
 Not defined on Swin (one U and V cannot be shared across stages of different width), and the

@@ -19,6 +19,8 @@ C = constant, N = none): one code for every linear (default ``LLLVV``, the large
 or one code per linear, comma-separated, in the order qkv, proj, fc1, fc2 of block 0, 1, ...
 
 Everything is linear in the input, so GLoRA merges exactly (the formula above, in float64).
+Run side by side with the official ``SuperScalableLinear`` on the same tensors, every adapted
+linear agrees to 8e-7 relative, fixed configuration or supernet.
 
 The search, as an optional stage. The official pipeline (1) trains a supernet whose every
 linear draws a random form for each of A..E at every step (``GLoRA/supernet.py``, 500 epochs,

@@ -22,6 +22,9 @@ exactly the same scalars as masking the gradient of the full weight, and the tra
 honest by construction: ViT-B/16 at K=1 trains 167,424 (83,712 weights + 83,712 biases). The
 update is a sparse delta_W, so GPS merges exactly.
 
+On the same gradients, the selection equals the official ``prune_by_percentile_gradient_perCell``
+mask (same weights, same biases, same count).
+
 Deliberate differences: the two views are built from the loader's images with random
 resized crops and horizontal flips only (GPS also jitters colour and greys, which needs
 unnormalised pixels the calibration step does not see); weight decay, if set, pulls the update
