@@ -15,6 +15,8 @@ from petlbench import Backbone, Method
 
 class BitFit(Method):
     name = "bitfit"
+    display_name = "BitFit"
+    published = {"vtab": "BitFit", "fgvc": "BitFit"}  # the same tensors train as VPT's "tinytl-bias" baseline
     summary = "BitFit: train all bias terms (incl. LayerNorm biases) and the head."
     paper = "Zaken et al., ACL 2022; VPT 'Bias' baseline"
     mergeable = True

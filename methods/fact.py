@@ -246,7 +246,9 @@ class FacTTT(_FacTMethod):
     display_name = "FacT-TT"
     summary = "FacT-TT: all ViT weight updates as one tensor-train factorised tensor (shared U, V)."
     paper = "Jie & Deng, FacT: Factor-Tuning for Lightweight Adaptation on Vision Transformer, AAAI 2023"
-    published = {"vtab": "FacT (TT)"}
+    # The shipped reference table has no per-task FacT-TT rows yet (none found with provenance); once
+    # it does, declare them here under their agreed name: {"vtab": "FacT (TT)"}.
+    published: dict[str, str] = {}
     kind = _FacTTT
     column = 0
 

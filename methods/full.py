@@ -11,6 +11,8 @@ from petlbench import Backbone, Method
 
 class Full(Method):
     name = "full"
+    display_name = "Full fine-tuning"
+    published = {"vtab": "Full fine-tuning", "fgvc": "Full fine-tuning"}
     summary = "Full fine-tuning: train every parameter."
     paper = "Baseline (VPT, Jia et al., ECCV 2022, Table 1)"
     mergeable = True

@@ -187,7 +187,9 @@ class GLoRA(Method):
     display_name = "GLoRA"
     summary = "GLoRA: W' = W + W*A + B, b' = b + b*D + E + W C on every linear (fixed per-layer forms)."
     paper = "Chavan et al., One-for-All: Generalized LoRA for Parameter-Efficient Fine-tuning, arXiv 2306.07967"
-    published = {"vtab": "GLoRA"}
+    # The shipped reference table has no per-task GLoRA rows yet (none found with provenance); once it
+    # does, declare them here under their agreed name: {"vtab": "GLoRA"}.
+    published: dict[str, str] = {}
     mergeable = True
     hparams = {
         "rank": HParam(4, "rank of the low-rank forms (the official --rank, default 4)", low=1),

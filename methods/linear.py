@@ -11,6 +11,8 @@ from petlbench import Backbone, Method
 
 class Linear(Method):
     name = "linear"
+    display_name = "Linear probing"
+    published = {"vtab": "Linear probing", "fgvc": "Linear probing"}
     summary = "Linear probing: train the classifier head only."
     paper = "Baseline (VPT, Jia et al., ECCV 2022, Table 1)"
     mergeable = True

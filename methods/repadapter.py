@@ -82,6 +82,13 @@ class RepBlock(nn.Module):
 
 class RepAdapter(Method):
     name = "repadapter"
+    display_name = "RepAdapter"
+    published = {"vtab": "RepAdapter"}
+
+    @classmethod
+    def published_as(cls, suite: str, config) -> str | None:
+        """The published row is the block variant (adapters before qkv and fc1)."""
+        return super().published_as(suite, config) if config["variant"] == "repblock" else None
     summary = "RepAdapter: re-parameterisable linear adapters before qkv (and fc1 for repblock)."
     paper = "Luo et al., Towards Efficient Visual Adaption via Structural Re-parameterization, arXiv 2302.08106"
     mergeable = True

@@ -1,10 +1,13 @@
 """SSF, Scaling & Shifting Features (Lian et al., NeurIPS 2022).
 
-A per-channel ``x * gamma + beta`` after every operation: the patch embedding, each block's
-norm1, qkv, proj, norm2, fc1 and fc2, and the final norm. gamma ~ N(1, 0.02), beta ~ N(0, 0.02)
-as in the paper's code. Each one folds exactly into the layer it follows (a Linear's rows, a
-LayerNorm's affine, the patch-embedding conv's output channels), so SSF merges.
-ViT-B/16: 205,824 parameters.
+A per-channel ``x * gamma + beta`` after every operation, at the sites of the official code
+(dongzelian/SSF ``models/vision_transformer.py`` and ``models/swin_transformer.py``): the patch
+embedding, each block's norm1, qkv, proj, norm2, fc1 and fc2, and the final norm; on Swin also
+after the patch-embedding convolution *before* its norm, and after the norm of every
+patch-merging layer. gamma ~ N(1, 0.02), beta ~ N(0, 0.02) as in the paper's code. Each one folds
+exactly into the layer it follows (a Linear's rows, a LayerNorm's affine, the patch-embedding
+conv's output channels), so SSF merges.
+ViT-B/16: 205,824 parameters (equal to the official code, 1.3e-6); Swin-B: 274,432 (official count).
 """
 
 from __future__ import annotations
@@ -17,34 +20,46 @@ from petlbench.layers import fold_output
 
 
 class ScaleShift(nn.Module):
-    def __init__(self, dim: int, std: float) -> None:
+    def __init__(self, dim: int, std: float, channels_first: bool = False) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.empty(dim))
         self.shift = nn.Parameter(torch.empty(dim))
         nn.init.normal_(self.scale, mean=1.0, std=std)
         nn.init.normal_(self.shift, std=std)
+        self.channels_first = channels_first
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # channels-last
-        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale.to(x.dtype), self.shift.to(x.dtype)
+        if self.channels_first:  # a conv output (B, C, H, W)
+            scale, shift = scale[:, None, None], shift[:, None, None]
+        return x * scale + shift
 
 
-def _sites(backbone: Backbone) -> list[tuple[str, nn.Module, nn.Module, int]]:
-    """(name, hooked module, layer the scale/shift folds into, channels), in a fixed order."""
+def _sites(backbone: Backbone) -> list[tuple[str, nn.Module, nn.Module, int, bool]]:
+    """(name, hooked module, layer the scale/shift folds into, channels, channels-first), in a fixed order."""
     bb = backbone
+    width = bb.patch_proj.out_channels
+    sites = []
+    if bb.patch_norm is not None:  # Swin: before the patch-embedding norm too (the conv output)
+        sites.append(("embed_proj", bb.patch_proj, bb.patch_proj, width, True))
     embed_target = bb.patch_norm if bb.patch_norm is not None else bb.patch_proj
-    sites = [("embed", bb.patch_embed, embed_target, bb.patch_proj.out_channels)]
+    sites.append(("embed", bb.patch_embed, embed_target, width, False))
     for b in bb.blocks:
         for role in ("norm1", "qkv", "proj", "norm2", "fc1", "fc2"):
             layer = getattr(b, role)
-            width = layer.out_features if isinstance(layer, nn.Linear) else b.dim
-            sites.append((f"{b.index}_{role}", layer, layer, width))
+            channels = layer.out_features if isinstance(layer, nn.Linear) else b.dim
+            sites.append((f"{b.index}_{role}", layer, layer, channels, False))
+    for i, norm in enumerate(bb.downsample_norms):
+        sites.append((f"merge{i}_norm", norm, norm, norm.normalized_shape[0], False))
     if isinstance(bb.final_norm, nn.LayerNorm):
-        sites.append(("final_norm", bb.final_norm, bb.final_norm, bb.final_norm.normalized_shape[0]))
+        sites.append(("final_norm", bb.final_norm, bb.final_norm, bb.final_norm.normalized_shape[0], False))
     return sites
 
 
 class SSF(Method):
     name = "ssf"
+    display_name = "SSF"
+    published = {"vtab": "SSF", "fgvc": "SSF"}
     summary = "SSF: learnable per-channel scale and shift after every operation."
     paper = "Lian et al., Scaling & Shifting Your Features, NeurIPS 2022"
     mergeable = True
@@ -52,11 +67,11 @@ class SSF(Method):
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
         ssf = nn.ModuleDict()
-        for name, module, _, width in _sites(backbone):
-            ssf[name] = ScaleShift(width, self.hp.init_std)
+        for name, module, _, width, channels_first in _sites(backbone):
+            ssf[name] = ScaleShift(width, self.hp.init_std, channels_first)
             backbone.transform_output(module, ssf[name])
         petl["ssf"] = ssf
 
     def merge(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
-        for name, _, target, _ in _sites(backbone):
+        for name, _, target, _, _ in _sites(backbone):
             fold_output(target, petl["ssf"][name].scale, petl["ssf"][name].shift)

@@ -3,7 +3,17 @@
 Shallow: ``num_tokens`` prompts are inserted after the class token before block 0.
 Deep: every block gets its own prompts, replacing the previous block's prompt outputs.
 Prompts are removed again before the final norm, so pooling sees the original tokens.
-Initialisation follows VPT: U(-v, v) with v = sqrt(6 / (3 * patch^2 + dim)); dropout on prompts.
+As KMnP/vpt ``PromptedVisionTransformer`` (forward, init and counts equal): init U(-v, v) with
+v = sqrt(6 / (3 * patch^2 + dim)); dropout on the prompts *after* expanding them to the batch, so
+each image gets its own dropout mask. Dropout defaults follow VPT: 0.0 for shallow (its config
+default; "we don't use dropout for VPT-shallow", demo.ipynb), 0.1 for deep (its paper runs).
+
+Presets: VPT tunes the prompt length per task. ``vpt_deep`` carries the published per-task
+lengths for VTAB-1k and FGVC as re-used by Adapter+ (visinf/adapter_plus
+``conf/experiment/{vtab,fgvc}/vpt.yaml``); VPT's own hyperparameter files are on a drive that
+could not be reached, but its demo.ipynb ("the hyperparameters are the same from our paper")
+agrees on the three tasks it shows (dmlab 100, sun397 5, eurosat 100). No per-task lengths for
+``vpt_shallow`` were found, so it has no presets (default 50 tokens).
 Not defined for Swin here (windowed attention has no global token sequence), and not mergeable:
 prompts add tokens, hence compute, at inference.
 """
@@ -31,8 +41,8 @@ class Prompts(nn.Module):
         self.num_tokens = num_tokens
 
     def _layer(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
-        prompts = F.dropout(self.prompts[layer], self.dropout, self.training)
-        return prompts.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        prompts = self.prompts[layer].to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        return F.dropout(prompts, self.dropout, self.training)  # after expand: one mask per image, as VPT
 
     def insert(self, tokens: torch.Tensor) -> torch.Tensor:
         """[prefix | patches] -> [prefix | prompts | patches]."""
@@ -49,12 +59,25 @@ class Prompts(nn.Module):
         return torch.cat([tokens[:, :p], tokens[:, p + t:]], dim=1)
 
 
+#: VPT-deep prompt lengths per task (see the module docstring for the source).
+DEEP_VTAB_TOKENS = {
+    "cifar": 10, "caltech101": 10, "dtd": 10, "oxford_flowers102": 1, "oxford_iiit_pet": 1, "svhn": 50,
+    "sun397": 5, "patch_camelyon": 100, "eurosat": 100, "resisc45": 10, "diabetic_retinopathy": 1,
+    "clevr_count": 100, "clevr_dist": 200, "dmlab": 100, "kitti": 100, "dsprites_loc": 100, "dsprites_ori": 100,
+    "smallnorb_azi": 200, "smallnorb_ele": 200,
+}
+DEEP_FGVC_TOKENS = {"CUB_200_2011": 10, "NABirds": 50, "OxfordFlowers": 5, "StanfordCars": 200, "StanfordDogs": 100}
+
+
 class _VPT(Method):
     families = frozenset({"vit"})
     deep = False
+    # VPT's classifier: kaiming-normal fan-out weight, bias -log(99) (src/models/mlp.py, special_bias)
+    train_presets = {"vtab": {"*": {"head_init": "vpt"}}, "fgvc": {"*": {"head_init": "vpt"}}}
     hparams = {
         "num_tokens": HParam(50, "prompt tokens per layer (VPT tunes this per task)", low=1),
-        "dropout": HParam(0.1, "dropout on the prompt tokens", low=0.0, high=0.99),
+        "dropout": HParam(0.0, "dropout on the prompt tokens, one mask per image (VPT: 0.0 shallow, 0.1 deep)",
+                          low=0.0, high=0.99),
     }
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
@@ -76,12 +99,21 @@ class _VPT(Method):
 
 class VPTShallow(_VPT):
     name = "vpt_shallow"
+    display_name = "VPT-Shallow"
     summary = "VPT-Shallow: learnable prompt tokens at the input of the first block."
     paper = "Jia et al., Visual Prompt Tuning, ECCV 2022"
+    published = {"vtab": "VPT-Shallow", "fgvc": "VPT-Shallow"}
 
 
 class VPTDeep(_VPT):
     name = "vpt_deep"
-    summary = "VPT-Deep: learnable prompt tokens at the input of every block."
+    display_name = "VPT-Deep"
+    summary = "VPT-Deep: learnable prompt tokens at the input of every block (VPT's per-task lengths as presets)."
     paper = "Jia et al., Visual Prompt Tuning, ECCV 2022"
     deep = True
+    hparams = {**_VPT.hparams, "dropout": HParam(0.1, _VPT.hparams["dropout"].help, low=0.0, high=0.99)}
+    presets = {
+        "vtab": {task: {"num_tokens": n} for task, n in DEEP_VTAB_TOKENS.items()},
+        "fgvc": {task: {"num_tokens": n} for task, n in DEEP_FGVC_TOKENS.items()},
+    }
+    published = {"vtab": "VPT-Deep", "fgvc": "VPT-Deep"}

@@ -15,6 +15,7 @@ from petlbench.errors import NotMergeableError, PetlbenchError
 from petlbench.method import HParam, Method
 from petlbench.model import (
     PETLModel,
+    calibrate,
     create_model,
     load_trainable,
     merge,
@@ -36,6 +37,7 @@ __all__ = [
     "ParamCounts",
     "PetlbenchError",
     "WeightsInfo",
+    "calibrate",
     "count_params",
     "create_model",
     "get_method",

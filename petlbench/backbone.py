@@ -139,6 +139,8 @@ class Backbone:
 
     @property
     def patch_proj(self) -> nn.Conv2d:
+        """The patch-embedding convolution; its output is channels-first (B, C, H, W), before any
+        patch-embedding norm."""
         return self.model.patch_embed.proj
 
     @property
@@ -146,6 +148,19 @@ class Backbone:
         """The LayerNorm inside the patch embedding, or None when it is an Identity (ViT)."""
         norm = self.model.patch_embed.norm
         return None if isinstance(norm, nn.Identity) else norm
+
+    @property
+    def downsample_norms(self) -> list[nn.LayerNorm]:
+        """Swin: the LayerNorm of each patch-merging (downsampling) layer, in stage order; its output
+        has 4x the previous stage's channels and feeds the merging projection. ViT: none."""
+        if self.family != "swin":
+            return []
+        norms = []
+        for stage in self.model.layers:
+            norm = getattr(stage.downsample, "norm", None)
+            if isinstance(norm, nn.LayerNorm):
+                norms.append(norm)
+        return norms
 
     @property
     def patch_size(self) -> int:
@@ -166,6 +181,15 @@ class Backbone:
         position embeddings) right before block 0. An output transform here may add tokens."""
         self.require("vit", "a token sequence with a class token")
         return self.model.norm_pre
+
+    @property
+    def cls_token(self) -> nn.Parameter | None:
+        """ViT: the learned class token (1, 1, dim) that starts the token sequence, or None when the
+        model has none; Swin: None. A method that tunes it adds a delta at :attr:`token_site`."""
+        if self.family != "vit":
+            return None
+        token = getattr(self.model, "cls_token", None)
+        return token if isinstance(token, nn.Parameter) else None
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -126,6 +126,9 @@ def params_cmd(method: str, backbone: str, num_classes: int, sets: tuple[str, ..
         value = counts[key]
         extra = f"  ({value / 1e6:.4f} M)" if key != "trainable_bytes" else ""
         click.echo(f"  {label:<32} {value:>12,}{extra}")
+    if model.method.needs_calibration:
+        click.echo(f"  note: {method} chooses what trains from gradients on the task's training data (its calibration "
+                   "step); these are the counts before calibration. See README, Methods.")
 
 
 def _seeds(text: str) -> list[int]:

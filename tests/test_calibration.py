@@ -96,3 +96,46 @@ def test_width_bound_is_checked_generically(gradshift) -> None:
     with pytest.raises(PetlbenchError, match="'k'=64 is larger than the width") as err:
         build(gradshift, k=64)
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------ the runner
+@pytest.fixture
+def demo_cache(tmp_path_factory, monkeypatch):
+    import os
+
+    monkeypatch.setenv("PETLBENCH_CACHE", os.environ.get("PETLBENCH_CACHE") or str(tmp_path_factory.mktemp("cache")))
+
+
+def test_runner_calibrates_before_training_and_records_it(demo_cache, tmp_path) -> None:
+    from petlbench.runner import execute_spec
+    from petlbench.sweep import plan
+    from tests.test_runner import FAST_SETS
+
+    spec = plan("demo", ["spt_lora"], ["digits"], [0], output=str(tmp_path),
+                sets={**FAST_SETS, "budget": 0.01, "calib_images": 64}).specs[0]
+    record = execute_spec(spec)
+    assert record["status"] == "ok", record["error"]
+    calib = record["config"]["calibration"]
+    assert calib["images"] == 64 and calib["batches"] == 2  # batch 32, stops once calib_images are read
+    assert record["config"]["train"]["head_init"] == "timm"
+    assert 0 < record["params"]["trainable_without_head"] <= 2 * 10_000
+
+
+def test_head_init_schemes() -> None:
+    from petlbench.model import init_head
+
+    head = torch.nn.Linear(8, 5)
+    init_head(head, "zeros")
+    assert not head.weight.any() and not head.bias.any()
+    init_head(head, "vpt")
+    assert torch.allclose(head.bias, torch.full((5,), -4.59511985013459))
+    assert 0.2 < float(head.weight.detach().std()) * (5 ** 0.5) < 2.0  # kaiming-normal, fan-out = 5
+    before = head.weight.clone()
+    init_head(head, "timm")  # timm's own initialisation is kept: nothing redrawn
+    assert torch.equal(head.weight, before)
+    arc = petlbench.get_method("arc")
+    from petlbench.config import resolve_train
+
+    assert resolve_train({}, arc, "vtab", "cifar", {})["head_init"] == "zeros"
+    assert resolve_train({}, petlbench.get_method("vpt_deep"), "fgvc", "NABirds", {})["head_init"] == "vpt"
+    assert resolve_train({}, petlbench.get_method("lora"), "vtab", "cifar", {})["head_init"] == "timm"

@@ -83,3 +83,10 @@ def test_console_script_is_installed() -> None:
     proc = subprocess.run([exe, "params", "-m", "nope"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown method 'nope'")
     assert "Traceback" not in proc.stderr
+
+
+def test_params_says_when_the_count_depends_on_calibration() -> None:
+    result = run("params", "-m", "spt_lora")
+    assert result.exit_code == 0, result.output
+    assert "before calibration" in result.output
+    assert "before calibration" not in run("params", "-m", "lora").output

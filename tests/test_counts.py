@@ -71,3 +71,56 @@ def test_repadapter_scale_presets_follow_the_variant() -> None:
 
 def test_arc_fgvc_preset() -> None:
     assert petlbench.get_method("arc").resolve(suite="fgvc", task="StanfordCars")["dropout"] == 0.0
+
+
+# ------------------------------------------------------------------ second wave (issue 12)
+def test_ssf_on_swin_b_matches_the_official_code() -> None:
+    """dongzelian/SSF also scales/shifts before the patch-embedding norm and after every patch-merging norm."""
+    assert counts("ssf", "swin_base_patch4_window7_224").trainable_without_head == 274_432
+
+
+@pytest.mark.parametrize("hp", [{"targets": "qv"}, {"targets": "qkv"}, {"targets": "qkv", "alpha": 8.0, "dropout": 0.1}])
+def test_both_loras_count_294912(hp: dict) -> None:
+    """LoRA paper (q, v pairs) and NOAH's baseline (one pair on fused qkv): same count, another function."""
+    assert counts("lora", **hp).trainable_without_head == 294_912
+
+
+def test_lora_vtab_preset_is_the_noah_baseline() -> None:
+    cls = petlbench.get_method("lora")
+    assert cls.resolve(suite="vtab", task="cifar") == {"rank": 8, "alpha": 8.0, "dropout": 0.1, "targets": "qkv"}
+    assert cls.resolve({"rank": 4}, suite="vtab")["alpha"] == 4.0  # scale 1 whatever the rank
+    assert cls.resolve()["targets"] == "qv"  # without a suite: the LoRA paper
+
+
+@pytest.mark.parametrize("variant", ["noah", "vpt", "zero_up"])
+def test_adapter_variants_count_156768(variant: str) -> None:
+    assert counts("adapter", variant=variant).trainable_without_head == 156_768
+
+
+def test_adapter_presets_follow_the_published_rows_code() -> None:
+    cls = petlbench.get_method("adapter")
+    assert cls.resolve(suite="vtab")["variant"] == "noah" and cls.resolve(suite="vtab")["dropout"] == 0.1
+    assert cls.resolve(suite="fgvc")["variant"] == "vpt" and cls.resolve(suite="fgvc")["dropout"] == 0.0
+
+
+def test_vpt_deep_fgvc_presets_reproduce_the_published_085m() -> None:
+    """VPT-Deep FGVC 0.85 M (V-PETL table, head included, averaged over the 5 tasks) from the per-task lengths."""
+    from petlbench.data import get_suite
+
+    suite = get_suite("fgvc")
+    totals = [counts("vpt_deep", num_classes=t.classes, suite="fgvc", task=t.name).trainable for t in suite.tasks]
+    assert round(sum(totals) / len(totals) / 1e6, 2) == 0.85
+    assert counts("vpt_deep", suite="vtab", task="sun397").trainable_without_head == 12 * 5 * 768
+    assert petlbench.get_method("vpt_shallow").resolve(suite="vtab")["dropout"] == 0.0
+
+
+def test_spt_count_before_and_after_calibration() -> None:
+    """Before calibration only the class-token delta trains; after it, about the budget."""
+    from tests.test_methods import build
+
+    assert counts("spt_lora").trainable_without_head == 768
+    for method in ("spt_lora", "spt_adapter"):
+        model = build(method, "vit", budget=0.003)
+        got = petlbench.count_params(model).trainable_without_head
+        assert 0.5 * 3000 <= got <= 1.5 * 3000, got
+        assert got == sum(p.numel() for p in model.petl.parameters() if p.requires_grad)

@@ -22,18 +22,36 @@ ALL = [(m, fam) for m in petlbench.list_methods() for fam in BACKBONES]
 CASES = [(m, fam) for m, fam in ALL if fam in petlbench.get_method(m).families]
 UNSUPPORTED = [(m, fam) for m, fam in ALL if (m, fam) not in CASES]
 BUILTIN = {"linear", "full", "bitfit", "vpt_shallow", "vpt_deep", "adapter", "lora", "ssf", "repadapter", "arc",
-           "arc_att"}
+           "arc_att", "spt_lora", "spt_adapter"}
 
 
-def build(method: str, family: str, num_classes: int = 5, **hp) -> petlbench.PETLModel:
+#: Hyperparameters that make a method meaningful on the tiny test backbones (a budget in millions
+#: of parameters far above a tiny model's size would tune everything whole; drop-path on a batch
+#: of 3 drops a whole branch for every image often enough to leave it without a gradient).
+TINY_HP: dict[str, dict] = {"spt_lora": {"budget": 0.003, "drop_path": 0.0},
+                            "spt_adapter": {"budget": 0.003, "drop_path": 0.0}}
+
+
+def calibration_batches(num_classes: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic training batches for methods with a calibration step."""
+    gen = torch.Generator().manual_seed(123)
+    return [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, num_classes, (4,), generator=gen))
+            for _ in range(2)]
+
+
+def build(method: str, family: str, num_classes: int = 5, calibrated: bool = True, **hp) -> petlbench.PETLModel:
+    """A tiny model; a calibration-based method is calibrated (unless ``calibrated=False``)."""
     arch, kwargs = BACKBONES[family]
-    model = petlbench.create_model(arch, method, num_classes, backbone_kwargs=kwargs, **hp)
+    model = petlbench.create_model(arch, method, num_classes, backbone_kwargs=kwargs,
+                                   **{**TINY_HP.get(method, {}), **hp})
     # A pre-trained backbone has non-zero biases; timm's random init zeroes them, which would hide every
     # bias-dependent term of a method (GLoRA's b * D). Same values on every build (own generator).
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, bias in model.backbone.modules_with_bias():
             bias.add_(torch.randn(bias.shape, generator=gen).to(bias.device) * 0.02)
+    if calibrated and model.method.needs_calibration:
+        petlbench.calibrate(model, calibration_batches(num_classes))
     return model
 
 
@@ -92,6 +110,7 @@ def test_train_step_changes_only_trainable(method: str, family: str, images: tor
     model = build(method, family)
     randomise_method_params(model)
     model.train()
+    buffers = {k: v.clone() for k, v in model.calibration_buffers().items()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     loss = F.cross_entropy(model(images), torch.tensor([0, 1, 2]))
@@ -105,6 +124,7 @@ def test_train_step_changes_only_trainable(method: str, family: str, images: tor
     for name, p in model.named_parameters():
         changed = not torch.equal(before[name], p.detach())
         assert changed == p.requires_grad, f"{name}: changed={changed}, trainable={p.requires_grad}"
+    assert all(torch.equal(v, model.calibration_buffers()[k]) for k, v in buffers.items()), "training moved a mask"
 
 
 @pytest.mark.parametrize("method,family", CASES)
@@ -149,9 +169,14 @@ def test_save_and_load_trainable_state(method: str, family: str, images: torch.T
     randomise_method_params(source)
     path = petlbench.save_trainable(source, tmp_path / "task.safetensors")
     torch.manual_seed(1)  # same backbone init, as with shared pretrained weights
-    target = build(method, family)
+    target = build(method, family, calibrated=False)  # calibration results come from the file, not from data
     meta = petlbench.load_trainable(target, path)
     assert meta["method"] == method
+    assert petlbench.count_params(target) == petlbench.count_params(source)
+    assert sorted(target.calibration_buffers()) == sorted(source.calibration_buffers())
+    assert all(torch.equal(a, target.calibration_buffers()[k]) for k, a in source.calibration_buffers().items())
+    if source.method.needs_calibration:
+        assert meta["calibration"]["batches"] == 2 and target.calibration is not None
     source.eval(), target.eval()
     with torch.no_grad():
         assert torch.equal(source(images), target(images))
@@ -212,3 +237,80 @@ def test_trainable_state_files_are_byte_stable(tmp_path) -> None:
     a = petlbench.save_trainable(model, tmp_path / "a.safetensors").read_bytes()
     for _ in range(3):
         assert petlbench.save_trainable(model, tmp_path / "b.safetensors").read_bytes() == a
+
+
+# ------------------------------------------------------------------ declarations and bad input
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+def test_presets_name_real_tasks() -> None:
+    """A preset keyed by a task its suite does not define would silently never apply."""
+    from petlbench.data import get_suite
+
+    for name in petlbench.list_methods():
+        cls = petlbench.get_method(name)
+        for table in (cls.presets, cls.train_presets):
+            for suite, per_task in table.items():
+                tasks = set(get_suite(suite).task_names) | {"*"}
+                assert set(per_task) <= tasks, f"{name}: {sorted(set(per_task) - tasks)} are not {suite} tasks"
+
+
+def test_published_declarations_name_shipped_rows() -> None:
+    from petlbench.data import get_suite
+    from petlbench.data.suites import name_key
+    from petlbench.report import load_reference
+
+    df, _ = load_reference("paper")
+    for name in petlbench.list_methods():
+        cls = petlbench.get_method(name)
+        for suite, row in cls.published.items():
+            keys = {name_key(n) for n in (suite, *get_suite(suite).aliases)}
+            rows = df[df.benchmark.map(name_key).isin(keys) & (df.method == row)]
+            assert len(rows), f"{name} declares {row!r} on {suite}, which the shipped reference CSV lacks"
+        for suite in ("vtab", "fgvc"):  # the suite presets reproduce the declared row's configuration
+            declared = cls.published_as(suite, cls.resolve(suite=suite))
+            assert declared == cls.published.get(suite), (name, suite, declared)
+
+
+@pytest.mark.parametrize("method", [m for m in petlbench.list_methods() if petlbench.get_method(m).bounded_by_width])
+def test_rank_larger_than_the_width_is_one_clear_line(method: str) -> None:
+    cls = petlbench.get_method(method)
+    width = BACKBONES["vit"][1]["embed_dim"]
+    for key in cls.bounded_by_width:
+        with pytest.raises(PetlbenchError, match=f"'{key}'={width + 1} is larger than the width") as err:
+            build(method, "vit", calibrated=False, **{key: width + 1})
+        assert "Fix:" in _one_line(err.value)
+        build(method, "vit", calibrated=False, **{key: width})  # the width itself is allowed
+
+
+@pytest.mark.parametrize("method,key", [(m, k) for m in petlbench.list_methods()
+                                        for k, h in petlbench.get_method(m).hparams.items() if h.choices])
+def test_unknown_choice_is_one_clear_line(method: str, key: str) -> None:
+    """Unknown placements, variants, targets ...: the message lists the allowed values."""
+    with pytest.raises(PetlbenchError, match="must be one of") as err:
+        build(method, "vit", calibrated=False, **{key: "no_such_placement"})
+    assert key in _one_line(err.value)
+
+
+@pytest.mark.parametrize("method", [m for m in petlbench.list_methods() if petlbench.get_method(m).presets
+                                    or petlbench.get_method(m).train_presets])
+def test_preset_for_a_task_that_does_not_exist_is_one_clear_line(method: str) -> None:
+    cls = petlbench.get_method(method)
+    suite = next(iter(cls.presets or cls.train_presets))
+    with pytest.raises(PetlbenchError, match="unknown task 'no_such_task'") as err:
+        cls.resolve(suite=suite, task="no_such_task")
+    assert _one_line(err.value).startswith(f"presets for suite {suite!r}")
+    arch, kwargs = BACKBONES["vit"]
+    with pytest.raises(PetlbenchError, match="unknown task"):
+        petlbench.create_model(arch, method, 5, backbone_kwargs=kwargs, suite=suite, task="no_such_task")
+
+
+@pytest.mark.parametrize("method", [m for m in petlbench.list_methods() if petlbench.get_method(m).needs_calibration])
+def test_calibration_without_training_data_is_one_clear_line(method: str) -> None:
+    model = build(method, "vit", calibrated=False)
+    with pytest.raises(PetlbenchError, match="no training batches") as err:
+        petlbench.calibrate(model, [])
+    assert method in _one_line(err.value)

@@ -55,6 +55,8 @@ def test_example_plugin_is_discovered_and_merges(site, images) -> None:
 def test_readme_quotes_the_example_verbatim() -> None:
     readme = (ROOT / "README.md").read_text()
     assert (EXAMPLE / "petlbench_outscale" / "__init__.py").read_text().strip() in readme
+    calibrated = ROOT / "examples" / "petlbench-gradshift" / "petlbench_gradshift" / "__init__.py"
+    assert calibrated.read_text().strip() in readme
     assert "[project.entry-points.\"petlbench.methods\"]" in readme
 
 

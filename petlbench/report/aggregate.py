@@ -477,9 +477,18 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
         published.append(row)
     deltas: list[Row] = []
     if delta:
-        by_ours = {r.published.ours: r for r in published if r.published.ours}
+        from petlbench.report.reference import published_name
+
+        by_name = {r.published.name: r for r in published}
+        declared: dict[str, set[str | None]] = defaultdict(set)  # row label -> published names its runs map to
+        for r in recs:
+            if r["status"] == "ok":
+                hp = _dig(r, "config", "method_hparams")
+                declared[labels[row_of[id(r)]]].add(
+                    published_name(r["method"], the_suite.name, hp if isinstance(hp, Mapping) else None))
         for row in rows:
-            ref = by_ours.get(row.method)
+            names = declared.get(row.label, set())
+            ref = by_name.get(next(iter(names))) if len(names) == 1 and None not in names else None
             if ref is None:
                 continue
             d = Row(key=f"delta:{row.key}", label=f"{row.label} − {ref.published.name}", method=row.method,
@@ -490,8 +499,10 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
                     d.values[col.key] = Stat(mean=a.mean - b.mean)
             deltas.append(d)
         if not deltas:
-            say("--delta: no reproduced method matches a published one "
-                f"({', '.join(sorted(by_ours)) or 'none mapped'}); no delta rows")
+            mapped = sorted({n for ns in declared.values() for n in ns if n})
+            say("--delta: no reproduced configuration declares a published row of this reference set "
+                f"({'declared: ' + ', '.join(mapped) if mapped else 'none declared'}; see Method.published); "
+                "no delta rows")
 
     _rank(columns, [*published, *rows])
 
@@ -514,7 +525,7 @@ def _published(reference: str, suite: Any, say: Callable[[str], None]) -> tuple[
 
     df, label = load_reference(reference)
     names = {name_key(n) for n in (suite.name, *suite.aliases)}
-    methods = published_methods(df, names, suite.resolve_task, say)
+    methods = published_methods(df, names, suite.resolve_task, say, suite=suite.name)
     if not methods:
         benches = ", ".join(sorted(set(df["benchmark"].astype(str))))
         say(f"reference set {label!r} has no numbers for suite {suite.name!r} (it covers {benches})")

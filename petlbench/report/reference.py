@@ -1,5 +1,8 @@
 """Published numbers shipped with petlbench, and how their method names map onto ours.
 
+The mapping is declared by each method (``Method.published`` and ``Method.published_as``), never
+listed here, so a plugin's rows are compared exactly like a built-in's.
+
 A reference set is a CSV with the columns ``benchmark,method,task,accuracy,params_M,source_paper,
 provenance``. The reporter adds its rows as "(published)" rows and cites ``source_paper`` and
 ``provenance`` in a footnote. A number that is not in the CSV stays missing: nothing is filled in.
@@ -10,7 +13,6 @@ from __future__ import annotations
 import importlib.resources
 import io
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,29 +33,40 @@ REFERENCE_SETS: Mapping[str, tuple[str, str]] = {
     ),
 }
 
-#: Published method name (without a trailing "(...)" qualifier) -> petlbench method, where they are
-#: the same method. ARC is deliberately absent: the source does not say which ARC variant it is.
-PUBLISHED_TO_OURS: Mapping[str, str] = {
-    "Full fine-tuning": "full",
-    "Linear probing": "linear",
-    "VPT-Shallow": "vpt_shallow",
-    "VPT-Deep": "vpt_deep",
-    "BitFit": "bitfit",
-    "Adapter": "adapter",
-    "LoRA": "lora",
-    "SSF": "ssf",
-    "RepAdapter": "repadapter",
-}
+def published_name(method: str, suite: str, config: Mapping[str, Any] | None = None) -> str | None:
+    """The reference-CSV method name that ``method`` run with ``config`` reproduces on ``suite``.
 
-_QUALIFIER = re.compile(r"\s*\([^()]*\)\s*$")
+    Declared by the method itself (``Method.published`` / ``Method.published_as``), so built-ins and
+    plugins map the same way. None for unknown methods and for methods without a published row.
+    """
+    from petlbench.registry import get_method
+
+    try:
+        cls = get_method(method)
+    except PetlbenchError:
+        return None
+    full = {k: h.default for k, h in cls.hparams.items()}
+    full.update(config or {})
+    try:
+        return cls.published_as(suite, full)
+    except Exception:  # a plugin's mapping bug must not break the report
+        return None
 
 
-def our_method(published: str) -> str | None:
-    """petlbench's name for a published method name, or None when it is not one of ours."""
-    name = published.strip()
-    if name in PUBLISHED_TO_OURS:
-        return PUBLISHED_TO_OURS[name]
-    return PUBLISHED_TO_OURS.get(_QUALIFIER.sub("", name))
+def our_method(published: str, suite: str) -> str | None:
+    """The registered method whose default configuration for ``suite`` (with the suite's presets)
+    reproduces the published rows named ``published``, or None."""
+    from petlbench.registry import get_method, list_methods
+
+    for name in list_methods():
+        try:
+            cls = get_method(name)
+            config = cls.resolve(suite=suite)
+        except PetlbenchError:
+            continue
+        if published_name(name, suite, config) == published.strip():
+            return name
+    return None
 
 
 def list_reference_sets() -> dict[str, str]:
@@ -118,11 +131,12 @@ def _float(value: Any) -> float | None:
 
 
 def published_methods(df: pd.DataFrame, benchmark_names: set[str], resolve_task: Any,
-                      on_warning: Any = None) -> list[PublishedMethod]:
+                      on_warning: Any = None, suite: str | None = None) -> list[PublishedMethod]:
     """Published rows of the benchmark whose name is in ``benchmark_names`` (matching keys).
 
     ``resolve_task`` maps a published task name onto the suite's canonical name (raises
     PetlbenchError when the suite has no such task; those rows are left out with a warning).
+    ``suite`` (petlbench's suite name) fills ``ours`` from the methods' declared mappings.
     """
     from petlbench.data.suites import name_key
 
@@ -140,7 +154,8 @@ def published_methods(df: pd.DataFrame, benchmark_names: set[str], resolve_task:
         name = str(row.method).strip()
         pm = out.get(name)
         if pm is None:
-            pm = out[name] = PublishedMethod(name=name, benchmark=bench, ours=our_method(name))
+            pm = out[name] = PublishedMethod(name=name, benchmark=bench,
+                                             ours=our_method(name, suite) if suite is not None else None)
         acc = _float(row.accuracy)
         if acc is not None:
             pm.accuracy[task] = acc

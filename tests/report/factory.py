@@ -140,13 +140,13 @@ def golden_records() -> list[dict[str, Any]]:
 
 
 def published_records(method: str, values: dict[str, float], seeds: Sequence[int] = (0, 1, 2),
-                      spread: float = 0.5) -> list[dict[str, Any]]:
+                      spread: float = 0.5, hparams: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Records whose seed mean per task is exactly ``values[task]`` (seeds at v - s, v, v + s)."""
     out = []
     offsets = [(-spread, 0.0, spread)[i % 3] for i in range(len(seeds))] if len(seeds) == 3 else [0.0] * len(seeds)
     for task, v in values.items():
         for seed, off in zip(seeds, offsets, strict=True):
-            out.append(make_record(method, task, seed, round(v + off, 4)))
+            out.append(make_record(method, task, seed, round(v + off, 4), hparams=hparams))
     return out
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from petlbench.errors import PetlbenchError
 from petlbench.report import build_report, list_reference_sets, load_reference, our_method, render
+from petlbench.report.reference import published_name
 from tests.report.factory import make_record, published_records
 
 
@@ -23,26 +24,64 @@ def test_shipped_csv_keeps_source_and_provenance():
     assert df["source_paper"].notna().all() and df["provenance"].notna().all()
     assert set(df.benchmark) == {"vtab1k", "fgvc"}
     text = importlib.resources.files("petlbench.report").joinpath("data", "paper_results.csv").read_bytes()
-    # The byte-for-byte copy of the reference notes' CSV (data/README.md states this hash).
-    assert hashlib.sha256(text).hexdigest() == "ca37197cc73f8b58c4e4f89cbf1edb86772a96c81c32e8bef17a358832c38d56"
+    # data/README.md states this hash and what was added to the reference notes' CSV.
+    assert hashlib.sha256(text).hexdigest() == "925edff165368b5ac385a3c298859e6d4868af1aa177a5f9a504717f3ee6bb36"
     assert "paper" in list_reference_sets()
 
 
-@pytest.mark.parametrize(("published", "ours"), [
-    ("Full fine-tuning", "full"), ("Linear probing", "linear"), ("VPT-Shallow", "vpt_shallow"),
-    ("VPT-Deep", "vpt_deep"), ("BitFit", "bitfit"), ("Adapter (bottleneck 8)", "adapter"), ("Adapter", "adapter"),
-    ("LoRA (r=8, q,v)", "lora"), ("SSF", "ssf"), ("RepAdapter", "repadapter"),
-    ("AdaptFormer", None), ("NOAH", None), ("FacT (TK)", None), ("ARC (variant not stated by source)", None),
+NOAH_LORA = {"rank": 8, "alpha": 8.0, "dropout": 0.1, "targets": "qkv"}
+
+
+@pytest.mark.parametrize(("published", "suite", "ours"), [
+    ("Full fine-tuning", "vtab", "full"), ("Linear probing", "fgvc", "linear"), ("VPT-Shallow", "vtab", "vpt_shallow"),
+    ("VPT-Deep", "fgvc", "vpt_deep"), ("BitFit", "vtab", "bitfit"), ("Adapter (NOAH code, bottleneck 8)", "vtab", "adapter"),
+    ("Adapter (VPT code)", "fgvc", "adapter"), ("LoRA (r=8, fused qkv, NOAH code)", "vtab", "lora"),
+    ("SSF", "fgvc", "ssf"), ("RepAdapter", "vtab", "repadapter"), ("ARC", "vtab", "arc"),
+    ("LoRA (variant not stated by source)", "fgvc", None), ("ARC (AugReg backbone per source)", "fgvc", None),
+    ("ARC (variant not stated by source)", "fgvc", None), ("RepAdapter", "fgvc", None),
 ])
-def test_name_mapping(published, ours):
-    assert our_method(published) == ours
+def test_name_mapping_is_declared_by_the_methods(published, suite, ours):
+    assert our_method(published, suite) == ours
+
+
+def test_mapping_depends_on_the_configuration():
+    assert published_name("lora", "vtab", NOAH_LORA) == "LoRA (r=8, fused qkv, NOAH code)"
+    assert published_name("lora", "vtab", {"targets": "qv"}) is None  # the LoRA paper has no VTAB row
+    assert published_name("adapter", "fgvc", {"variant": "noah"}) is None
+    assert published_name("repadapter", "vtab", {"variant": "repattn"}) is None
+    assert published_name("no_such_method", "vtab", {}) is None
+
+
+def test_a_plugin_declares_its_published_rows(tmp_path):
+    import petlbench
+
+    class Mine(petlbench.Method):
+        name = "mine_probe"
+        published = {"vtab": "My method (my paper)"}
+
+    petlbench.register_method(Mine)
+    try:
+        path = tmp_path / "mine.csv"
+        path.write_text("benchmark,method,task,accuracy,params_M,source_paper,provenance\n"
+                        "vtab1k,My method (my paper),cifar,71.5,0.3,My paper,copied by hand\n")
+        report = build_report(published_records("mine_probe", {"cifar": 70.0}), reference=str(path), delta=True,
+                              **_quiet())
+        (d,) = report.deltas
+        assert d.label == "mine_probe − My method (my paper)"
+        assert d.value("cifar").mean == pytest.approx(-1.5)
+        assert report.published[0].published.ours == "mine_probe"
+    finally:
+        petlbench.unregister_method("mine_probe")
 
 
 def test_published_rows_vtab():
     report = build_report([make_record("lora", "cifar", 0, 70.0)], reference="paper", **_quiet())
     names = [r.published.name for r in report.published]
     assert names[0] == "Full fine-tuning" and "NOAH" in names and "FacT (TK)" in names
-    assert not any(n.startswith("ARC") for n in names)  # no ARC VTAB numbers exist: none are invented
+    # ARC's VTAB row: one secondary source (HyperAdapter Table 1); 0.13 M is ARC's (not ARC_att's) count
+    arc = next(r for r in report.published if r.published.name == "ARC")
+    assert arc.published.ours == "arc" and not arc.published.unverified
+    assert {"SCT", "DTL", "GPS", "Convpass"} <= set(names)  # the second wave's rows, where numbers were found
     assert all(r.label.endswith("(published)") for r in report.published)
     assert all(len([c for c in report.task_columns if r.value(c.key).present]) == 19 for r in report.published)
     md = render(report, "markdown", table="accuracy")
@@ -70,17 +109,18 @@ def test_fgvc_unverified_arc_row_stays_partial():
 
 def test_delta_rows():
     values = {"cifar": 70.0, "dtd": 60.0}
-    report = build_report(published_records("lora", values) + published_records("my_method", values),
+    report = build_report(published_records("lora", values, hparams=NOAH_LORA) + published_records("my_method", values)
+                          + published_records("lora", values, hparams={**NOAH_LORA, "targets": "qv"}),
                           reference="paper", delta=True, **_quiet())
-    (d,) = report.deltas  # my_method has no published counterpart
-    assert d.label == "lora − LoRA (r=8, q,v)"
+    (d,) = report.deltas  # my_method has no published counterpart, nor has LoRA-paper LoRA on VTAB
+    assert d.label == "lora (targets=qkv) − LoRA (r=8, fused qkv, NOAH code)"
     assert d.value("cifar").mean == pytest.approx(70.0 - 67.1)
     assert d.value("dtd").mean == pytest.approx(60.0 - 69.4)
     assert not d.value("caltech101").present  # we have no caltech101 run: stays missing
     assert not d.value("mean:groups").present
     md = render(report, "markdown")
-    line = next(x for x in md.splitlines() if x.startswith("| lora − LoRA"))
-    assert line.startswith("| lora − LoRA (r=8, q,v) | +2.9 | – | −9.4 | – |")
+    line = next(x for x in md.splitlines() if x.startswith("| lora (targets=qkv) − LoRA"))
+    assert line.startswith("| lora (targets=qkv) − LoRA (r=8, fused qkv, NOAH code) | +2.9 | – | −9.4 | – |")
 
 
 def test_delta_implies_the_paper_set():
@@ -106,7 +146,8 @@ def test_reference_set_without_the_suite_warns():
 def test_own_reference_csv(tmp_path):
     path = tmp_path / "mine.csv"
     path.write_text("benchmark,method,task,accuracy,params_M,source_paper,provenance\n"
-                    "vtab1k,LoRA,cifar,71.5,0.3,My paper,copied by hand\n")
-    report = build_report(published_records("lora", {"cifar": 70.0}), reference=str(path), delta=True, **_quiet())
+                    "vtab1k,\"LoRA (r=8, fused qkv, NOAH code)\",cifar,71.5,0.3,My paper,copied by hand\n")
+    report = build_report(published_records("lora", {"cifar": 70.0}, hparams=NOAH_LORA), reference=str(path),
+                          delta=True, **_quiet())
     assert report.reference == "mine.csv"
     assert report.deltas[0].value("cifar").mean == pytest.approx(-1.5)
