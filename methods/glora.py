@@ -19,6 +19,8 @@ C = constant, N = none): one code for every linear (default ``LLLVV``, the large
 or one code per linear, comma-separated, in the order qkv, proj, fc1, fc2 of block 0, 1, ...
 
 Everything is linear in the input, so GLoRA merges exactly (the formula above, in float64).
+Training cost: ``W * A + B`` is formed densely at every step and applied as a branch in parallel
+with the frozen linear (the official module forms W' and runs one matmul); merged, nothing extra.
 Run side by side with the official ``SuperScalableLinear`` on the same tensors, every adapted
 linear agrees to 8e-7 relative, fixed configuration or supernet.
 

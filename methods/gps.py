@@ -20,7 +20,9 @@ column indices (a buffer, the calibration result) and a (rows x K) tensor of tra
 added there, plus a bias update. With Adam and no weight decay (GPS's setting) this trains
 exactly the same scalars as masking the gradient of the full weight, and the trainable count is
 honest by construction: ViT-B/16 at K=1 trains 167,424 (83,712 weights + 83,712 biases). The
-update is a sparse delta_W, so GPS merges exactly.
+update is a sparse delta_W, so GPS merges exactly. Training cost: the update runs as a dense
+branch in parallel with each frozen layer (one extra matmul forward, two backward, where GPS
+computes the full weight gradient and masks it); the merged model costs nothing extra.
 
 On the same gradients, the selection equals the official ``prune_by_percentile_gradient_perCell``
 mask (same weights, same biases, same count).
