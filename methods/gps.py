@@ -19,7 +19,10 @@ petlbench stores the update, not a gradient mask: per target a (rows x K) tensor
 column indices (a buffer, the calibration result) and a (rows x K) tensor of trained values
 added there, plus a bias update. With Adam and no weight decay (GPS's setting) this trains
 exactly the same scalars as masking the gradient of the full weight, and the trainable count is
-honest by construction: ViT-B/16 at K=1 trains 167,424 (83,712 weights + 83,712 biases). The
+honest by construction: ViT-B/16 at K=1 trains 167,424 (83,712 weights + 83,712 biases), as
+the official code counts. Published counts: the paper's "0.36 % of the backbone over 24 tasks"
+compares with 0.34 % here (head excluded; per-task K); V-PETL's 0.22 M for VTAB is not
+reproduced (171,831 mean over the VTAB presets, 0.21 M with the head). The
 update is a sparse delta_W, so GPS merges exactly. Training cost: the update runs as a dense
 branch in parallel with each frozen layer (one extra matmul forward, two backward, where GPS
 computes the full weight gradient and masks it); the merged model costs nothing extra.
