@@ -27,7 +27,7 @@ Deliberate differences: NOAH's model also creates model-level prompt tokens and 
 embeddings, but block 0 replaces those tokens before any block sees them, so they never change
 the output; they are left out here (a trainable tensor without gradient). Counting them, as
 NOAH's ``get_sampled_params_numel`` does (with the full 100-token position embedding), gives
-442,512 on average, the "0.43 M" some tables quote. The adapter sits on the MLP output before
+442,512 on average, close to the "0.43 M" some tables quote. The adapter sits on the MLP output before
 timm's drop-path (NOAH: after it), which only matters while drop-path is on in training.
 
 The search, as an optional stage. NOAH (1) trains a supernet that, at every step, gives each
@@ -35,12 +35,15 @@ kind a random depth (3, 6, 9 or 12 leading blocks) and each of those blocks a ra
 (VTAB: 1, 5 or 10) (``supernet_train_prompt.py --mode super``), (2) searches sub-networks
 under a parameter budget with an evolutionary search scored on the supernet's weights
 (``evolution.py``) and (3) retrains the winner from the pre-trained backbone. Here (1) is
-``--set supernet=true`` (``search_dims``, ``search_depths``; eval mode runs the ``*_dims``),
+``--set supernet=true`` (``search_dims``, ``search_depths``; every block gets each module at the
+largest searched size, NOAH's 100-wide supernet tensors never use more; eval runs the ``*_dims``),
 (2) is :func:`search` on the trained supernet model, and (3) is an ordinary run with the
 returned ``*_dims``. (1) and (2) are Python-level (train the supernet model with
 ``petlbench.engine.train`` or any loop; ``petlbench run`` keeps no weights); give the search a
-validation split. ViT only (prompts
-need the token sequence), and not mergeable (the adapter is non-linear, prompts add tokens).
+validation split.
+
+ViT only (prompts need the token sequence); not mergeable (the adapter is non-linear, prompts add
+tokens).
 """
 
 from __future__ import annotations
