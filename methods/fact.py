@@ -31,6 +31,8 @@ outputs agree to 6e-7 (TT) and 2e-6 (TK) relative, merged or not.
 
 Deliberate differences: none in the forward pass. The official code hard-codes width 768, depth
 12 and an MLP ratio of 4; here they come from the backbone (the MLP ratio must be an integer).
+The head is timm's (the official ``reset_classifier`` of timm 0.4.12 used PyTorch's default
+Linear init).
 Not defined on Swin (one U and V cannot be shared across stages of different width), and the
 official code has no Swin version.
 """
