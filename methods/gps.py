@@ -60,14 +60,16 @@ class SparseDelta(nn.Module):
         super().__init__()
         self.cols = cols
         # Until calibration: the first K columns (any distinct columns; calibration replaces them).
-        self.register_buffer("index", torch.arange(k).repeat(rows, 1))
+        # Stored in the narrowest integer type that holds a column, so the per-task state stays small.
+        dtype = torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32
+        self.register_buffer("index", torch.arange(k).repeat(rows, 1).to(dtype))
         self.values = nn.Parameter(torch.zeros(rows, k))
         self.bias = nn.Parameter(torch.zeros(rows)) if bias else None
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         """delta_W as a dense (rows, cols) matrix."""
         out = torch.zeros(self.values.shape[0], self.cols, dtype=dtype, device=self.values.device)
-        return out.scatter(1, self.index, self.values.to(dtype))
+        return out.scatter(1, self.index.long(), self.values.to(dtype))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -220,7 +222,7 @@ class GPS(Method):
                 for target, delta in zip(targets, petl["gps"], strict=True):
                     score = target.weight.grad.reshape(target.weight.shape[0], -1).abs()
                     chosen = score.topk(self.hp.k, dim=1).indices
-                    delta.index.copy_(chosen.sort(dim=1).values)
+                    delta.index.copy_(chosen.sort(dim=1).values.to(delta.index.dtype))
         finally:
             for p, flag in zip(params, flags, strict=True):
                 p.grad = None

@@ -241,7 +241,7 @@ def test_gps_calibration_picks_the_top_k_gradients(family: str) -> None:
     assert all(p.grad is None for p in model.parameters())
     for target, delta in zip(targets, model.petl["gps"], strict=True):
         score = target.weight.grad.reshape(target.weight.shape[0], -1).abs()
-        chosen = torch.zeros_like(score, dtype=torch.bool).scatter(1, delta.index, True)
+        chosen = torch.zeros_like(score, dtype=torch.bool).scatter(1, delta.index.long(), True)
         assert chosen.sum(dim=1).eq(3).all()
         kth = score.topk(3, dim=1).values[:, -1:]
         assert (score[chosen].reshape(-1, 3) >= kth).all()
