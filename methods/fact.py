@@ -191,6 +191,7 @@ class _FacTTK(_FacT):
 class _FacTMethod(Method):
     families = frozenset({"vit"})
     mergeable = True
+    bounded_by_width = frozenset({"rank"})
     kind: type[_FacT] = _FacT
     column = 0  # which entry of _VTAB
     hparams = {
@@ -220,10 +221,6 @@ class _FacTMethod(Method):
             raise PetlbenchError(
                 f"method {self.name!r} needs an integer MLP ratio (hidden {hidden} / width {dim}); "
                 "this backbone has none. Fix: use a standard ViT."
-            )
-        if self.hp.rank > dim:
-            raise PetlbenchError(
-                f"method {self.name!r}: rank={self.hp.rank} is larger than the width {dim}. Fix: e.g. --set rank=8."
             )
         return dim, hidden // dim
 

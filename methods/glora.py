@@ -193,6 +193,7 @@ class GLoRA(Method):
     # does, declare them here under their agreed name: {"vtab": "GLoRA"}.
     published: dict[str, str] = {}
     mergeable = True
+    bounded_by_width = frozenset({"rank"})
     hparams = {
         "rank": HParam(4, "rank of the low-rank forms (the official --rank, default 4)", low=1),
         "config": HParam("LLLVV", "forms of A,B,C,D,E: L/V/C/N letters; one code, or one per linear (comma-separated)"),
@@ -211,13 +212,6 @@ class GLoRA(Method):
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
         linears = self._linears(backbone)
         configs = parse_config(self.hp.config, len(linears))
-        if self.hp.supernet or any("lora" in forms.values() for forms in configs):
-            narrow = min(min(lin.in_features, lin.out_features) for lin in linears)
-            if self.hp.rank > narrow:
-                raise PetlbenchError(
-                    f"method 'glora': rank={self.hp.rank} is larger than the narrowest adapted linear ({narrow}). "
-                    "Fix: e.g. --set rank=4."
-                )
         modules = nn.ModuleList(
             GLoRALinear(lin.out_features, lin.in_features, self.hp.rank, forms, self.hp.supernet)
             for lin, forms in zip(linears, configs, strict=True)

@@ -303,12 +303,12 @@ def test_gps_presets() -> None:
 
 # ------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("method,hp,match", [
-    ("fact_tt", {"rank": 33}, "rank=33 is larger than the width 32"),
+    ("fact_tt", {"rank": 33}, "'rank'=33 is larger than the width"),
     ("fact_tk", {"rank": 40}, "larger than the width"),
     ("glora", {"config": "LLLVX"}, "is not five letters"),
     ("glora", {"config": "LLCVV"}, "is not five letters"),  # C cannot be a constant
     ("glora", {"config": "LLLVV,LLLVV"}, "has 2 codes but this backbone has 8"),
-    ("glora", {"rank": 40}, "rank=40 is larger"),
+    ("glora", {"rank": 40}, "'rank'=40 is larger than the width"),
     ("noah", {"lora_dims": "1,2,3"}, "one per block"),
     ("noah", {"adapter_dims": "x"}, "adapter_dims"),
     ("noah", {"lora_dims": "64"}, "larger than the width 32"),
