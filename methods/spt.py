@@ -152,6 +152,7 @@ class LinearDelta(nn.Module):
         self.b_values = nn.Parameter(torch.zeros(len(b_index))) if len(b_index) else None
         pairs = list(structured)
         self.register_buffer("rows", torch.tensor([r for r, _ in pairs], dtype=torch.long))
+        self.row_starts = [r for r, _ in pairs]  # a host copy: reading the buffer would sync the GPU every step
         self.branches = nn.ModuleList(m for _, m in pairs)
         self.dropout = nn.Dropout(dropout)
         self.drop_path = drop_path
@@ -172,7 +173,7 @@ class LinearDelta(nn.Module):
         if len(self.branches):
             xin = self.dropout(x)
             parts = []
-            for row, branch in zip(self.rows.tolist(), self.branches, strict=True):
+            for row, branch in zip(self.row_starts, self.branches, strict=True):
                 y = _drop_path(branch(xin), self.drop_path, self.training)
                 parts.append(F.pad(y, (row, self.out_dim - row - y.shape[-1])))
             out = out + sum(parts)
@@ -399,7 +400,7 @@ class _SPT(Method):
             w = layer.weight.double()
             if len(delta.w_index):
                 w = w + delta.weight_delta().double()
-            for row, branch in zip(delta.rows.tolist(), delta.branches, strict=True):
+            for row, branch in zip(delta.row_starts, delta.branches, strict=True):
                 w[row:row + branch.up.out_features] += branch.delta()
             layer.weight.copy_(w.to(layer.weight.dtype))
             if len(delta.b_index):

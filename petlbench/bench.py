@@ -237,6 +237,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
         torch.manual_seed(0)
         model = petlbench.create_model(cfg.backbone, method, cfg.num_classes,
                                        backbone_kwargs=cfg.backbone_kwargs).to(device)
+        if model.method.needs_calibration:  # what trains comes from gradients: calibrate on the benchmark batch
+            petlbench.calibrate(model, [(xb, y)], device)
         with torch.no_grad():  # non-zero adapters, so merged and unmerged compute the real thing
             for p in model.petl.parameters():
                 p.add_(torch.randn_like(p) * 1e-3)

@@ -56,3 +56,12 @@ def test_bench_cli_json(tmp_path) -> None:
     data = json.loads(result.stdout)  # progress lines go to stderr
     assert data["methods"][0]["method"] == "ssf" and data["device"].startswith("cpu")
     assert (tmp_path / "r.json").exists() and (tmp_path / "r.md").exists()
+
+
+def test_bench_calibrates_methods_that_choose_what_trains() -> None:
+    """An uncalibrated SPT would train only its class-token delta: the benchmark calibrates it first."""
+    arch, kw = TINY_VIT
+    result = run_bench(BenchConfig(methods=["spt_lora"], backbone=arch, backbone_kwargs=kw, batch_size=2,
+                                   timing=False))
+    (row,) = result["methods"]
+    assert row["trainable_without_head"] > kw["embed_dim"]

@@ -121,6 +121,30 @@ def test_runner_calibrates_before_training_and_records_it(demo_cache, tmp_path) 
     assert 0 < record["params"]["trainable_without_head"] <= 2 * 10_000
 
 
+def test_tune_protocol_calibrates_every_trial(demo_cache, tmp_path, monkeypatch) -> None:
+    """Each trial is a fresh model: it is calibrated on the tuning split before its optimiser."""
+    import petlbench.model as model_module
+    from petlbench.runner import execute_spec
+    from petlbench.sweep import plan
+    from tests.test_runner import FAST_SETS
+
+    seen: list[int] = []
+    real = model_module.calibrate
+
+    def spy(model, loader, device=None):
+        seen.append(len(loader))
+        return real(model, loader, device)
+
+    monkeypatch.setattr(model_module, "calibrate", spy)
+    spec = plan("demo", ["spt_lora"], ["digits"], [0], output=str(tmp_path), protocol="tune",
+                sets={**FAST_SETS, "tune_lr": "1e-3", "tune_weight_decay": "0", "budget": 0.01,
+                      "calib_images": 32}).specs[0]
+    record = execute_spec(spec)
+    assert record["status"] == "ok", record["error"]
+    assert len(seen) == 2  # one tuning trial, then the final model
+    assert record["config"]["calibration"]["images"] == 32
+
+
 def test_head_init_schemes() -> None:
     from petlbench.model import init_head
 

@@ -6,6 +6,7 @@ Expected values are the formula counts in shared/reference/methods.md §1.5, §2
 from __future__ import annotations
 
 import pytest
+import torch
 
 import petlbench
 
@@ -124,3 +125,23 @@ def test_spt_count_before_and_after_calibration() -> None:
         got = petlbench.count_params(model).trainable_without_head
         assert 0.5 * 3000 <= got <= 1.5 * 3000, got
         assert got == sum(p.numel() for p in model.petl.parameters() if p.requires_grad)
+
+
+def test_spt_decision_rule_is_the_official_one() -> None:
+    """A matrix with >= cost/alpha sensitive entries gets a structured module; fewer: exactly those
+    entries train; a vector with >= size/beta sensitive entries is tuned whole (ziplab/SPT engine.py)."""
+    from petlbench_methods.spt import _units
+
+    from tests.test_methods import build
+
+    model = build("spt_lora", "vit", calibrated=False, budget=0.001)
+    units = _units(model.backbone)
+    names = [u.name for u in units]
+    scores = [torch.full((u.size,), 1e-6) for u in units]
+    scores[names.index("b0_q")][:] = 10.0  # every entry of q in block 0 is sensitive: 1024 >= 512 / 10
+    scores[names.index("b1_fc1")][:7] = 5.0  # 7 entries of fc1 in block 1: < (32*8 + 8*128) / 10 -> sparse
+    scores[names.index("b1_fc2_bias")][:10] = 5.0  # 10 of 32 bias entries >= 32 / 5 -> tuned whole
+    whole, sparse = model.method._choose(units, torch.cat(scores))
+    assert whole[names.index("b0_q")] and not whole[names.index("b1_fc1")] and whole[names.index("b1_fc2_bias")]
+    assert sparse[names.index("b1_fc1")].tolist()[:7] == list(range(7))
+    assert sparse[names.index("b0_q")].numel() == 0  # structured: no sparse entries on top

@@ -314,3 +314,42 @@ def test_calibration_without_training_data_is_one_clear_line(method: str) -> Non
     with pytest.raises(PetlbenchError, match="no training batches") as err:
         petlbench.calibrate(model, [])
     assert method in _one_line(err.value)
+
+
+# ------------------------------------------------------------------ fidelity details (fidelity.md)
+def test_vpt_draws_one_prompt_dropout_mask_per_image() -> None:
+    model = build("vpt_shallow", "vit", dropout=0.5).train()
+    prompts = model.petl["prompts"]
+    tokens = torch.zeros(2, 5, 32)
+    out = prompts.insert(tokens)[:, 1:1 + prompts.num_tokens]
+    assert not torch.equal(out[0], out[1]), "both images got the same dropout mask"
+    assert petlbench.get_method("vpt_shallow")().config["dropout"] == 0.0  # VPT's shallow default
+
+
+def test_adapter_variants_initialise_as_their_code() -> None:
+    from petlbench_methods.adapter import QuickGELU
+
+    noah = build("adapter", "vit", variant="noah").petl["adapters"][0]
+    assert isinstance(noah.act, QuickGELU) and noah.dropout.p == 0.1
+    for layer in (noah.down, noah.up):
+        assert layer.weight.abs().sum() > 0 and 0 < float(layer.bias.detach().abs().max()) < 1e-4
+    x = torch.randn(7)
+    assert torch.allclose(noah.act(x), x * torch.sigmoid(1.702 * x))
+    vpt = build("adapter", "vit", variant="vpt").petl["adapters"][0]
+    assert all(not p.any() for p in vpt.parameters())  # both projections zero: only up.bias can move
+    y = torch.randn(2, 3, 32, requires_grad=True)
+    vpt(y).sum().backward()
+    grads = {n: float(p.grad.abs().sum()) for n, p in vpt.named_parameters()}
+    assert grads["up.bias"] > 0 and all(v == 0 for n, v in grads.items() if n != "up.bias")
+
+
+def test_lora_qkv_with_alpha_rank_is_noahs_unscaled_update(images: torch.Tensor) -> None:
+    model = build("lora", "vit", targets="qkv", alpha=8.0, rank=8).eval()
+    randomise_method_params(model)
+    lora, blk = model.petl["lora"][0], model.backbone.blocks[0]
+    x = torch.randn(2, 4, 32)
+    with torch.no_grad():
+        expected = x @ (lora.lora_b @ lora.lora_a).T  # B A x, scale 1, k rows adapted too
+        assert torch.allclose(lora(x), expected, atol=1e-6)
+        assert expected[..., 32:64].abs().sum() > 0
+    assert blk.qkv.out_features == 96

@@ -759,8 +759,8 @@ def _published_notes(report: Report, delta: bool) -> list[Note]:
                               "before citing."))
     if delta:
         if report.deltas:
-            notes.append(Note("Δ rows: reproduced minus published accuracy (points) for methods that are the same "
-                              "method under both names; – where either number is missing."))
+            notes.append(Note("Δ rows: reproduced minus published accuracy (points) for configurations that declare "
+                              "the published row they reproduce (Method.published); – where either number is missing."))
     return notes
 
 

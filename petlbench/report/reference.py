@@ -53,20 +53,27 @@ def published_name(method: str, suite: str, config: Mapping[str, Any] | None = N
         return None
 
 
-def our_method(published: str, suite: str) -> str | None:
-    """The registered method whose default configuration for ``suite`` (with the suite's presets)
-    reproduces the published rows named ``published``, or None."""
+def declared_rows(suite: str) -> dict[str, str]:
+    """{published name: registered method} for the rows each method's default configuration on
+    ``suite`` (with the suite's presets) declares; the first method (by name) wins a shared row."""
     from petlbench.registry import get_method, list_methods
 
+    out: dict[str, str] = {}
     for name in list_methods():
         try:
-            cls = get_method(name)
-            config = cls.resolve(suite=suite)
-        except PetlbenchError:
+            config = get_method(name).resolve(suite=suite)
+        except PetlbenchError:  # a broken plugin must not break the report
             continue
-        if published_name(name, suite, config) == published.strip():
-            return name
-    return None
+        row = published_name(name, suite, config)
+        if row is not None:
+            out.setdefault(row, name)
+    return out
+
+
+def our_method(published: str, suite: str) -> str | None:
+    """The registered method whose default configuration for ``suite`` reproduces the published
+    rows named ``published``, or None."""
+    return declared_rows(suite).get(published.strip())
 
 
 def list_reference_sets() -> dict[str, str]:
@@ -142,6 +149,7 @@ def published_methods(df: pd.DataFrame, benchmark_names: set[str], resolve_task:
 
     out: dict[str, PublishedMethod] = {}
     unknown: list[str] = []
+    ours = declared_rows(suite) if suite is not None else {}
     for row in df.itertuples(index=False):
         bench = str(row.benchmark)
         if name_key(bench) not in benchmark_names:
@@ -154,8 +162,7 @@ def published_methods(df: pd.DataFrame, benchmark_names: set[str], resolve_task:
         name = str(row.method).strip()
         pm = out.get(name)
         if pm is None:
-            pm = out[name] = PublishedMethod(name=name, benchmark=bench,
-                                             ours=our_method(name, suite) if suite is not None else None)
+            pm = out[name] = PublishedMethod(name=name, benchmark=bench, ours=ours.get(name))
         acc = _float(row.accuracy)
         if acc is not None:
             pm.accuracy[task] = acc
