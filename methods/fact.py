@@ -20,7 +20,8 @@ Initialisation as the official code: U like ``nn.Linear`` (kaiming-uniform, a=sq
 (so the model starts as the pre-trained one), the TT maps like ``nn.Linear``, C and P
 xavier-uniform. Dropout 0.1 on the r-dimensional activations; the scale s and the rank are
 published per VTAB task (``configs/tt``, ``configs/tk``) and are the VTAB presets. With the
-per-task ranks, the VTAB mean counts are 39,734 (TT, "0.04 M") and 68,985 (TK, "0.07 M").
+per-task ranks, the VTAB mean counts are 68,985 for TK (the published 0.07 M) and 39,734 for TT
+(0.04 M; no published TT count was found in the sources read).
 Outside the presets: r = 8 (TT) and r = 32 (TK), the ranks most tasks use, and s = 1.
 
 Every branch is linear, so eval-mode FacT merges: delta_W is read off the branch applied to the
