@@ -44,6 +44,12 @@ def build(method: str, family: str, num_classes: int = 5, calibrated: bool = Tru
     arch, kwargs = BACKBONES[family]
     model = petlbench.create_model(arch, method, num_classes, backbone_kwargs=kwargs,
                                    **{**TINY_HP.get(method, {}), **hp})
+    # A pre-trained backbone has non-zero biases; timm's random init zeroes them, which would hide every
+    # bias-dependent term of a method (GLoRA's b * D). Same values on every build (own generator).
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, bias in model.backbone.modules_with_bias():
+            bias.add_(torch.randn(bias.shape, generator=gen).to(bias.device) * 0.02)
     if calibrated and model.method.needs_calibration:
         petlbench.calibrate(model, calibration_batches(num_classes))
     return model
