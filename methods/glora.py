@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method, PetlbenchError
+from petlbench.search import accuracy, evolve
 
 _FORMS = {"L": "lora", "V": "vector", "C": "constant", "N": "none"}
 _ALLOWED = {"A": "LVCN", "B": "LVCN", "C": "LVN", "D": "VCN", "E": "VCN"}
@@ -235,16 +236,6 @@ class GLoRA(Method):
 
 
 # ------------------------------------------------------------------------ evolutionary search
-def _accuracy(model: nn.Module, loader: Iterable, device: torch.device | str) -> float:
-    correct = total = 0
-    with torch.no_grad():
-        for batch in loader:
-            x, y = batch[0].to(device), batch[1].to(device)
-            correct += int((model(x).argmax(dim=-1) == y).sum())
-            total += int(y.shape[0])
-    return correct / max(total, 1)
-
-
 def search(model, loader: Iterable, device: torch.device | str = "cpu", *, param_limit: float = 1e6,
            min_params: float = 0, epochs: int = 20, population: int = 50, select: int = 10, mutation: int = 25,
            crossover: int = 25, m_prob: float = 0.2, seed: int = 0) -> dict[str, Any]:
@@ -271,22 +262,18 @@ def search(model, loader: Iterable, device: torch.device | str = "cpu", *, param
     rng = random.Random(seed)
     original = [dict(m.forms) for m in modules]
     was_training = model.training
-    scores: dict[tuple, tuple[float, int]] = {}
 
     def params(cand: tuple) -> int:
         return sum(subnet_params(dict(zip("ABCDE", code, strict=True)), o, i, rank)
                    for code, (o, i) in zip(cand, shapes, strict=True))
 
-    def legal(cand: tuple) -> bool:
-        if cand in scores:
-            return False
+    def score(cand: tuple) -> tuple[float, int] | None:
         n = params(cand)
         if n > param_limit or n < min_params:
-            return False
+            return None
         for m, code in zip(modules, cand, strict=True):
             m.forms = dict(zip("ABCDE", code, strict=True))
-        scores[cand] = (_accuracy(model, loader, device), n)
-        return True
+        return accuracy(model, loader, device), n
 
     def random_cand() -> tuple:
         return tuple(tuple(rng.choice(_CHOICES[k]) for k in "ABCDE") for _ in modules)
@@ -300,29 +287,11 @@ def search(model, loader: Iterable, device: torch.device | str = "cpu", *, param
         a, b = rng.choice(top), rng.choice(top)
         return tuple(tuple(rng.choice([x[j], y[j]]) for j in range(5)) for x, y in zip(a, b, strict=True))
 
-    def fill(cands: list[tuple], make, wanted: int, tries: int) -> None:
-        target = len(cands) + wanted
-        while len(cands) < target and tries > 0:
-            tries -= 1
-            cand = make()
-            if legal(cand):
-                cands.append(cand)
-
     model.eval()
     try:
-        candidates: list[tuple] = []
-        fill(candidates, random_cand, population, 100 * population)
-        if not candidates:
-            raise PetlbenchError(f"GLoRA search found no sub-network within {min_params:g}..{param_limit:g} parameters. "
-                                 "Fix: widen param_limit/min_params.")
-        top: list[tuple] = []
-        for _ in range(epochs):
-            top = sorted(set(top) | set(candidates), key=lambda c: scores[c][0], reverse=True)[:select]
-            candidates = []
-            fill(candidates, functools.partial(mutate, top), mutation, 10 * mutation)
-            fill(candidates, functools.partial(cross, top), crossover, 10 * crossover)
-            fill(candidates, random_cand, max(population - len(candidates), 0), 100 * population)
-        best = max(scores, key=lambda c: scores[c][0])
+        best, scores = evolve(score, random_cand, mutate, cross, epochs=epochs, population=population,
+                              select=select, mutation=mutation, crossover=crossover,
+                              what="GLoRA search", budget=f"{min_params:g}..{param_limit:g} parameters")
     finally:
         for m, forms in zip(modules, original, strict=True):
             m.forms = forms

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method, PetlbenchError
+from petlbench.search import accuracy, evolve
 
 # RETRAIN sizes of experiments/NOAH/subnet/VTAB/ViT-B_prompt_<task>.yaml, blocks 0..11:
 # (VISUAL_PROMPT_DIM, LORA_DIM, ADAPTER_DIM). PREFIX_DIM is 0 everywhere.
@@ -321,16 +322,6 @@ class NOAH(Method):
 
 
 # ------------------------------------------------------------------------ evolutionary search
-def _accuracy(model: nn.Module, loader: Iterable, device: torch.device | str) -> float:
-    correct = total = 0
-    with torch.no_grad():
-        for batch in loader:
-            x, y = batch[0].to(device), batch[1].to(device)
-            correct += int((model(x).argmax(dim=-1) == y).sum())
-            total += int(y.shape[0])
-    return correct / max(total, 1)
-
-
 def search(model, loader: Iterable, device: torch.device | str = "cpu", *, param_limit: float = 0.64e6,
            min_params: float = 0, epochs: int = 20, population: int = 50, select: int = 10, mutation: int = 25,
            crossover: int = 25, m_prob: float = 0.2, s_prob: float = 0.4, seed: int = 0) -> dict[str, Any]:
@@ -357,20 +348,16 @@ def search(model, loader: Iterable, device: torch.device | str = "cpu", *, param
     kinds = ("prompt", "lora", "adapter")
     rng = random.Random(seed)
     original, was_training = net.fixed, model.training
-    scores: dict[tuple, tuple[float, int]] = {}
 
     def sizes_of(cand: tuple) -> dict[str, list[int]]:
         return {k: list(v) for k, v in zip(kinds, cand, strict=True)}
 
-    def legal(cand: tuple) -> bool:
-        if cand in scores:
-            return False
+    def score(cand: tuple) -> tuple[float, int] | None:
         counted = noah_count(sizes_of(cand), dim, init_width, dead=True)
         if counted > param_limit or counted < min_params:
-            return False
+            return None
         net.fixed = sizes_of(cand)
-        scores[cand] = (_accuracy(model, loader, device), counted)
-        return True
+        return accuracy(model, loader, device), counted
 
     def grow(k: int) -> tuple[int, ...]:
         return tuple(rng.choice(dims) if i < k else 0 for i in range(n))
@@ -396,29 +383,11 @@ def search(model, loader: Iterable, device: torch.device | str = "cpu", *, param
         a, b = rng.choice(top), rng.choice(top)
         return tuple(rng.choice([x, y]) for x, y in zip(a, b, strict=True))
 
-    def fill(cands: list[tuple], make, wanted: int, tries: int) -> None:
-        target = len(cands) + wanted
-        while len(cands) < target and tries > 0:
-            tries -= 1
-            cand = make()
-            if legal(cand):
-                cands.append(cand)
-
     model.eval()
     try:
-        candidates: list[tuple] = []
-        fill(candidates, random_cand, population, 100 * population)
-        if not candidates:
-            raise PetlbenchError(f"NOAH search found no sub-network within {min_params:g}..{param_limit:g} parameters. "
-                                 "Fix: widen param_limit/min_params.")
-        top: list[tuple] = []
-        for _ in range(epochs):
-            top = sorted(set(top) | set(candidates), key=lambda c: scores[c][0], reverse=True)[:select]
-            candidates = []
-            fill(candidates, functools.partial(mutate, top), mutation, 10 * mutation)
-            fill(candidates, functools.partial(cross, top), crossover, 10 * crossover)
-            fill(candidates, random_cand, max(population - len(candidates), 0), 100 * population)
-        best = max(scores, key=lambda c: scores[c][0])
+        best, scores = evolve(score, random_cand, mutate, cross, epochs=epochs, population=population,
+                              select=select, mutation=mutation, crossover=crossover,
+                              what="NOAH search", budget=f"{min_params:g}..{param_limit:g} parameters")
     finally:
         net.fixed = original
         net.active = original

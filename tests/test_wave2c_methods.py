@@ -434,7 +434,7 @@ def test_glora_search_finds_a_legal_sub_network() -> None:
     assert all(m.forms == parse_config("LLLVV", 1)[0] for m in model.petl["glora"])  # left as it was
     for m, forms in zip(model.petl["glora"], configs, strict=True):
         m.forms = forms
-    from petlbench_methods.glora import _accuracy
+    from petlbench.search import accuracy as _accuracy
 
     assert _accuracy(model.eval(), data, "cpu") == result["accuracy"]
 
