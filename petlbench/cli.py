@@ -336,19 +336,17 @@ def bench_cmd(ctx: click.Context, methods: str, backbone: str, backbone_args: tu
         results = [estimate.estimate(name, backbone, suite, {"batch_size": batch_size} if explicit else None, kwargs,
                                      timing=not no_timing, warmup=warmup, iters=iters,
                                      log=lambda line: click.echo(line, err=True)) for name in names]
-        text = "\n\n".join(estimate.to_markdown(r) for r in results)
-        if out:
-            target = Path(out)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-            target.with_suffix(".md").write_text(text + "\n")
-        click.echo(json.dumps(results, indent=2, default=str) if as_json else text)
+        _bench_output(results, "\n\n".join(estimate.to_markdown(r) for r in results), out, as_json)
         return
     cfg = BenchConfig(methods=names, backbone=backbone, backbone_kwargs=kwargs, batch_size=batch_size, device=device,
                       dtype=dtype or ("bf16" if device == "cuda" else "fp32"), iters=iters, warmup=warmup,
                       compile=use_compile, peft=not no_peft, timing=not no_timing)
     result = run_bench(cfg, log=lambda line: click.echo(line, err=True))
-    markdown = to_markdown(result)
+    _bench_output(result, to_markdown(result), out, as_json)
+
+
+def _bench_output(result: Any, markdown: str, out: str | None, as_json: bool) -> None:
+    """Print a benchmark result (JSON or Markdown) and, with ``--out``, write both files."""
     if out:
         target = Path(out)
         target.parent.mkdir(parents=True, exist_ok=True)
