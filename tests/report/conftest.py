@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +62,17 @@ def check_golden(name: str, text: str) -> None:
 
         diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), "golden", "now", n=1))
         pytest.fail(f"{name} differs from the golden file (PETLBENCH_UPDATE_GOLDEN=1 to accept):\n{diff[:6000]}")
+
+
+def compile_latex(tex: str, folder: Path, name: str = "doc") -> Path:
+    """Compile ``tex`` with pdflatex (skipped where it is missing, required on CI); fail on any error."""
+    exe = require_tool("pdflatex")
+    (folder / f"{name}.tex").write_text(tex, encoding="utf-8")
+    proc = subprocess.run([exe, "-interaction=nonstopmode", "-halt-on-error", "-no-shell-escape", f"{name}.tex"],
+                          cwd=folder, capture_output=True, text=True, timeout=120)
+    log = (folder / f"{name}.log").read_text(errors="replace") if (folder / f"{name}.log").exists() else proc.stdout
+    errors = [line for line in log.splitlines() if line.startswith("!")]
+    assert proc.returncode == 0 and not errors, "\n".join(errors) or proc.stdout[-3000:]
+    pdf = folder / f"{name}.pdf"
+    assert pdf.stat().st_size > 1000
+    return pdf

@@ -9,27 +9,14 @@ from pathlib import Path
 import pytest
 
 from petlbench.report import build_report, render
-from tests.report.conftest import require_tool
+from tests.report.conftest import compile_latex
 from tests.report.factory import HTML_HOSTILE, TEX_HOSTILE, golden_records, make_record
-
-
-def _pdflatex(tex: str, folder: Path, name: str = "doc") -> Path:
-    exe = require_tool("pdflatex")
-    (folder / f"{name}.tex").write_text(tex, encoding="utf-8")
-    proc = subprocess.run([exe, "-interaction=nonstopmode", "-halt-on-error", "-no-shell-escape", f"{name}.tex"],
-                          cwd=folder, capture_output=True, text=True, timeout=120)
-    log = (folder / f"{name}.log").read_text(errors="replace") if (folder / f"{name}.log").exists() else proc.stdout
-    errors = [line for line in log.splitlines() if line.startswith("!")]
-    assert proc.returncode == 0 and not errors, "\n".join(errors) or proc.stdout[-3000:]
-    pdf = folder / f"{name}.pdf"
-    assert pdf.stat().st_size > 1000
-    return pdf
 
 
 def test_document_with_hostile_names_reference_and_delta_compiles(tmp_path):
     recs = golden_records() + [make_record(TEX_HOSTILE, "cifar", 0, 50.0), make_record(HTML_HOSTILE, "dtd", 0, 40.0)]
     report = build_report(recs, reference="paper", delta=True, on_warning=lambda m: None)
-    pdf = _pdflatex(render(report, "latex"), tmp_path)
+    pdf = compile_latex(render(report, "latex"), tmp_path)
     if shutil.which("pdftotext") is None:  # poppler-utils: optional, not installed by .ci/report-deps.sh
         return
     pdftotext = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True)
@@ -45,7 +32,7 @@ def test_fragment_compiles_when_input(tmp_path):
     (tmp_path / "table.tex").write_text(render(report, "latex", standalone=False), encoding="utf-8")
     doc = ("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n"
            "\\begin{document}\nSee Table~\\ref{tab:petlbench-vtab-accuracy}.\n\\input{table}\n\\end{document}\n")
-    _pdflatex(doc, tmp_path)
+    compile_latex(doc, tmp_path)
 
 
 def _scales(folder: Path, name: str = "doc") -> dict[str, float]:
@@ -62,7 +49,7 @@ def test_wide_document_is_two_column_with_table_star_and_one_scale(tmp_path):
     tex = render(report, "latex", wide=True)
     assert r"\documentclass[10pt,twocolumn]{article}" in tex and tex.count(r"\begin{table*}") == 3
     assert r"\begin{table}" not in tex
-    _pdflatex(tex, tmp_path)
+    compile_latex(tex, tmp_path)
     scales = _scales(tmp_path)
     assert set(scales) == {"accuracy", "delta", "efficiency"}
     # The efficiency table prints at the accuracy table's size, not blown up to the full width.
@@ -77,7 +64,7 @@ def test_wide_fragment_in_a_two_column_paper(tmp_path):
     doc = ("\\documentclass[twocolumn]{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n"
            "\\begin{document}\nSee Table~\\ref{tab:petlbench-vtab-accuracy}.\n\\input{table}\n"
            "\\input{table}\n\\end{document}\n")  # twice: the macros must not clash when a paper inputs two tables
-    _pdflatex(doc, tmp_path)
+    compile_latex(doc, tmp_path)
     scales = _scales(tmp_path)
     assert scales and min(scales.values()) >= 0.55
 

@@ -4,7 +4,6 @@ compiles in LaTeX, and corrupt records are skipped with a warning instead of a t
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,21 +12,8 @@ from click.testing import CliRunner
 import petlbench.report
 from petlbench.cli import main
 from petlbench.report import build_report, load_records, render, tex_escape
-from tests.report.conftest import require_tool
+from tests.report.conftest import compile_latex
 from tests.report.factory import golden_records, make_record, write_records
-
-
-def _pdflatex(tex: str, folder: Path, name: str = "doc") -> None:
-    """Compile with pdflatex (skipped where it is missing, required on CI) and fail on any error."""
-    exe = require_tool("pdflatex")
-    (folder / f"{name}.tex").write_text(tex, encoding="utf-8")
-    proc = subprocess.run([exe, "-interaction=nonstopmode", "-halt-on-error", "-no-shell-escape", f"{name}.tex"],
-                          cwd=folder, capture_output=True, text=True, timeout=120)
-    log = (folder / f"{name}.log").read_text(errors="replace") if (folder / f"{name}.log").exists() else proc.stdout
-    errors = [line for line in log.splitlines() if line.startswith("!")]
-    assert proc.returncode == 0 and not errors, "\n".join(errors) or proc.stdout[-3000:]
-    assert (folder / f"{name}.pdf").stat().st_size > 1000
-
 
 TEMPLATES = Path(petlbench.report.__file__).parent / "templates"
 EXPLOITS = {
@@ -89,11 +75,11 @@ def test_row_labels_starting_with_a_bracket_or_non_latin_compile(tmp_path: Path)
     report = build_report(recs, reference="paper", delta=True, on_warning=lambda m: None)
     tex = render(report, "latex")
     assert "\\\\\n[" not in tex and "\\midrule\n[" not in tex
-    _pdflatex(tex, tmp_path)
+    compile_latex(tex, tmp_path)
     (tmp_path / "table.tex").write_text(render(report, "latex", standalone=False), encoding="utf-8")
     doc = ("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n"
            "\\begin{document}\n\\input{table}\n\\end{document}\n")
-    _pdflatex(doc, tmp_path, "fragment")
+    compile_latex(doc, tmp_path, "fragment")
 
 
 def test_deeply_nested_record_is_skipped_with_a_warning(tmp_path: Path) -> None:
