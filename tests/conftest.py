@@ -31,3 +31,12 @@ def images() -> torch.Tensor:
     crops = [img[:, 0:256, 0:256], img[:, 100:356, 150:406], img[:, 256:512, 256:512]]
     batch = torch.stack([torch.nn.functional.interpolate(c[None], size=(32, 32), mode="bilinear")[0] for c in crops])
     return (batch - 0.5) / 0.5
+
+
+@pytest.fixture(scope="module")
+def demo_cache():
+    """``PETLBENCH_CACHE`` at one cache per test process (the demo's micro-ViT is pretrained once)."""
+    from tests.shared_cache import demo_cache_env
+
+    with demo_cache_env() as cache:
+        yield cache

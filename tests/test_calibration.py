@@ -99,13 +99,6 @@ def test_width_bound_is_checked_generically(gradshift) -> None:
 
 
 # ------------------------------------------------------------------ the runner
-@pytest.fixture
-def demo_cache(tmp_path_factory, monkeypatch):
-    import os
-
-    monkeypatch.setenv("PETLBENCH_CACHE", os.environ.get("PETLBENCH_CACHE") or str(tmp_path_factory.mktemp("cache")))
-
-
 def test_runner_calibrates_before_training_and_records_it(demo_cache, tmp_path) -> None:
     from petlbench.runner import execute_spec
     from petlbench.sweep import plan

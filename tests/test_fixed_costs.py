@@ -12,16 +12,12 @@ from petlbench.model import BACKBONES, create_model
 from petlbench.runner import execute_spec
 from petlbench.sweep import plan
 from tests.conftest import TINY_VIT
-from tests.shared_cache import demo_cache_env
 from tests.test_compile_once import ImageLoader, _cfg
 
 FAST_SETS = {"epochs": 2, "warmup_epochs": 1, "limit_train": 64, "limit_eval": 64, "batch_size": 32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def demo_cache():
-    with demo_cache_env() as cache:
-        yield cache
+pytestmark = pytest.mark.usefixtures("demo_cache")  # tests/conftest.py: one demo cache per process
 
 
 def test_backbone_built_and_hashed_once_per_process(tmp_path, monkeypatch) -> None:

@@ -12,7 +12,6 @@ from petlbench.packing import pack_problem, train_packed
 from petlbench.runner import execute_packed, execute_spec, pack_groups, seed_everything
 from petlbench.sweep import plan
 from tests.conftest import TINY_VIT
-from tests.shared_cache import demo_cache_env
 from tests.test_compile_once import ImageLoader, _cfg
 
 FAST_SETS = {"epochs": 2, "warmup_epochs": 1, "limit_train": 64, "limit_eval": 64, "batch_size": 32}
@@ -22,10 +21,7 @@ TOL = {"rtol": 1e-5, "atol": 1e-6}  # batched kernels sum in another order; noth
 PARAM_TOL = {"rtol": 1e-3, "atol": 1e-4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def demo_cache():
-    with demo_cache_env() as cache:
-        yield cache
+pytestmark = pytest.mark.usefixtures("demo_cache")  # tests/conftest.py: one demo cache per process
 
 
 def _models(method: str, seeds, classes: int = 4, **hparams):

@@ -26,15 +26,7 @@ FAST = ["--set", "epochs=2", "--set", "warmup_epochs=1", "--set", "limit_train=6
 FAST_SETS = {"epochs": 2, "warmup_epochs": 1, "limit_train": 64, "limit_eval": 64, "batch_size": 32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory):
-    """One materialised demo suite + pretrained micro-ViT for the whole module."""
-    cache = os.environ.get("PETLBENCH_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    old = os.environ.get("PETLBENCH_CACHE")
-    os.environ["PETLBENCH_CACHE"] = cache
-    yield cache
-    if old is None:
-        os.environ.pop("PETLBENCH_CACHE", None)
+pytestmark = pytest.mark.usefixtures("demo_cache")  # tests/conftest.py: one demo cache per process
 
 
 def run(*args: str):

@@ -4,7 +4,6 @@ and the installed pooling (DTL) end up in the run record."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,7 @@ FAST = ["--set", "epochs=1", "--set", "warmup_epochs=0", "--set", "limit_train=3
         "--set", "batch_size=16"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory):
-    cache = os.environ.get("PETLBENCH_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    old = os.environ.get("PETLBENCH_CACHE")
-    os.environ["PETLBENCH_CACHE"] = cache
-    yield cache
-    if old is None:
-        os.environ.pop("PETLBENCH_CACHE", None)
+pytestmark = pytest.mark.usefixtures("demo_cache")  # tests/conftest.py: one demo cache per process
 
 
 def test_sct_and_dtl_run_and_record_calibration_and_pooling(tmp_path: Path) -> None:
