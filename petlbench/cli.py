@@ -173,6 +173,18 @@ def _seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+def _pack(text: str) -> int:
+    """``--pack R``: a whole number of runs per packed step, at least 1."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise PetlbenchError(f"--pack {text!r} is not a number of runs of at least 1. Fix: --pack 1 (one run at a "
+                             "time) or e.g. --pack 3 to train three seeds of each task together.")
+    return value
+
+
 @main.command("run")
 @click.option("--suite", "-s", required=True, help="Suite name (vtab, fgvc, demo, or your own YAML suite).")
 @click.option("--method", "-m", "methods", required=True, help="Method(s), comma-separated: arc,repadapter.")
@@ -203,6 +215,10 @@ def _seeds(text: str) -> list[int]:
 @click.option("--slurm-qos", default=None)
 @click.option("--slurm-gpus-per-task", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--slurm-array-parallelism", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--pack", "pack_text", default="1", show_default=True, metavar="R",
+              help="Train up to R runs that share a frozen backbone (same task, method and settings; seeds "
+                   "differ) in one packed step; one record per run as always. Runs that cannot pack run alone.")
+@click.option("--pack-tune", is_flag=True, help="protocol tune: train the lr x wd grid's trials in one packed step.")
 @click.option("--force", is_flag=True, help="Redo runs that already have a finished record.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (for logs).")
 @click.option("--dry-run", is_flag=True,
@@ -211,8 +227,8 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
             backbone_args: tuple[str, ...], pretrained: str | None, data_root: str | None, output: str, sets: tuple[str, ...],
             config_file: str | None, protocol: str | None, launcher: str, workers: int | None, device: str,
             slurm_partition: str | None, slurm_time_min: int, slurm_account: str | None, slurm_qos: str | None,
-            slurm_gpus_per_task: int, slurm_array_parallelism: int, force: bool, quiet: bool,
-            dry_run: bool) -> None:
+            slurm_gpus_per_task: int, slurm_array_parallelism: int, pack_text: str, pack_tune: bool, force: bool,
+            quiet: bool, dry_run: bool) -> None:
     """Run METHOD(s) on SUITE: one record per (task, method, configuration, seed) under --output.
 
     Re-running the same command skips finished runs and runs only what is missing.
@@ -223,6 +239,7 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
     from petlbench.launch import LaunchOptions
 
     started = time.perf_counter()
+    pack = _pack(pack_text)
     if not dry_run:  # a results folder that cannot hold records: say so before data, weights or training
         from petlbench.records import check_output
 
@@ -243,11 +260,20 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
         for spec in plan.specs:
             click.echo(f"{'done' if spec not in todo else 'todo'}  {spec.label}  {spec.record_path}")
             click.echo(f"      {sweep.describe(plan, spec)}")
+        if pack > 1 and todo:
+            from petlbench.launch import plan_groups
+
+            groups = plan_groups(todo, pack)
+            click.echo(f"packing (--pack {pack}): {len(todo)} run(s) to do in {len(groups)} step group(s)")
+            for n, group in enumerate(groups, 1):
+                click.echo(f"pack {n}: {' + '.join(todo[i].label for i in group)}"
+                           + ("" if len(group) > 1 else "  (alone)"))
         return
     options = LaunchOptions(
         workers=workers, device=device, slurm_partition=slurm_partition, slurm_time_min=slurm_time_min,
         slurm_account=slurm_account, slurm_qos=slurm_qos, slurm_gpus_per_task=slurm_gpus_per_task,
         slurm_array_parallelism=slurm_array_parallelism, slurm_folder=str(Path(output) / ".slurm"),
+        pack=pack, pack_tune=pack_tune,
     )
     try:
         ran = sweep.execute(plan, todo, launcher, options, quiet=quiet, device=device)
