@@ -185,6 +185,21 @@ def _pack(text: str) -> int:
     return value
 
 
+def _saved_estimates(path: str) -> list[dict[str, Any]]:
+    """The estimates of a ``--sweep-estimate --out`` JSON file, or one line saying what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise PetlbenchError(f"--remodel {path}: cannot read a saved estimate ({exc}). Fix: give the .json "
+                             "that `petlbench bench --sweep-estimate --out` wrote.") from None
+    data = data if isinstance(data, list) else [data]
+    if not data or not all(isinstance(d, dict) and {"method", "measured", "counted", "train_steps"} <= d.keys()
+                           for d in data):
+        raise PetlbenchError(f"--remodel {path}: not a saved sweep estimate. Fix: give the .json that "
+                             "`petlbench bench --sweep-estimate --out` wrote.")
+    return data
+
+
 @main.command("run")
 @click.option("--suite", "-s", required=True, help="Suite name (vtab, fgvc, demo, or your own YAML suite).")
 @click.option("--method", "-m", "methods", required=True, help="Method(s), comma-separated: arc,repadapter.")
@@ -337,10 +352,14 @@ def _interrupted(plan: Any, todo: Sequence[Any], output: str, started: float) ->
               help="Model the whole sweep (--suite, default vtab) of each METHOD on H100/H200 from counted ops and "
                    "costs measured here, with the method's own batch size and epochs.")
 @click.option("--suite", default="vtab", show_default=True, help="Suite of --sweep-estimate.")
+@click.option("--remodel", "remodel_from", default=None, metavar="FILE.json",
+              help="With --sweep-estimate: model a saved estimate (its --out .json) again under today's model, "
+                   "keeping its CPU timings (no ViT-B timing: seconds, not an hour).")
 @click.pass_context
 def bench_cmd(ctx: click.Context, methods: str, backbone: str, backbone_args: tuple[str, ...], batch_size: int,
               device: str | None, dtype: str | None, iters: int, warmup: int, use_compile: bool, no_peft: bool,
-              no_timing: bool, as_json: bool, out: str | None, sweep_estimate: bool, suite: str) -> None:
+              no_timing: bool, as_json: bool, out: str | None, sweep_estimate: bool, suite: str,
+              remodel_from: str | None) -> None:
     """Train-step speed, memory, deployed latency/throughput and FLOPs of METHOD(s) vs the plain backbone."""
     import torch
 
@@ -355,13 +374,19 @@ def bench_cmd(ctx: click.Context, methods: str, backbone: str, backbone_args: tu
     kwargs = parse_backbone_args(backbone_args)
     size = kwargs.get("img_size") if isinstance(kwargs.get("img_size"), int) else None
     check_backbone(backbone, kwargs, size)
+    if remodel_from and not sweep_estimate:
+        raise PetlbenchError("--remodel goes with --sweep-estimate. Fix: add --sweep-estimate.")
     if sweep_estimate:
         from petlbench import estimate
 
         explicit = ctx.get_parameter_source("batch_size") is not click.core.ParameterSource.DEFAULT
-        results = [estimate.estimate(name, backbone, suite, {"batch_size": batch_size} if explicit else None, kwargs,
-                                     timing=not no_timing, warmup=warmup, iters=iters,
-                                     log=lambda line: click.echo(line, err=True)) for name in names]
+        if remodel_from:
+            results = [estimate.remodel(saved, log=lambda line: click.echo(line, err=True))
+                       for saved in _saved_estimates(remodel_from)]
+        else:
+            results = [estimate.estimate(name, backbone, suite, {"batch_size": batch_size} if explicit else None,
+                                         kwargs, timing=not no_timing, warmup=warmup, iters=iters,
+                                         log=lambda line: click.echo(line, err=True)) for name in names]
         text = "\n\n".join(estimate.to_markdown(r) for r in results)
         if out:
             target = Path(out)
