@@ -171,3 +171,15 @@ def test_packed_sweep_gives_the_records_of_one_by_one(tmp_path: Path, one_by_one
         assert got["metrics"]["train_loss"] == pytest.approx(alone["metrics"]["train_loss"], rel=1e-5, abs=1e-6)
     assert packed[("lora", 0)]["metrics"]["curve"] != packed[("lora", 1)]["metrics"]["curve"] or \
         packed[("lora", 0)]["metrics"]["train_loss"] != packed[("lora", 1)]["metrics"]["train_loss"]  # seeds differ
+
+
+def test_pack_tune_reaches_the_engine(tmp_path: Path) -> None:
+    out = tmp_path / "res"
+    result = run("run", "--suite", "demo", "--method", "lora", "--task", "digits", "--protocol", "tune", "--pack-tune",
+                 "--pack", "2", "--output", str(out), "--quiet", "--set", "epochs=1", "--set", "warmup_epochs=0",
+                 "--set", "limit_train=32", "--set", "limit_eval=32", "--set", "batch_size=16",
+                 "--set", "tune_lr=1e-3,1e-2", "--set", "tune_weight_decay=0")
+    assert result.exit_code == 0, result.output
+    (record,) = records(out).values()
+    assert record["metrics"]["tuning"]["packed"] is True
+    assert "packed_runs" not in record["efficiency"]  # a tune run is never packed with other runs
