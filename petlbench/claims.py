@@ -325,3 +325,45 @@ def run_claimed(execute: Callable[[RunSpec], dict[str, Any]], spec: RunSpec, *, 
         if done is not None:
             return done
         return execute(spec)
+
+
+def run_group_claimed(execute_group: Callable[[list[RunSpec]], list[dict[str, Any]]], specs: list[RunSpec], *,
+                      since: float) -> list[dict[str, Any]]:
+    """Run a pack of ``specs`` (runs trained together, see ``petlbench run --pack``) through
+    ``execute_group`` while holding the claim of every member.
+
+    Every member is claimed before any trains; a member another sweep holds comes back as a
+    ``claimed`` record and one another sweep finished as that sweep's record, and only the members
+    this process holds train (packed if two or more are left). Returns the records in ``specs`` order.
+    Top-level so that ``functools.partial(run_group_claimed, execute_group, since=...)`` pickles.
+    """
+    out: list[dict[str, Any] | None] = [None] * len(specs)
+    held: list[tuple[int, Claim]] = []
+    try:
+        for i, spec in enumerate(specs):
+            done = _finished_since(spec, since)
+            if done is not None:
+                out[i] = done
+                continue
+            claim = acquire(spec.record_path)
+            if isinstance(claim, Busy):
+                out[i] = claimed_record(spec, claim)
+            else:
+                held.append((i, claim))
+        mine = []
+        for i, _claim in held:
+            done = _finished_since(specs[i], since)  # finished while we were claiming
+            if done is not None:
+                out[i] = done
+            else:
+                mine.append(i)
+        if mine:
+            records = execute_group([specs[i] for i in mine])
+            if len(records) != len(mine):
+                raise TypeError(f"the pack's execute returned {len(records)} records for {len(mine)} runs")
+            for i, record in zip(mine, records, strict=True):
+                out[i] = record
+    finally:
+        for _i, claim in held:
+            claim.release()
+    return [r for r in out if r is not None]

@@ -173,6 +173,33 @@ def _seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+def _pack(text: str) -> int:
+    """``--pack R``: a whole number of runs per packed step, at least 1."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise PetlbenchError(f"--pack {text!r} is not a number of runs of at least 1. Fix: --pack 1 (one run at a "
+                             "time) or e.g. --pack 3 to train three seeds of each task together.")
+    return value
+
+
+def _saved_estimates(path: str) -> list[dict[str, Any]]:
+    """The estimates of a ``--sweep-estimate --out`` JSON file, or one line saying what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise PetlbenchError(f"--remodel {path}: cannot read a saved estimate ({exc}). Fix: give the .json "
+                             "that `petlbench bench --sweep-estimate --out` wrote.") from None
+    data = data if isinstance(data, list) else [data]
+    if not data or not all(isinstance(d, dict) and {"method", "measured", "counted", "train_steps"} <= d.keys()
+                           for d in data):
+        raise PetlbenchError(f"--remodel {path}: not a saved sweep estimate. Fix: give the .json that "
+                             "`petlbench bench --sweep-estimate --out` wrote.")
+    return data
+
+
 @main.command("run")
 @click.option("--suite", "-s", required=True, help="Suite name (vtab, fgvc, demo, or your own YAML suite).")
 @click.option("--method", "-m", "methods", required=True, help="Method(s), comma-separated: arc,repadapter.")
@@ -203,6 +230,10 @@ def _seeds(text: str) -> list[int]:
 @click.option("--slurm-qos", default=None)
 @click.option("--slurm-gpus-per-task", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--slurm-array-parallelism", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--pack", "pack_text", default="1", show_default=True, metavar="R",
+              help="Train up to R runs that share a frozen backbone (same task, method and settings; seeds "
+                   "differ) in one packed step; one record per run as always. Runs that cannot pack run alone.")
+@click.option("--pack-tune", is_flag=True, help="protocol tune: train the lr x wd grid's trials in one packed step.")
 @click.option("--force", is_flag=True, help="Redo runs that already have a finished record.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (for logs).")
 @click.option("--dry-run", is_flag=True,
@@ -211,8 +242,8 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
             backbone_args: tuple[str, ...], pretrained: str | None, data_root: str | None, output: str, sets: tuple[str, ...],
             config_file: str | None, protocol: str | None, launcher: str, workers: int | None, device: str,
             slurm_partition: str | None, slurm_time_min: int, slurm_account: str | None, slurm_qos: str | None,
-            slurm_gpus_per_task: int, slurm_array_parallelism: int, force: bool, quiet: bool,
-            dry_run: bool) -> None:
+            slurm_gpus_per_task: int, slurm_array_parallelism: int, pack_text: str, pack_tune: bool, force: bool,
+            quiet: bool, dry_run: bool) -> None:
     """Run METHOD(s) on SUITE: one record per (task, method, configuration, seed) under --output.
 
     Re-running the same command skips finished runs and runs only what is missing.
@@ -223,6 +254,7 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
     from petlbench.launch import LaunchOptions
 
     started = time.perf_counter()
+    pack = _pack(pack_text)
     if not dry_run:  # a results folder that cannot hold records: say so before data, weights or training
         from petlbench.records import check_output
 
@@ -243,11 +275,20 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
         for spec in plan.specs:
             click.echo(f"{'done' if spec not in todo else 'todo'}  {spec.label}  {spec.record_path}")
             click.echo(f"      {sweep.describe(plan, spec)}")
+        if pack > 1 and todo:
+            from petlbench.launch import plan_groups
+
+            groups = plan_groups(todo, pack)
+            click.echo(f"packing (--pack {pack}): {len(todo)} run(s) to do in {len(groups)} step group(s)")
+            for n, group in enumerate(groups, 1):
+                click.echo(f"pack {n}: {' + '.join(todo[i].label for i in group)}"
+                           + ("" if len(group) > 1 else "  (alone)"))
         return
     options = LaunchOptions(
         workers=workers, device=device, slurm_partition=slurm_partition, slurm_time_min=slurm_time_min,
         slurm_account=slurm_account, slurm_qos=slurm_qos, slurm_gpus_per_task=slurm_gpus_per_task,
         slurm_array_parallelism=slurm_array_parallelism, slurm_folder=str(Path(output) / ".slurm"),
+        pack=pack, pack_tune=pack_tune,
     )
     try:
         ran = sweep.execute(plan, todo, launcher, options, quiet=quiet, device=device)
@@ -311,10 +352,14 @@ def _interrupted(plan: Any, todo: Sequence[Any], output: str, started: float) ->
               help="Model the whole sweep (--suite, default vtab) of each METHOD on H100/H200 from counted ops and "
                    "costs measured here, with the method's own batch size and epochs.")
 @click.option("--suite", default="vtab", show_default=True, help="Suite of --sweep-estimate.")
+@click.option("--remodel", "remodel_from", default=None, metavar="FILE.json",
+              help="With --sweep-estimate: model a saved estimate (its --out .json) again under today's model, "
+                   "keeping its CPU timings (no ViT-B timing: seconds, not an hour).")
 @click.pass_context
 def bench_cmd(ctx: click.Context, methods: str, backbone: str, backbone_args: tuple[str, ...], batch_size: int,
               device: str | None, dtype: str | None, iters: int, warmup: int, use_compile: bool, no_peft: bool,
-              no_timing: bool, as_json: bool, out: str | None, sweep_estimate: bool, suite: str) -> None:
+              no_timing: bool, as_json: bool, out: str | None, sweep_estimate: bool, suite: str,
+              remodel_from: str | None) -> None:
     """Train-step speed, memory, deployed latency/throughput and FLOPs of METHOD(s) vs the plain backbone."""
     import torch
 
@@ -329,13 +374,19 @@ def bench_cmd(ctx: click.Context, methods: str, backbone: str, backbone_args: tu
     kwargs = parse_backbone_args(backbone_args)
     size = kwargs.get("img_size") if isinstance(kwargs.get("img_size"), int) else None
     check_backbone(backbone, kwargs, size)
+    if remodel_from and not sweep_estimate:
+        raise PetlbenchError("--remodel goes with --sweep-estimate. Fix: add --sweep-estimate.")
     if sweep_estimate:
         from petlbench import estimate
 
         explicit = ctx.get_parameter_source("batch_size") is not click.core.ParameterSource.DEFAULT
-        results = [estimate.estimate(name, backbone, suite, {"batch_size": batch_size} if explicit else None, kwargs,
-                                     timing=not no_timing, warmup=warmup, iters=iters,
-                                     log=lambda line: click.echo(line, err=True)) for name in names]
+        if remodel_from:
+            results = [estimate.remodel(saved, log=lambda line: click.echo(line, err=True))
+                       for saved in _saved_estimates(remodel_from)]
+        else:
+            results = [estimate.estimate(name, backbone, suite, {"batch_size": batch_size} if explicit else None,
+                                         kwargs, timing=not no_timing, warmup=warmup, iters=iters,
+                                         log=lambda line: click.echo(line, err=True)) for name in names]
         _bench_output(results, "\n\n".join(estimate.to_markdown(r) for r in results), out, as_json)
         return
     cfg = BenchConfig(methods=names, backbone=backbone, backbone_kwargs=kwargs, batch_size=batch_size, device=device,

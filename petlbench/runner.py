@@ -420,17 +420,19 @@ def pack_groups(specs: list[RunSpec], size: int) -> list[list[RunSpec]]:
     return groups
 
 
-def execute_packed(specs: list[RunSpec], quiet: bool = True, device: str = "auto") -> list[dict[str, Any]]:
+def execute_packed(specs: list[RunSpec], quiet: bool = True, device: str = "auto",
+                   pack_tune: bool = False) -> list[dict[str, Any]]:
     """Run ``specs`` (one :func:`pack_groups` group) in packed steps and write their records.
 
     When they cannot be packed, or the packed training fails (one run's non-finite loss, out of
     memory), each spec runs alone through :func:`execute_spec`, so a pack never costs a result.
+    ``pack_tune`` is handed to those (a ``tune`` run is never packed with others, its grid may be).
     """
     from petlbench.memory import PhasePeaks
     from petlbench.packing import pack_problem, train_packed
 
     if len(specs) < 2 or len({pack_key(s) for s in specs}) != 1 or pack_key(specs[0]) is None:
-        return [execute_spec(s, quiet=quiet, device=device) for s in specs]
+        return [execute_spec(s, quiet=quiet, device=device, pack_tune=pack_tune) for s in specs]
     records = [_start_record(s) for s in specs]
     try:
         dev = _device(device)
@@ -452,7 +454,7 @@ def execute_packed(specs: list[RunSpec], quiet: bool = True, device: str = "auto
                 record["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure: fall back to honest one-by-one runs
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        out = [execute_spec(s, quiet=quiet, device=device) for s in specs]
+        out = [execute_spec(s, quiet=quiet, device=device, pack_tune=pack_tune) for s in specs]
         for record, spec in zip(out, specs, strict=True):
             record["efficiency"]["pack_fallback"] = reason
             write_record(spec.record_path, record)

@@ -358,11 +358,12 @@ def execute(plan_: Plan, todo: list[RunSpec], launcher: str = "inline", options:
     if options is None:
         options = LaunchOptions()
     run_fn = None
-    if launcher == "inline":
+    if launcher == "inline" and options.pack <= 1:  # packs use the launcher's packed engine (no epoch bar)
         def run_fn(spec: RunSpec) -> dict[str, Any]:
             from petlbench.runner import execute_spec
 
-            return execute_spec(spec, quiet=quiet, on_epoch=progress.epoch, device=device)
+            return execute_spec(spec, quiet=quiet, on_epoch=progress.epoch, device=device,
+                                pack_tune=options.pack_tune)
     try:
         return launch(todo, launcher, options, execute=run_fn, on_start=progress.start, on_done=progress.done)
     finally:

@@ -73,7 +73,82 @@ def test_cli_prints_the_modelled_breakdown(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "batch 32" in result.output and "60,800 train steps" in result.output
     assert "Counted (exact" in result.output and "Modelled per GPU" in result.output
-    assert "| H100 | eager (today) |" in result.output and "| H200 | compiled / graphed |" in result.output
+    assert "| H100 | eager (default) | 1 |" in result.output and "| H200 | compiled / graphed | 3 |" in result.output
     saved = json.loads((tmp_path / "est.json").read_text())
     assert saved[0]["modelled"]["H100"]["eager"]["total_s"] > 0
     assert saved[0]["cache"]["native_bytes"] <= saved[0]["cache"]["at_input_size_bytes"]
+
+
+def _tiny_estimate() -> dict:
+    return estimate.estimate("arc", "vit_base_patch16_224", "vtab", backbone_kwargs=TINY, timing=False)
+
+
+def test_packs_model_what_packing_shares() -> None:
+    with torch.device("meta"):
+        model = petlbench.create_model("vit_base_patch16_224", "arc", 10, backbone_kwargs=TINY)
+    counts = estimate.count(model, 32, 64, 10, 32, grad_clip=1.0)["train_step"]
+    gpu = estimate.GPUS["H100"]
+    one = estimate.gpu_time(counts, gpu, 5e-6, 1000, 4)
+    three = estimate.gpu_time(counts, gpu, 5e-6, 1000, 4, pack=3, pack_host_ratio=1.5)
+    assert three["eager_host_s"] == pytest.approx(1.5 * one["eager_host_s"])  # host work: the measured ratio
+    assert three["matmul_floor_s"] == pytest.approx(3 * one["matmul_floor_s"])  # R x the rows
+    assert one["compiled_s"] < three["compiled_s"] <= 3 * one["compiled_s"]  # floors and casts paid once
+    assert one["compiled_host_s"] > 0
+    assert three["compiled_host_s"] == pytest.approx(3 * one["compiled_host_s"])  # one AdamW per run
+    loads = estimate.workload("vtab", "arc")
+    sweep1 = estimate._sweep(loads, 0.01, 0.02, 4.0, 1.0)
+    sweep3 = estimate._sweep(loads, 0.025, 0.02, 4.0, 1.0, pack=3)
+    assert sweep1["fixed_s"] == pytest.approx(4.0 + 19 * 1.0)  # build + hash once per process, the rest per run
+    assert sweep3["fixed_s"] == pytest.approx(4.0 + 3 * 19 * 1.0)
+    assert sweep3["eval_s"] == pytest.approx(3 * sweep1["eval_s"])  # each run evaluates its own model
+    assert sweep3["per_run_s"] == pytest.approx(sweep3["total_s"] / 3) and sweep1["per_run_s"] == sweep1["total_s"]
+
+
+def test_estimate_counts_merged_eval_and_reports_packs() -> None:
+    r = _tiny_estimate()
+    assert r["counted"]["eval_merged"] is True  # ARC merges: evaluated as the plain backbone
+    linear = estimate.estimate("linear", "vit_base_patch16_224", "vtab", backbone_kwargs=TINY, timing=False)
+    assert r["counted"]["eval_batch"]["ops"] == linear["counted"]["eval_batch"]["ops"]
+    assert r["measured"]["packed_host"]["3"]["ratio"] > 0
+    assert linear["measured"]["packed_host"]["3"]["ratio"] is None  # linear probing never packs
+    for g in r["modelled"].values():
+        pack = g["packs"]["3"]
+        assert pack["eager"]["per_run_s"] < g["eager"]["per_run_s"]  # host-bound eager gains from packing
+        assert pack["compiled"]["pack"] == 3
+    assert not linear["modelled"]["H100"]["packs"]
+    text = estimate.to_markdown(r)
+    assert "| H100 | compiled / graphed | 3 |" in text and "sweep per seed" in text and "Target (" in text
+
+
+def test_remodel_from_a_saved_estimate_keeps_what_was_measured(tmp_path: Path) -> None:
+    saved = json.loads(json.dumps(_tiny_estimate()))  # as written to disk
+    saved["measured"].update(train_step_s=2.0, eval_batch_s=3.0, eval_measured_at_batch=32,
+                             fixed={"build_model_s": 5.0, "hash_weights_s": 1.0, "deployed_latency_s": 9.0})
+    saved["measured"]["host"]["per_op_s"] = 7e-6
+    saved["modelled"] = {"H100": {"stale": True}}  # a table made by an older model
+    r = estimate.remodel(saved)
+    assert r["measured"]["train_step_s"] == 2.0 and r["measured"]["fixed"]["build_model_s"] == 5.0
+    assert r["measured"]["fixed"]["model_from_cache_s"] >= 0  # measured now
+    assert r["measured"]["remodelled"]["kept_from_saved"] and "stale" not in r["modelled"]["H100"]
+    g = r["modelled"]["H100"]
+    assert g["fixed_per_process_s"] == pytest.approx(6.0)  # the saved build + hash
+    assert g["train_step"]["eager_host_s"] >= r["counted"]["train_step"]["ops"] * 7e-6  # the saved host cost
+    assert r["measured"]["sweep_on_this_cpu"]["train_s"] == pytest.approx(r["train_steps"] * 2.0)
+    assert "Re-modelled on" in estimate.to_markdown(r)
+    saved["counted"]["train_step"]["ops"] += 1  # made by other code: refuse rather than mix models
+    with pytest.raises(petlbench.PetlbenchError, match="counts differ"):
+        estimate.remodel(saved)
+
+
+def test_cli_remodels_a_saved_file_and_rejects_bad_ones(tmp_path: Path) -> None:
+    target = tmp_path / "est.json"
+    target.write_text(json.dumps([_tiny_estimate()]))
+    result = CliRunner().invoke(main, ["bench", "--sweep-estimate", "-m", "arc", "--remodel", str(target), "--out",
+                                       str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    assert "Re-modelled on" in (tmp_path / "again.md").read_text()
+    (tmp_path / "bad.json").write_text("{\"not\": \"an estimate\"}")
+    for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        result = CliRunner().invoke(main, ["bench", "--sweep-estimate", "-m", "arc", "--remodel", str(bad)])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and "--remodel" in lines[0], result.output

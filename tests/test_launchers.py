@@ -8,6 +8,7 @@ into spawned worker processes (which import ``tests.test_launchers``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import pytest
 
 from petlbench.errors import PetlbenchError
 from petlbench.launch import LaunchOptions, launch, local, plan_local_slots, slurm
+from petlbench.launch.common import each
 from petlbench.records import write_record
 from petlbench.runspec import RunSpec
 
@@ -418,9 +420,10 @@ def test_slurm_run_is_checkpointable_and_requeues_same_spec(tmp_path: Path) -> N
     import pickle
 
     spec = make_spec(tmp_path)
-    run = slurm.SlurmRun(fake_ok)
+    run = slurm.SlurmRun(functools.partial(each, fake_ok))  # one array task runs one pack (here of one)
     assert isinstance(run, submitit.helpers.Checkpointable)
-    delayed = run.checkpoint(spec.to_dict())
-    assert delayed.function is run and delayed.args == (spec.to_dict(),)
+    delayed = run.checkpoint([spec.to_dict()])
+    assert delayed.function is run and delayed.args == ([spec.to_dict()],)
     clone = pickle.loads(pickle.dumps(run))
-    assert clone(spec.to_dict())["status"] == "ok" and read(spec)["run_id"] == spec.run_id
+    records = clone([spec.to_dict()])
+    assert [r["status"] for r in records] == ["ok"] and read(spec)["run_id"] == spec.run_id

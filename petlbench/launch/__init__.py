@@ -9,15 +9,22 @@ the sweep logic does not care where runs happen:
   :func:`petlbench.runner.execute_spec` by default). It is passed in so tests can inject fakes,
   and for ``local``/``slurm`` it must be picklable (a top-level function or a ``functools.partial``
   of one), because it runs in another process.
+- Packs: with ``options.pack`` = R > 1, runs that share a frozen backbone (same task, method and
+  settings; seeds differ) are grouped R at a time (:func:`petlbench.runner.pack_groups`) and each
+  group is one unit of work (inline, one local worker's turn, one Slurm array task), trained in
+  one packed step by ``execute_group(specs) -> records`` (default
+  :func:`petlbench.runner.execute_packed`, which falls back to one by one and records why).
+  A per-spec ``execute`` given without ``execute_group`` runs a group's members one by one.
 - ``on_start(spec)`` and then ``on_done(spec, record)`` are called exactly once per spec, in the
   calling process, as runs start and finish (progress bars hang off these).
 - :func:`launch` returns the records in the order of ``specs``, whatever order they finished in.
 - A run whose process dies (segfault, ``os._exit``, OOM killer, Slurm failure) never hangs or
   aborts the sweep: it is reported as a failed record, written to ``spec.record_path`` unless the
   engine managed to write one, and the other runs go on.
-- Each run is claimed (:mod:`petlbench.claims`) in the process that runs it: a run another sweep
-  holds comes back as an unwritten record with ``status == "claimed"``, and one another sweep
-  finished meanwhile as that sweep's ``ok`` record. An output folder that cannot hold records is
+- Each run is claimed (:mod:`petlbench.claims`) in the process that runs it, every member of a
+  pack before any of them trains: a run another sweep holds comes back as an unwritten record with
+  ``status == "claimed"``, and one another sweep finished meanwhile as that sweep's ``ok`` record;
+  the rest of the pack trains without them. An output folder that cannot hold records is
   a :class:`PetlbenchError` before anything runs.
 """
 
@@ -29,14 +36,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from petlbench.claims import run_claimed
+from petlbench.claims import run_group_claimed
 from petlbench.errors import PetlbenchError, did_you_mean
 from petlbench.launch.common import (
     LAUNCHERS,
     DoneFn,
     ExecuteFn,
+    GroupExecuteFn,
     LaunchOptions,
     StartFn,
+    each,
     failed_record,
     noop,
     validate_options,
@@ -49,8 +58,9 @@ from petlbench.records import check_output
 from petlbench.runspec import RunSpec
 
 __all__ = [
-    "LAUNCHERS", "LaunchOptions", "SlurmRun", "check_slurm", "default_execute", "detect_gpus", "failed_record",
-    "launch", "make_slurm_executor", "plan_local_slots", "slurm_parameters", "usable_cpus", "worker_device",
+    "LAUNCHERS", "LaunchOptions", "SlurmRun", "check_slurm", "default_execute", "default_execute_group",
+    "detect_gpus", "failed_record", "launch", "make_slurm_executor", "plan_groups", "plan_local_slots",
+    "slurm_parameters", "usable_cpus", "worker_device",
 ]
 
 
@@ -61,6 +71,23 @@ def default_execute(spec: RunSpec, device: str = "auto") -> dict[str, Any]:
     return execute_spec(spec, quiet=True, device=device)
 
 
+def default_execute_group(specs: list[RunSpec], device: str = "auto", pack_tune: bool = False) -> list[dict[str, Any]]:
+    """The engine for one pack: packed when it can be, else one by one (each record says why)."""
+    from petlbench.runner import execute_packed
+
+    return execute_packed(specs, quiet=True, device=device, pack_tune=pack_tune)
+
+
+def plan_groups(specs: Sequence[RunSpec], pack: int) -> list[list[int]]:
+    """Indices of ``specs`` in the packs the launchers run (each a list of one with ``pack`` 1)."""
+    if pack <= 1:
+        return [[i] for i in range(len(specs))]
+    from petlbench.runner import pack_groups  # the engine's rule of what can share a step
+
+    position = {id(s): i for i, s in enumerate(specs)}
+    return [[position[id(s)] for s in group] for group in pack_groups(list(specs), pack)]
+
+
 def launch(
     specs: Sequence[RunSpec],
     launcher: str = "inline",
@@ -68,6 +95,7 @@ def launch(
     execute: ExecuteFn | None = None,
     on_start: StartFn | None = None,
     on_done: DoneFn | None = None,
+    execute_group: GroupExecuteFn | None = None,
 ) -> list[dict[str, Any]]:
     """Execute ``specs`` with ``launcher`` (inline | local | slurm); returns records in spec order.
 
@@ -85,8 +113,9 @@ def launch(
     # user chose an order; it only takes effect while CUDA is not initialised yet, which it is not
     # before the first run.
     os.environ.setdefault("CUDA_DEVICE_ORDER", DEVICE_ORDER)
-    if execute is None:
-        execute = functools.partial(default_execute, device=device)
+    if execute_group is None:
+        execute_group = functools.partial(each, execute) if execute is not None else \
+            functools.partial(default_execute_group, device=device, pack_tune=options.pack_tune)
     on_start = on_start or noop
     on_done = on_done or noop
     if not specs:  # nothing to run needs no cluster
@@ -97,10 +126,19 @@ def launch(
         if options.slurm_folder:
             check_output(options.slurm_folder)
         check_slurm(options)  # before anything is submitted
-    # Each run is claimed in the process that runs it, so concurrent sweeps never run it twice.
-    execute = functools.partial(run_claimed, execute, since=time.time())
+    # Each run is claimed in the process that runs it (all of a pack's before it trains), so
+    # concurrent sweeps never run it twice.
+    run = functools.partial(run_group_claimed, execute_group, since=time.time())
+    index_groups = plan_groups(specs, options.pack)
+    groups = [[specs[i] for i in g] for g in index_groups]
     if launcher == "inline":
-        return launch_inline(specs, execute, on_start, on_done)
-    if launcher == "local":
-        return launch_local(specs, options, execute, on_start, on_done)
-    return launch_slurm(specs, options, execute, on_start, on_done)
+        per_group = launch_inline(groups, run, on_start, on_done)
+    elif launcher == "local":
+        per_group = launch_local(groups, options, run, on_start, on_done)
+    else:
+        per_group = launch_slurm(groups, options, run, on_start, on_done)
+    records: list[dict[str, Any] | None] = [None] * len(specs)
+    for indices, group_records in zip(index_groups, per_group, strict=True):
+        for i, record in zip(indices, group_records or [None] * len(indices), strict=True):
+            records[i] = record
+    return [r for r in records if r is not None]

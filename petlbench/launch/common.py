@@ -25,6 +25,8 @@ from petlbench.runspec import RunSpec
 LAUNCHERS = ("inline", "local", "slurm")
 
 ExecuteFn = Callable[[RunSpec], dict[str, Any]]
+#: Runs one pack (a list of specs trained together, or a list of one) and returns one record per spec.
+GroupExecuteFn = Callable[[list[RunSpec]], list[dict[str, Any]]]
 StartFn = Callable[[RunSpec], Any]
 DoneFn = Callable[[RunSpec, dict[str, Any]], Any]
 
@@ -70,8 +72,11 @@ class LaunchOptions:
     #: Ctrl-C / SIGTERM while waiting cancels the submitted jobs (else they keep running and
     #: write their records; re-running the sweep then skips them).
     slurm_cancel_on_interrupt: bool = True
-
-
+    #: every launcher: runs sharing a frozen backbone (same task, method and settings; seeds differ)
+    #: trained R at a time in one packed step; a local worker or a Slurm job runs one pack.
+    pack: int = 1
+    #: every launcher: train a ``tune`` grid's trials in one packed step.
+    pack_tune: bool = False
 
 
 def noop(*_args: Any) -> None:
@@ -96,6 +101,9 @@ def validate_options(options: LaunchOptions) -> None:
         cuda_index(options.device)  # every launcher: a malformed index is one line before anything runs
     if options.threads_per_worker is not None and options.threads_per_worker < 1:
         raise PetlbenchError(f"threads per worker must be at least 1, got {options.threads_per_worker}.")
+    if isinstance(options.pack, bool) or not isinstance(options.pack, int) or options.pack < 1:
+        raise PetlbenchError(f"--pack must be a whole number of runs of at least 1, got {options.pack!r}. "
+                             "Fix: --pack 1 (one run at a time) or e.g. --pack 3 to train three seeds together.")
     if options.slurm_time_min < 1:
         raise PetlbenchError(f"--slurm-time must be at least 1 minute, got {options.slurm_time_min}.")
     if options.slurm_gpus_per_task < 0:
@@ -188,6 +196,25 @@ def call_guarded(execute: ExecuteFn, spec: RunSpec) -> dict[str, Any]:
     if not isinstance(record, dict):
         return record_crash(spec, started, "TypeError", f"execute returned {type(record).__name__}, not a record")
     return record
+
+
+def each(execute: ExecuteFn, specs: list[RunSpec]) -> list[dict[str, Any]]:
+    """A pack run one spec at a time through a per-spec ``execute`` (top-level: pickles as a partial)."""
+    return [call_guarded(execute, spec) for spec in specs]
+
+
+def call_guarded_group(execute: GroupExecuteFn, specs: list[RunSpec]) -> list[dict[str, Any]]:
+    """Run a pack; an exception, or a wrong answer, becomes one failed record per member (an
+    engine record written meanwhile is kept)."""
+    started = time.time()
+    try:
+        records = execute(specs)
+    except Exception as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return [record_crash(s, started, type(exc).__name__, message) for s in specs]
+    if not isinstance(records, list) or len(records) != len(specs) or not all(isinstance(r, dict) for r in records):
+        return [record_crash(s, started, "TypeError", "execute returned no record per run of the pack") for s in specs]
+    return records
 
 
 # --------------------------------------------------------------------------------------------

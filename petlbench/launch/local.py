@@ -1,9 +1,9 @@
 """The local launcher: one long-lived worker process per GPU of this machine (pinned with
 ``CUDA_VISIBLE_DEVICES``), or CPU workers sharing the cores so parallel runs do not oversubscribe them.
 
-Workers are spawned (fork would copy CUDA state and threads) and fed one run at a time through a
-pipe; a worker that dies (segfault, OOM killer) costs only its run, which becomes a failed record,
-and a fresh worker takes its place for the remaining runs.
+Workers are spawned (fork would copy CUDA state and threads) and fed one pack at a time (one run,
+or ``--pack`` runs trained together) through a pipe; a worker that dies (segfault, OOM killer) costs
+only its pack, whose runs become failed records, and a fresh worker takes its place for the rest.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from petlbench.launch.common import (
     PARALLEL_VAR,
     THREAD_VARS,
     DoneFn,
-    ExecuteFn,
+    GroupExecuteFn,
     LaunchOptions,
     StartFn,
-    call_guarded,
+    call_guarded_group,
     cuda_index,
     record_crash,
     sigterm_raises,
@@ -172,8 +172,9 @@ def _set_parent_death_signal() -> None:
         pass
 
 
-def _worker_main(conn: Any, execute: ExecuteFn, env: dict[str, str], threads: int) -> None:
-    """A long-lived worker: receive (index, spec dict), run it, send (index, record); None stops it."""
+def _worker_main(conn: Any, execute: GroupExecuteFn, env: dict[str, str], threads: int) -> None:
+    """A long-lived worker: receive (index, spec dicts of a pack), run it, send (index, records);
+    None stops it."""
     os.environ.update(env)  # already inherited at spawn; repeated for spawn methods that don't
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it terminates us on Ctrl-C
     _set_parent_death_signal()
@@ -190,9 +191,9 @@ def _worker_main(conn: Any, execute: ExecuteFn, env: dict[str, str], threads: in
             return
         if message is None:
             return
-        index, spec_dict = message
-        record = call_guarded(execute, RunSpec.from_dict(spec_dict))
-        conn.send((index, record))
+        index, spec_dicts = message
+        records = call_guarded_group(execute, [RunSpec.from_dict(d) for d in spec_dicts])
+        conn.send((index, records))
 
 
 @contextlib.contextmanager
@@ -233,16 +234,17 @@ class _Worker:
 
 
 def launch_local(
-    specs: list[RunSpec], options: LaunchOptions, execute: ExecuteFn, on_start: StartFn, on_done: DoneFn
-) -> list[dict[str, Any]]:
-    """Run ``specs`` on the planned worker slots; returns the records in spec order."""
+    groups: list[list[RunSpec]], options: LaunchOptions, execute: GroupExecuteFn, on_start: StartFn,
+    on_done: DoneFn,
+) -> list[list[dict[str, Any]] | None]:
+    """Run the packs in ``groups`` on the planned worker slots; returns their records, per group."""
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
     ctx = mp.get_context("spawn")  # fork would copy CUDA state and threads; spawn starts clean
-    slots = plan_local_slots(options, len(specs))
-    pending: deque[int] = deque(range(len(specs)))
-    results: list[dict[str, Any] | None] = [None] * len(specs)
+    slots = plan_local_slots(options, len(groups))
+    pending: deque[int] = deque(range(len(groups)))
+    results: list[list[dict[str, Any]] | None] = [None] * len(groups)
     workers: list[_Worker] = []
 
     def start_worker(slot: Slot) -> _Worker:
@@ -255,7 +257,7 @@ def launch_local(
         return _Worker(slot, process, parent_conn)
 
     def assign(worker: _Worker) -> None:
-        """Give the worker the next run, or tell it to stop."""
+        """Give the worker the next pack, or tell it to stop."""
         if not pending:
             worker.index = None
             with contextlib.suppress(OSError):
@@ -263,13 +265,15 @@ def launch_local(
             return
         index = pending.popleft()
         worker.index, worker.started_at = index, time.time()
-        on_start(specs[index])
-        with contextlib.suppress(OSError):  # died between runs: its sentinel reports it as this run's
-            worker.conn.send((index, specs[index].to_dict()))
+        for spec in groups[index]:
+            on_start(spec)
+        with contextlib.suppress(OSError):  # died between runs: its sentinel reports it as this pack's
+            worker.conn.send((index, [spec.to_dict() for spec in groups[index]]))
 
-    def finish(index: int, record: dict[str, Any]) -> None:
-        results[index] = record
-        on_done(specs[index], record)
+    def finish(index: int, records: list[dict[str, Any]]) -> None:
+        results[index] = records
+        for spec, record in zip(groups[index], records, strict=True):
+            on_done(spec, record)
 
     def retire(worker: _Worker) -> None:
         workers.remove(worker)
@@ -299,8 +303,8 @@ def launch_local(
                         except (EOFError, OSError):  # pipe closed: the process is going away
                             dead = True
                     if got is not None:
-                        index, record = got
-                        finish(index, record)
+                        index, records = got
+                        finish(index, records)
                         assign(worker)
                         if worker.index is None:
                             retire(worker)
@@ -312,18 +316,18 @@ def launch_local(
                         index = worker.index
                         assert index is not None
                         reason = _death_reason(worker.process.exitcode)
-                        record = record_crash(specs[index], worker.started_at, "WorkerDied",
-                                               f"{reason} ({worker.slot.name})")
+                        records = [record_crash(spec, worker.started_at, "WorkerDied",
+                                                f"{reason} ({worker.slot.name})") for spec in groups[index]]
                         worker.index = None
                         retire(worker)
-                        finish(index, record)
+                        finish(index, records)
                         if pending:  # a fresh process for the same GPU / core share
                             replacement = start_worker(worker.slot)
                             workers.append(replacement)
                             assign(replacement)
         finally:
             _stop_workers(workers)
-    return [r for r in results if r is not None]
+    return results  # a pack that never finished (only on an exception) stays None
 
 
 def _stop_workers(workers: list[_Worker]) -> None:

@@ -1,4 +1,5 @@
-"""The slurm launcher: one array task per run through submitit, polled with ``squeue``.
+"""The slurm launcher: one array task per pack (one run, or ``--pack`` runs trained together)
+through submitit, polled with ``squeue``.
 
 Slurm is checked (tools on PATH, submitit installed, ``sinfo`` answers, the partition exists)
 before anything is submitted. A job that ends without a result (killed, OOM, node failure,
@@ -23,10 +24,10 @@ from petlbench.errors import PetlbenchError, did_you_mean
 from petlbench.launch.common import (
     THREAD_VARS,
     DoneFn,
-    ExecuteFn,
+    GroupExecuteFn,
     LaunchOptions,
     StartFn,
-    call_guarded,
+    call_guarded_group,
     log,
     record_crash,
     sigterm_raises,
@@ -120,21 +121,21 @@ except ImportError:  # submitit is only needed for the slurm launcher
 
 
 class SlurmRun(_CheckpointableBase):  # type: ignore[misc,valid-type]
-    """The callable each array task runs. Checkpointable, so on preemption (or time-out) submitit
-    requeues it: the run restarts from scratch, which is safe because a record is only written
-    when a run ends."""
+    """The callable each array task runs: one pack (spec dicts in, one record per spec out).
+    Checkpointable, so on preemption (or time-out) submitit requeues it: the pack restarts from
+    scratch, which is safe because a record is only written when a run ends."""
 
-    def __init__(self, execute: ExecuteFn) -> None:
+    def __init__(self, execute: GroupExecuteFn) -> None:
         self.execute = execute
 
-    def __call__(self, spec_dict: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, spec_dicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         _slurm_job_setup()
-        return call_guarded(self.execute, RunSpec.from_dict(spec_dict))
+        return call_guarded_group(self.execute, [RunSpec.from_dict(d) for d in spec_dicts])
 
-    def checkpoint(self, spec_dict: dict[str, Any]) -> Any:
+    def checkpoint(self, spec_dicts: list[dict[str, Any]]) -> Any:
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(self, spec_dict)
+        return DelayedSubmission(self, spec_dicts)
 
 
 _SLURM_ENDED = {
@@ -213,24 +214,27 @@ def _result_ready(task: _SlurmTask) -> bool:
     return written >= task.submitted_at - 60
 
 
-def _slurm_result(task: _SlurmTask, spec: RunSpec) -> dict[str, Any]:
-    """The record a finished job returned, or a failed record saying why there is none."""
+def _slurm_result(task: _SlurmTask, group: list[RunSpec]) -> list[dict[str, Any]]:
+    """The records a finished job returned, or failed records saying why there are none."""
     from submitit.core.utils import UncompletedJobError
 
+    def crashed(error_type: str, message: str) -> list[dict[str, Any]]:
+        return [record_crash(spec, task.submitted_at, error_type, message) for spec in group]
+
     try:
-        record = task.job.result()
+        records = task.job.result()
     except UncompletedJobError as exc:  # FailedJobError included: the callable raised in the job
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip() and not set(ln.strip()) <= {"-"}]
-        message = f"Slurm job {task.job.job_id}: " + (lines[-3] if len(lines) >= 3 else " ".join(lines))
-        return record_crash(spec, task.submitted_at, type(exc).__name__, message)
+        return crashed(type(exc).__name__,
+                       f"Slurm job {task.job.job_id}: " + (lines[-3] if len(lines) >= 3 else " ".join(lines)))
     except Exception as exc:  # unreadable result pickle and the like
-        return record_crash(spec, task.submitted_at, type(exc).__name__, f"Slurm job {task.job.job_id}: {exc}")
-    if not isinstance(record, dict):
-        return record_crash(spec, task.submitted_at, "TypeError", f"Slurm job {task.job.job_id} returned no record")
-    return record
+        return crashed(type(exc).__name__, f"Slurm job {task.job.job_id}: {exc}")
+    if not isinstance(records, list) or len(records) != len(group) or not all(isinstance(r, dict) for r in records):
+        return crashed("TypeError", f"Slurm job {task.job.job_id} returned no record per run")
+    return records
 
 
-def _slurm_lost(task: _SlurmTask, spec: RunSpec) -> dict[str, Any]:
+def _slurm_lost(task: _SlurmTask, group: list[RunSpec]) -> list[dict[str, Any]]:
     """A job that ended at the Slurm level (killed, OOM, node failure, cancelled) without a result."""
     job = task.job
     state = task.ended_state or _sacct_state(job.job_id) or "unknown state (no longer in squeue)"
@@ -242,7 +246,7 @@ def _slurm_lost(task: _SlurmTask, spec: RunSpec) -> dict[str, Any]:
     if detail:
         message += f"; stderr tail: {detail}"
     message += f"; logs: {job.paths.stderr}"
-    return record_crash(spec, task.submitted_at, "UncompletedJobError", message)
+    return [record_crash(spec, task.submitted_at, "UncompletedJobError", message) for spec in group]
 
 
 def _scancel(job_ids: Sequence[str]) -> None:
@@ -254,35 +258,42 @@ def _scancel(job_ids: Sequence[str]) -> None:
 
 
 def launch_slurm(
-    specs: list[RunSpec], options: LaunchOptions, execute: ExecuteFn, on_start: StartFn, on_done: DoneFn
-) -> list[dict[str, Any]]:
-    """Submit ``specs`` as job arrays and wait for them; returns the records in spec order."""
+    groups: list[list[RunSpec]], options: LaunchOptions, execute: GroupExecuteFn, on_start: StartFn,
+    on_done: DoneFn,
+) -> list[list[dict[str, Any]] | None]:
+    """Submit the packs in ``groups`` as job arrays (one task each) and wait for them; returns
+    their records, per group."""
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-    folder = Path(options.slurm_folder or Path(specs[0].output) / ".slurm").absolute()
+    folder = Path(options.slurm_folder or Path(groups[0][0].output) / ".slurm").absolute()
     folder.mkdir(parents=True, exist_ok=True)
     executor = make_slurm_executor(folder, options)
     runner = SlurmRun(execute)
-    results: list[dict[str, Any] | None] = [None] * len(specs)
+    results: list[list[dict[str, Any]] | None] = [None] * len(groups)
     tasks: dict[int, _SlurmTask] = {}
     array_ids: list[str] = []
 
-    def finish(index: int, record: dict[str, Any]) -> None:
+    def start(index: int) -> None:
+        for spec in groups[index]:
+            on_start(spec)
+
+    def finish(index: int, records: list[dict[str, Any]]) -> None:
         task = tasks.get(index)
         if task is None or not task.started:  # ended before a poll saw it running
             if task is not None:
                 task.started = True
-            on_start(specs[index])
-        results[index] = record
-        on_done(specs[index], record)
+            start(index)
+        results[index] = records
+        for spec, record in zip(groups[index], records, strict=True):
+            on_done(spec, record)
 
     with sigterm_raises():
         try:
             size = max(1, options.slurm_max_array_size)
-            for first in range(0, len(specs), size):
-                chunk = list(range(first, min(first + size, len(specs))))
+            for first in range(0, len(groups), size):
+                chunk = list(range(first, min(first + size, len(groups))))
                 try:
-                    jobs = executor.map_array(runner, [specs[i].to_dict() for i in chunk])
+                    jobs = executor.map_array(runner, [[s.to_dict() for s in groups[i]] for i in chunk])
                 except (FailedJobError, FailedSubmissionError, subprocess.SubprocessError, OSError) as exc:
                     reason = str(exc).strip().splitlines()
                     reason_line = reason[-1] if reason else type(exc).__name__
@@ -292,14 +303,14 @@ def launch_slurm(
                             "--slurm-account/--slurm-qos/--slurm-time, or use --launcher local."
                         ) from exc
                     for i in chunk:
-                        finish(i, record_crash(specs[i], time.time(), "FailedSubmissionError",
-                                                f"sbatch failed: {reason_line}"))
+                        finish(i, [record_crash(s, time.time(), "FailedSubmissionError", f"sbatch failed: {reason_line}")
+                                   for s in groups[i]])
                     continue
                 now = time.time()
                 for i, job in zip(chunk, jobs, strict=True):
                     tasks[i] = _SlurmTask(i, job, now)
                 array_ids.append(str(jobs[0].job_id).split("_")[0])
-            log.info("submitted %d run(s) as Slurm job(s) %s", len(tasks), ", ".join(array_ids))
+            log.info("submitted %d pack(s) of run(s) as Slurm job(s) %s", len(tasks), ", ".join(array_ids))
 
             delay = 1.0
             while any(results[i] is None for i in tasks):
@@ -310,7 +321,7 @@ def launch_slurm(
                     if results[i] is not None:
                         continue
                     if _result_ready(task):
-                        finish(i, _slurm_result(task, specs[i]))
+                        finish(i, _slurm_result(task, groups[i]))
                         continue
                     if states is None:
                         continue
@@ -324,7 +335,7 @@ def launch_slurm(
                         state, reason = entry
                         if state in _SLURM_RUNNING and not task.started:
                             task.started = True
-                            on_start(specs[i])
+                            start(i)
                         if state in _SLURM_ENDED:
                             if task.ended_since is None:
                                 task.ended_since = now
@@ -332,7 +343,7 @@ def launch_slurm(
                         else:  # requeued after preemption: it lives again
                             task.ended_since, task.ended_state = None, ""
                     if task.ended_since is not None and now - task.ended_since >= _RESULT_GRACE_S:
-                        finish(i, _slurm_lost(task, specs[i]))
+                        finish(i, _slurm_lost(task, groups[i]))
                 if any(results[i] is None for i in tasks):
                     time.sleep(delay)
                     delay = min(delay * 1.5, max(1.0, options.slurm_poll_s))
@@ -340,4 +351,4 @@ def launch_slurm(
             if options.slurm_cancel_on_interrupt:
                 _scancel(sorted({str(t.job.job_id).split("_")[0] for i, t in tasks.items() if results[i] is None}))
             raise
-    return [r for r in results if r is not None]
+    return results  # a pack that never finished (only on an exception) stays None
