@@ -45,7 +45,7 @@ window.addEventListener("load", function () {
     var b = box(img); b.complete = img.complete; b.natural = img.naturalWidth; return b; });
   out.order = names(table);
   var ths = Array.prototype.slice.call(table.querySelectorAll("thead tr.cols th"));
-  var cifar = ths.filter(function (th) { return th.textContent.trim() === "cifar"; })[0];
+  var cifar = ths.filter(function (th) { return th.textContent.trim() === "CIFAR-100"; })[0];
   cifar.click();
   out.cifar_first = names(table);
   out.cifar_aria = cifar.getAttribute("aria-sort");
@@ -104,12 +104,13 @@ def test_visible_table_plots_and_sorting(page, tmp_path):
     for img in probe["images"]:
         assert img["visible"] and img["complete"] and img["natural"] > 300 and img["w"] > 300 and img["h"] > 200
     hostile = html.unescape(HTML_HOSTILE)
-    assert probe["order"] == ["linear", "lora", "arc†", "my_m&th%d#1", hostile]
-    # cifar: linear 56.1, lora 64.1, arc 71.8, my_m&th%d#1 67.8, hostile 10.0. First click: best first.
+    # Display names; the legacy-protocol row (ARC†, selected on test) comes after the honest rows.
+    assert probe["order"] == ["Linear probing", "LoRA", "my_m&th%d#1", hostile, "ARC†"]
+    # CIFAR-100: linear 56.1, lora 64.1, arc 71.8, my_m&th%d#1 67.8, hostile 10.0. First click: best first.
     assert probe["cifar_aria"] == "descending"
-    assert probe["cifar_first"] == ["arc†", "my_m&th%d#1", "lora", "linear", hostile]
+    assert probe["cifar_first"] == ["ARC†", "my_m&th%d#1", "LoRA", "Linear probing", hostile]
     assert probe["cifar_second"] == list(reversed(probe["cifar_first"]))
-    assert probe["by_name"] == ["arc†", "linear", "lora", "my_m&th%d#1", hostile]
+    assert probe["by_name"] == ["ARC†", "Linear probing", "LoRA", "my_m&th%d#1", hostile]
 
 
 def test_screenshot_is_not_blank(page, tmp_path):
