@@ -11,13 +11,7 @@ from __future__ import annotations
 import pytest
 
 import petlbench
-
-VIT_B = "vit_base_patch16_224"
-
-
-def counts(method: str, backbone: str = VIT_B, num_classes: int = 100, **hp) -> petlbench.ParamCounts:
-    model = petlbench.create_model(backbone, method, num_classes, device="meta", **hp)
-    return petlbench.count_params(model)
+from tests.test_counts import VIT_B, counts
 
 
 @pytest.mark.parametrize(
