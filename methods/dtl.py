@@ -89,10 +89,12 @@ def parse_blocks(method: str, text: str, depth: int, default: list[int], option:
 
 
 class SideNetwork(nn.Module):
-    """The DTL side branch. ``parts`` holds this forward pass's B_i A_i x_i until the last addition.
+    """The DTL side branch. ``running`` holds this forward pass's R per stage until the last addition.
 
     ``lora_blocks``/``add_blocks``/``stage_of`` index the backbone's blocks; R sums only within a
-    stage (on Swin the width changes between stages and the official code restarts R at 0).
+    stage (on Swin the width changes between stages and the official code restarts R at 0). R is
+    a running sum, as in the official forward: each lora block adds its B A x once, and the first
+    lora block of a stage restarts it, so a stale R from an interrupted pass is never read.
     """
 
     def __init__(self, dims: dict[int, int], stage_of: dict[int, int], rank: int, beta: float,
@@ -112,12 +114,18 @@ class SideNetwork(nn.Module):
         })
         self.beta = beta
         self.prefix = prefix
-        self.parts: dict[int, torch.Tensor] = {}
+        self.first_lora: dict[int, int] = {}  # stage -> its first lora block
+        for i in lora_blocks:
+            self.first_lora.setdefault(stage_of[i], i)
+        self.running: dict[int, torch.Tensor] = {}
 
     def collect(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        """Pre-hook of block ``lora_blocks[slot]``: remember B A x, pass x through unchanged."""
+        """Pre-hook of block ``lora_blocks[slot]``: add B A x to its stage's R, pass x through unchanged."""
         a, b = self.lora_a[slot].to(x.dtype), self.lora_b[slot].to(x.dtype)
-        self.parts[slot] = F.linear(F.linear(x, a), b)
+        block = self.lora_blocks[slot]
+        stage = self.stage_of[block]
+        part = F.linear(F.linear(x, a), b)
+        self.running[stage] = part if self.first_lora[stage] == block else self.running[stage] + part
         return x
 
     def _fuse(self, conv: nn.Conv2d, r: torch.Tensor) -> torch.Tensor:
@@ -132,13 +140,11 @@ class SideNetwork(nn.Module):
     def add(self, block: int, x: torch.Tensor) -> torch.Tensor:
         """Output hook of an add block: x + F(swish(R_block))."""
         stage = self.stage_of[block]
-        parts = [p for slot, p in self.parts.items()
-                 if self.lora_blocks[slot] <= block and self.stage_of[self.lora_blocks[slot]] == stage]
+        r = self.running.get(stage) if self.first_lora.get(stage, block + 1) <= block else None
         if block == self.add_blocks[-1]:
-            self.parts = {}
-        if not parts:
+            self.running = {}
+        if r is None:
             return x
-        r = torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
         r = r * torch.sigmoid(r * self.beta)
         if str(stage) in self.fusion:
             r = self._fuse(self.fusion[str(stage)], r)

@@ -226,9 +226,11 @@ def test_convpass_swin_matches_official_block(images: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------------ DTL
+@pytest.mark.parametrize("add_blocks", ["1", "0-1"])
 @pytest.mark.parametrize("method,fusion", [("dtl", 0), ("dtl_plus", 3)])
-def test_dtl_matches_official_forward(method: str, fusion: int, images: torch.Tensor) -> None:
-    model = build(method, lora_blocks="0-1", add_blocks="1")
+def test_dtl_matches_official_forward(method: str, fusion: int, add_blocks: str, images: torch.Tensor) -> None:
+    model = build(method, lora_blocks="0-1", add_blocks=add_blocks)
+    adds = {1} if add_blocks == "1" else {0, 1}
     side = model.petl["side"]
     plain = plain_copy(model)
     assert (len(side.fusion) > 0) == bool(fusion)
@@ -238,7 +240,7 @@ def test_dtl_matches_official_forward(method: str, fusion: int, images: torch.Te
         for bid, blk in enumerate(plain.blocks):
             residuals = residuals + x @ side.lora_a[bid].T @ side.lora_b[bid].T
             x = blk(x)
-            if bid == 1:
+            if bid in adds:
                 act = residuals * torch.sigmoid(residuals * 100.0)
                 if fusion:
                     b, n, c = act.shape
@@ -252,6 +254,15 @@ def test_dtl_matches_official_forward(method: str, fusion: int, images: torch.Te
     assert model.pooling == "mean_patch_tokens_then_norm"
     assert petlbench.create_model(*BACKBONES["vit"][:1], "lora", 5, backbone_kwargs=BACKBONES["vit"][1]).pooling \
         == "cls_token"
+
+
+def test_dtl_never_reads_a_stale_running_sum(images: torch.Tensor) -> None:
+    """An add block before the stage's first lora block adds nothing, even after an interrupted pass."""
+    model = build("dtl", lora_blocks="1", add_blocks="0-1")
+    with torch.no_grad():
+        clean = model(images)
+        model.petl["side"].running = {0: torch.full((1, 1, model.backbone.blocks[0].dim), 1e3)}  # broadcasts
+        torch.testing.assert_close(model(images), clean, rtol=0, atol=0)
 
 
 def test_dtl_default_blocks_follow_the_paper_on_vit_b_and_swin_b() -> None:
