@@ -213,6 +213,5 @@ class AdapterPlus(Method):
         yield from petl.parameters()
         yield from backbone.head_parameters()
         if self.hp.train_layernorm:
-            for module in backbone.model.modules():
-                if isinstance(module, nn.LayerNorm):
-                    yield from module.parameters()
+            for norm in backbone.layernorms:
+                yield from norm.parameters()

@@ -3,7 +3,7 @@
 The "LayerNorm tuning" baseline as PETL_Vision runs it (OSU-MLB/PETL_Vision
 ``experiment/build_model.py``: every parameter of a ``norm`` module trains): each block's norm1
 and norm2 and the final norm; on Swin also the patch-embedding and patch-merging norms. The
-norms are found by type (``nn.LayerNorm``), never by name. ViT-B/16: 12 * 2 * 1536 + 1536 =
+norms are :attr:`Backbone.layernorms` (found by type, never by name). ViT-B/16: 12 * 2 * 1536 + 1536 =
 38,400 parameters (0.04 M). The tuned values live in the plain model's own tensors, so merging
 is free (the adapted model is already a plain timm model).
 """
@@ -17,11 +17,6 @@ from torch import nn
 from petlbench import Backbone, Method
 
 
-def layernorm_parameters(backbone: Backbone) -> list[nn.Parameter]:
-    """Affine parameters of every LayerNorm in the backbone (the head is a Linear, never included)."""
-    return [p for m in backbone.model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)]
-
-
 class LNTune(Method):
     name = "ln_tune"
     display_name = "LN-tune"
@@ -32,7 +27,8 @@ class LNTune(Method):
     mergeable = True
 
     def trainable(self, backbone: Backbone, petl: nn.ModuleDict) -> Iterable[nn.Parameter]:
-        yield from layernorm_parameters(backbone)
+        for norm in backbone.layernorms:
+            yield from norm.parameters()
         yield from backbone.head_parameters()
 
     def merge(self, backbone: Backbone, petl: nn.ModuleDict) -> None:

@@ -163,6 +163,12 @@ class Backbone:
         return norms
 
     @property
+    def layernorms(self) -> list[nn.LayerNorm]:
+        """Every LayerNorm of the backbone, found by type: each block's norm1/norm2, the final norm;
+        Swin also the patch-embedding and patch-merging norms. The head has none."""
+        return [m for m in self.model.modules() if isinstance(m, nn.LayerNorm)]
+
+    @property
     def patch_size(self) -> int:
         return int(self.patch_proj.kernel_size[0])
 

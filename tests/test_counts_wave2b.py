@@ -58,3 +58,5 @@ def test_swin_b_counts() -> None:
     dims = [128] * 2 + [256] * 2 + [512] * 18 + [1024] * 2
     assert counts("adaptformer", swin).trainable_without_head == sum(d * 8 + 8 + 8 * d + d for d in dims)
     assert counts("convpass", swin).trainable_without_head == sum(2 * (d * 8 + 8 + 584 + 8 * d + d) for d in dims)
+    # LN-tune on Swin: block norms, the final norm, the patch-embedding norm and the three patch-merging norms (4x C).
+    assert counts("ln_tune", swin).trainable_without_head == 2 * (2 * sum(dims) + 1024 + 128 + 4 * (128 + 256 + 512))
