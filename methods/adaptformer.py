@@ -81,7 +81,10 @@ class AdaptFormer(Method):
 
     @classmethod
     def published_as(cls, suite: str, config: Mapping[str, Any]) -> str | None:
-        """The quoted VTAB rows are the bottleneck-8, s = 0.1 configuration (0.16 M)."""
+        """The quoted VTAB rows are the bottleneck-8, s = 0.1 configuration (0.16 M); every quoted row
+        is the official default without an adapter LayerNorm."""
+        if config.get("layernorm", "none") != "none":
+            return None
         if suite == "vtab" and (config.get("bottleneck") != 8 or config.get("scale") != 0.1):
             return None
         return super().published_as(suite, config)

@@ -433,6 +433,7 @@ def test_published_rows_follow_the_published_configuration() -> None:
 
     assert row("adaptformer", "vtab", "cifar") == "AdaptFormer"
     assert row("adaptformer", "vtab", "cifar", bottleneck=64) is None
+    assert row("adaptformer", "vtab", "cifar", layernorm="in") is None
     assert row("adapter_plus", "vtab", "cifar") is None  # no per-task rows shipped yet
     assert row("convpass", "vtab", "svhn") == "Convpass"
     assert row("convpass", "vtab", "svhn", positions="attn") is None
