@@ -58,14 +58,22 @@ def mlp_branch(blk, x):
 
 
 # ----------------------------------------------------------------------------------- AdaptFormer
-def test_adaptformer_matches_official_block(images: torch.Tensor) -> None:
-    model = build("adaptformer")
+@pytest.mark.parametrize("layernorm", ["none", "in", "out"])
+def test_adaptformer_matches_official_block(layernorm: str, images: torch.Tensor) -> None:
+    model = build("adaptformer", layernorm=layernorm)
     ads = model.petl["adapters"]
 
-    def block(i, blk, x):
+    def block(i, blk, x):  # custom_modules.Block (ffn_option parallel) with adapter.Adapter's layernorm options
         x = attn_res(blk, x)
         a = ads[i]
-        adapt_x = F.linear(torch.relu(F.linear(x, a.down.weight, a.down.bias)), a.up.weight, a.up.bias) * 0.1
+
+        def ln(t):  # adapter_layer_norm_before: nn.LayerNorm(d_model), default eps
+            return F.layer_norm(t, (t.shape[-1],), a.norm.weight, a.norm.bias, 1e-5)
+
+        inp = ln(x) if layernorm == "in" else x
+        adapt_x = F.linear(torch.relu(F.linear(inp, a.down.weight, a.down.bias)), a.up.weight, a.up.bias) * 0.1
+        if layernorm == "out":
+            adapt_x = ln(adapt_x)
         return x + mlp_branch(blk, x) + adapt_x
 
     with torch.no_grad():
