@@ -60,7 +60,7 @@ from petlbench.runspec import RunSpec
 __all__ = [
     "LAUNCHERS", "LaunchOptions", "SlurmRun", "check_slurm", "default_execute_group",
     "detect_gpus", "failed_record", "launch", "make_slurm_executor", "plan_groups", "plan_local_slots",
-    "slurm_parameters", "usable_cpus", "worker_device",
+    "slurm_parameters", "usable_cpus", "validate_options", "worker_device",
 ]
 
 
