@@ -305,28 +305,6 @@ def claimed_record(spec: RunSpec, busy: Busy) -> dict[str, Any]:
     return record
 
 
-def run_claimed(execute: Callable[[RunSpec], dict[str, Any]], spec: RunSpec, *, since: float) -> dict[str, Any]:
-    """Run ``spec`` through ``execute`` while holding its claim.
-
-    ``since`` is when this sweep's launch began: an ``ok`` record newer than that was written by
-    another sweep, so the run is not repeated (an older one is redone, which is what ``--force``
-    asked for). On a shared disk whose clock differs from this host's, the error is benign: a
-    record a few seconds old may count as new (not redone by ``--force``) or a new one as old
-    (redone, ok replacing ok). Top-level so that ``functools.partial(run_claimed, execute, since=...)`` pickles.
-    """
-    done = _finished_since(spec, since)
-    if done is not None:
-        return done
-    claim = acquire(spec.record_path)
-    if isinstance(claim, Busy):
-        return claimed_record(spec, claim)
-    with claim:
-        done = _finished_since(spec, since)  # finished while we were claiming
-        if done is not None:
-            return done
-        return execute(spec)
-
-
 def run_group_claimed(execute_group: Callable[[list[RunSpec]], list[dict[str, Any]]], specs: list[RunSpec], *,
                       since: float) -> list[dict[str, Any]]:
     """Run a pack of ``specs`` (runs trained together, see ``petlbench run --pack``) through
@@ -335,7 +313,12 @@ def run_group_claimed(execute_group: Callable[[list[RunSpec]], list[dict[str, An
     Every member is claimed before any trains; a member another sweep holds comes back as a
     ``claimed`` record and one another sweep finished as that sweep's record, and only the members
     this process holds train (packed if two or more are left). Returns the records in ``specs`` order.
-    Top-level so that ``functools.partial(run_group_claimed, execute_group, since=...)`` pickles.
+
+    ``since`` is when this sweep's launch began: an ``ok`` record newer than that was written by
+    another sweep, so the run is not repeated (an older one is redone, which is what ``--force``
+    asked for). On a shared disk whose clock differs from this host's, the error is benign: a
+    record a few seconds old may count as new (not redone by ``--force``) or a new one as old
+    (redone, ok replacing ok). Top-level so that ``functools.partial(run_group_claimed, execute_group, since=...)`` pickles.
     """
     out: list[dict[str, Any] | None] = [None] * len(specs)
     held: list[tuple[int, Claim]] = []

@@ -251,10 +251,18 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
     import time
 
     from petlbench import sweep
-    from petlbench.launch import LaunchOptions
+    from petlbench.launch import LaunchOptions, validate_options, worker_device
 
     started = time.perf_counter()
     pack = _pack(pack_text)
+    options = LaunchOptions(
+        workers=workers, device=device, slurm_partition=slurm_partition, slurm_time_min=slurm_time_min,
+        slurm_account=slurm_account, slurm_qos=slurm_qos, slurm_gpus_per_task=slurm_gpus_per_task,
+        slurm_array_parallelism=slurm_array_parallelism, slurm_folder=str(Path(output) / ".slurm"),
+        pack=pack, pack_tune=pack_tune,
+    )
+    validate_options(options)  # --device gpu is one line before data or weights (and in --dry-run too)
+    worker_device(launcher, options)
     if not dry_run:  # a results folder that cannot hold records: say so before data, weights or training
         from petlbench.records import check_output
 
@@ -284,12 +292,6 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
                 click.echo(f"pack {n}: {' + '.join(todo[i].label for i in group)}"
                            + ("" if len(group) > 1 else "  (alone)"))
         return
-    options = LaunchOptions(
-        workers=workers, device=device, slurm_partition=slurm_partition, slurm_time_min=slurm_time_min,
-        slurm_account=slurm_account, slurm_qos=slurm_qos, slurm_gpus_per_task=slurm_gpus_per_task,
-        slurm_array_parallelism=slurm_array_parallelism, slurm_folder=str(Path(output) / ".slurm"),
-        pack=pack, pack_tune=pack_tune,
-    )
     try:
         ran = sweep.execute(plan, todo, launcher, options, quiet=quiet, device=device)
     except KeyboardInterrupt:

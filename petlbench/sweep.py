@@ -350,13 +350,21 @@ def code_notes(plan_: Plan, force: bool = False) -> list[str]:
 
 
 def execute(plan_: Plan, todo: list[RunSpec], launcher: str = "inline", options: Any = None, *,
-            quiet: bool = False, device: str = "auto") -> list[dict[str, Any]]:
-    """Run ``todo`` (see :func:`pending`); returns the records of the runs made."""
+            quiet: bool = False, device: str | None = None) -> list[dict[str, Any]]:
+    """Run ``todo`` (see :func:`pending`); returns the records of the runs made.
+
+    ``device``, when given, replaces ``options.device``: every run, packed or not, uses the one device.
+    """
+    import dataclasses
+
     from petlbench.launch import LaunchOptions, launch
 
     progress = Progress(len(plan_.specs), len(plan_.specs) - len(todo), quiet)
     if options is None:
         options = LaunchOptions()
+    if device is not None:
+        options = dataclasses.replace(options, device=device)
+    device = options.device  # inline: the engine's device is the option's (see launch.worker_device)
     run_fn = None
     if launcher == "inline" and options.pack <= 1:  # packs use the launcher's packed engine (no epoch bar)
         def run_fn(spec: RunSpec) -> dict[str, Any]:

@@ -98,9 +98,11 @@ def test_run_finished_by_another_sweep_during_this_one_is_not_repeated(tmp_path:
     since = time.time() - 1.0  # this sweep's launch began a moment before the other sweep's record
     write_record(spec.record_path, _record(spec, "ok"))
     calls = Calls()
-    record = claims.run_claimed(calls, spec, since=since)
-    assert record["status"] == "ok" and calls.executed == []
-    assert claims.run_claimed(calls, spec, since=time.time() + 60) and calls.executed == [0]  # --force redoes it
+    def run(since: float) -> dict:
+        return claims.run_group_claimed(lambda specs: [calls(s) for s in specs], [spec], since=since)[0]
+
+    assert run(since)["status"] == "ok" and calls.executed == []
+    assert run(time.time() + 60) and calls.executed == [0]  # --force redoes it
     assert read_record(spec.record_path)["status"] == "ok"
 
 

@@ -69,6 +69,12 @@ def test_params_table_with_presets() -> None:
         (["params", "-m", "lora", "--suite", "vtab", "--backbone-arg", "img_size=32"],
          "does not take the suite's 224x224 inputs"),
         (["bench", "-m", "lroa"], "Did you mean 'lora'"),
+        (["run", "-s", "demo", "-m", "arc", "--pack", "0"], "--pack '0' is not a number of runs"),
+        # launcher options are checked before the plan, so --dry-run rejects them too
+        (["run", "-s", "demo", "-m", "arc", "--dry-run", "--device", "gpu"], "unknown device 'gpu'"),
+        (["run", "-s", "demo", "-m", "arc", "--dry-run", "--device", "cuda:x"], "is not cuda:<index>"),
+        (["run", "-s", "demo", "-m", "arc", "--dry-run", "--launcher", "slurm", "--device", "cuda",
+          "--slurm-gpus-per-task", "0"], "the jobs get no GPU"),
     ],
 )
 def test_user_errors_are_one_line(args: list[str], needle: str) -> None:

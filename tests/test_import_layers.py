@@ -5,6 +5,7 @@ whether a name exists yet, and hides which layer owns what."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,25 +14,33 @@ ROOT = Path(__file__).resolve().parents[1] / "petlbench"
 
 
 def internal_imports(package: str) -> dict[str, set[str]]:
-    """{module: the modules of the same package it imports}, lazy (in-function) imports included."""
+    """{module: the modules of the same package it imports}, lazy (in-function) imports included.
+    The package itself is the node ``__init__``: a module that imports a name from the package
+    (``from petlbench.launch import x``, ``from . import x``) depends on it."""
     folder = ROOT / package
-    names = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
-    prefix = f"petlbench.{package}."
+    names = {p.stem for p in folder.glob("*.py")}
+    pkg = f"petlbench.{package}"
+    prefix = f"{pkg}."
+
+    def module_or_package(name: str) -> str:
+        return name if name in names else "__init__"
+
     graph: dict[str, set[str]] = {}
     for name in names:
         tree = ast.parse((folder / f"{name}.py").read_text(encoding="utf-8"))
         deps: set[str] = set()
         for node in ast.walk(tree):
             targets: list[str] = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                if node.level:  # relative: from .x import y / from . import x
-                    targets = [node.module] if node.module else [a.name for a in node.names]
-                elif node.module.startswith(prefix):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:  # relative: from .x import y / from . import x
+                    targets = [node.module] if node.module else [module_or_package(a.name) for a in node.names]
+                elif node.module and node.module.startswith(prefix):
                     targets = [node.module[len(prefix):]]
-                elif node.module == prefix[:-1]:
-                    targets = [a.name for a in node.names]
+                elif node.module == pkg:
+                    targets = [module_or_package(a.name) for a in node.names]
             elif isinstance(node, ast.Import):
-                targets = [a.name[len(prefix):] for a in node.names if a.name.startswith(prefix)]
+                targets = [a.name[len(prefix):] if a.name.startswith(prefix) else "__init__"
+                           for a in node.names if a.name == pkg or a.name.startswith(prefix)]
             deps.update(t.split(".")[0] for t in targets if t.split(".")[0] in names)
         deps.discard(name)
         graph[name] = deps
@@ -86,3 +95,18 @@ def test_launchers_only_share_common() -> None:
     for name in ("inline", "local", "slurm"):
         assert graph[name] == {"common"}, name
     assert graph["common"] == set()
+    assert graph["__init__"] >= {"common", "inline", "local", "slurm"}  # the parser follows the package's imports
+
+
+def test_a_module_importing_from_its_package_is_a_circle(tmp_path, monkeypatch) -> None:
+    """``from petlbench.launch import x`` inside launch/local.py reaches launch/__init__.py, which
+    imports local: the parser must see that edge, not only module-to-module ones."""
+    folder = tmp_path / "launch"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("from petlbench.launch.local import run\n")
+    (folder / "local.py").write_text("def run():\n    from petlbench.launch import plan\n")
+    (folder / "other.py").write_text("from . import local\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    graph = internal_imports("launch")
+    assert graph == {"__init__": {"local"}, "local": {"__init__"}, "other": {"local"}}
+    assert find_cycle(graph) == ["__init__", "local", "__init__"]

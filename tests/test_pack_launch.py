@@ -183,3 +183,31 @@ def test_pack_tune_reaches_the_engine(tmp_path: Path) -> None:
     (record,) = records(out).values()
     assert record["metrics"]["tuning"]["packed"] is True
     assert "packed_runs" not in record["efficiency"]  # a tune run is never packed with other runs
+
+
+@pytest.mark.parametrize("pack", [1, 2])
+def test_sweep_runs_on_the_options_device_packed_or_not(tmp_path: Path, monkeypatch, pack: int) -> None:
+    """sweep.execute inline: --pack 1 (the per-run engine with an epoch bar) and --pack 2 (the packed
+    engine) both run on ``options.device``; a ``device`` argument replaces it for both."""
+    from petlbench import runner, sweep
+
+    seen: list[str] = []
+
+    def engine(spec: RunSpec, quiet: bool = True, device: str = "auto", **_kw: Any) -> dict[str, Any]:
+        seen.append(device)
+        return fake_pack([spec])[0]
+
+    def packed(specs: list[RunSpec], quiet: bool = True, device: str = "auto", **_kw: Any) -> list[dict[str, Any]]:
+        seen.extend(device for _ in specs)
+        return fake_pack(specs)
+
+    monkeypatch.setattr(runner, "execute_spec", engine)
+    monkeypatch.setattr(runner, "execute_packed", packed)
+    specs = [make_spec(tmp_path / "a", seed=s) for s in (0, 1)]
+    plan = sweep.Plan(specs, None, tmp_path, "vtab1k", "micro", None, None)
+    sweep.execute(plan, specs, "inline", LaunchOptions(device="cpu", pack=pack), quiet=True)
+    assert seen == ["cpu", "cpu"]
+    seen.clear()
+    specs = [make_spec(tmp_path / "b", seed=s) for s in (0, 1)]
+    sweep.execute(plan, specs, "inline", LaunchOptions(device="auto", pack=pack), quiet=True, device="cpu")
+    assert seen == ["cpu", "cpu"]

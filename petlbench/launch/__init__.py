@@ -58,17 +58,10 @@ from petlbench.records import check_output
 from petlbench.runspec import RunSpec
 
 __all__ = [
-    "LAUNCHERS", "LaunchOptions", "SlurmRun", "check_slurm", "default_execute", "default_execute_group",
+    "LAUNCHERS", "LaunchOptions", "SlurmRun", "check_slurm", "default_execute_group",
     "detect_gpus", "failed_record", "launch", "make_slurm_executor", "plan_groups", "plan_local_slots",
-    "slurm_parameters", "usable_cpus", "worker_device",
+    "slurm_parameters", "usable_cpus", "validate_options", "worker_device",
 ]
-
-
-def default_execute(spec: RunSpec, device: str = "auto") -> dict[str, Any]:
-    """The engine, imported lazily so that importing the launchers (and pickling this) stays cheap."""
-    from petlbench.runner import execute_spec
-
-    return execute_spec(spec, quiet=True, device=device)
 
 
 def default_execute_group(specs: list[RunSpec], device: str = "auto", pack_tune: bool = False) -> list[dict[str, Any]]:

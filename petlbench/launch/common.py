@@ -30,9 +30,9 @@ GroupExecuteFn = Callable[[list[RunSpec]], list[dict[str, Any]]]
 StartFn = Callable[[RunSpec], Any]
 DoneFn = Callable[[RunSpec, dict[str, Any]], Any]
 
-#: Thread-count variables set for local workers and Slurm jobs so parallel runs do not oversubscribe cores.
 #: Runs in flight at once on this machine (one per local worker), recorded with each run's train time.
 PARALLEL_VAR = "PETLBENCH_PARALLEL_RUNS"
+#: Thread-count variables set for local workers and Slurm jobs so parallel runs do not oversubscribe cores.
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 log = logging.getLogger("petlbench.launch")
