@@ -277,7 +277,7 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
         click.echo(f"{n} run{'' if n == 1 else 's'} ({n - len(todo)} already done), protocol {plan.protocol}, "
                    f"backbone {plan.backbone}, weights {plan.pretrained or 'random init'}"
                    + (f" (sha256 {plan.weights_sha256[:12]})" if plan.weights_sha256 else ""), err=True)
-    for note in sweep.code_notes(plan, force):
+    for note in sweep.resume_notes(plan, force):
         click.echo(f"note: {note}", err=True)
     if dry_run:
         for spec in plan.specs:

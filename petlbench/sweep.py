@@ -303,18 +303,22 @@ def _code_text(code: Any) -> str:
     return f"module {code.get('module')} (source {str(code.get('source_sha256'))[:12]})"
 
 
-def code_notes(plan_: Plan, force: bool = False) -> list[str]:
-    """What the method-code part of the runs' identity changes about this sweep, one line per method:
+def resume_notes(plan_: Plan, force: bool = False) -> list[str]:
+    """What resuming this sweep keeps and redoes beyond the plain "already done", one line per method:
 
     runs whose only finished records were made by another version of the method's code are run
     again (the old records stay, and the report shows them as rows of their own); finished runs
-    of the same version whose source file has changed since are kept, with a hint to --force.
+    of the same version whose source file has changed since are kept, with a hint to --force; so
+    are finished runs made on data at another path (the data path is not part of a run's
+    identity, so moved data is not redone, but different data under another path would be
+    taken as done: the note says so, and the report separates runs by data fingerprint).
     """
     from petlbench.records import read_record
     from petlbench.registry import method_provenance
 
     rerun: dict[str, dict[str, None]] = {}
     edited: dict[str, int] = {}
+    elsewhere: dict[str, dict[str, None]] = {}
     folders: dict[Path, list[dict[str, Any]]] = {}
     current_sha = {}
     for spec in plan_.specs:
@@ -327,6 +331,9 @@ def code_notes(plan_: Plan, force: bool = False) -> list[str]:
             if old.get("source_sha256") and current_sha[spec.method] and \
                     old["source_sha256"] != current_sha[spec.method]:
                 edited[spec.method] = edited.get(spec.method, 0) + 1
+            old_root = (record.get("provenance") or {}).get("data_root")
+            if old_root and spec.data_root and Path(old_root) != Path(spec.data_root):
+                elsewhere.setdefault(spec.method, {})[str(old_root)] = None
             continue
         folder = spec.record_path.parent
         if folder not in folders:
@@ -346,6 +353,10 @@ def code_notes(plan_: Plan, force: bool = False) -> list[str]:
     for method, n in edited.items():
         notes.append(f"method {method!r}: the source file changed since {n} finished run(s) were made, with the "
                      "same version; they are kept as done (pass --force to redo them, or bump the plugin's version)")
+    for method, roots in elsewhere.items():
+        notes.append(f"method {method!r}: finished runs made on data at {', '.join(roots)} are kept as done (the data "
+                     "path is not part of a run's identity); if that data differs from this sweep's, pass --force "
+                     "or another --output (`petlbench report` keeps runs of different data fingerprints apart)")
     return notes
 
 

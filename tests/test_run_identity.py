@@ -169,14 +169,14 @@ def test_plugin_rerun_after_a_version_bump_is_rerun(plugin_site, tmp_path):
     (spec,) = first.specs
     assert spec.method_code == {"distribution": "vbump-plugin", "version": "1.0"}
     _finish(spec)
-    assert sweep.pending(first) == [] and sweep.code_notes(first) == []
+    assert sweep.pending(first) == [] and sweep.resume_notes(first) == []
 
     _install(plugin_site, "1.1")
     bumped = sweep.plan("demo", ["vbump"], ["digits"], [0], pretrained="none", output=out, sets=FAST)
     (new,) = bumped.specs
     assert new.method_code["version"] == "1.1" and new.run_id != spec.run_id
     assert sweep.pending(bumped) == [new]  # not "already done": the old record is another version's
-    (note,) = sweep.code_notes(bumped)
+    (note,) = sweep.resume_notes(bumped)
     assert "is now vbump-plugin 1.1; its finished runs made by vbump-plugin 1.0 are run again" in note
     assert spec.record_path.is_file()  # the old record stays (the report shows it as its own row)
 
@@ -187,9 +187,9 @@ def test_edited_plugin_with_the_same_version_is_kept_with_a_hint(plugin_site, tm
     _finish(plan.specs[0])
     (plugin_site / "vbump_plugin" / "__init__.py").write_text(PLUGIN + "\n# tweaked\n")
     assert sweep.pending(plan) == []
-    (note,) = sweep.code_notes(plan)
+    (note,) = sweep.resume_notes(plan)
     assert "source file changed since 1 finished run(s) were made" in note and "--force" in note
-    assert sweep.code_notes(plan, force=True) == []
+    assert sweep.resume_notes(plan, force=True) == []
 
 
 def test_a_record_carries_identity_method_code_and_concurrency(tmp_path):
@@ -231,3 +231,22 @@ def test_dry_run_names_presets(tmp_path):
         assert code["distribution"] is None and code["module"] == __name__ and len(code["source_sha256"]) == 64
     finally:
         unregister_method("presetted_probe")
+
+
+def test_runs_finished_on_data_at_another_path_are_kept_with_a_note(tmp_path):
+    """The data path is not part of a run's identity (moved data is not redone), so resuming into a
+    folder whose runs read data elsewhere says so instead of silently calling them done."""
+    plan = sweep.plan("demo", ["lora"], ["digits"], [0], pretrained="none", output=str(tmp_path), sets=FAST)
+    (spec,) = plan.specs
+    record = base_record(spec, "ok")
+    record["provenance"]["method_code"] = registry.method_provenance("lora")
+    record["provenance"]["data_root"] = spec.data_root
+    write_record(spec.record_path, record)
+    assert sweep.pending(plan) == [] and sweep.resume_notes(plan) == []  # same data path: nothing to say
+
+    record["provenance"]["data_root"] = str(tmp_path / "other-vtab")
+    write_record(spec.record_path, record)
+    assert sweep.pending(plan) == []  # still done: a moved data folder must not redo weeks of runs
+    (note,) = sweep.resume_notes(plan)
+    assert "finished runs made on data at" in note and "other-vtab" in note and "--force" in note
+    assert sweep.resume_notes(plan, force=True) == []
