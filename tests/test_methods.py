@@ -356,3 +356,20 @@ def test_lora_qkv_with_alpha_rank_is_noahs_unscaled_update(images: torch.Tensor)
         assert torch.allclose(lora(x), expected, atol=1e-6)
         assert expected[..., 32:64].abs().sum() > 0
     assert blk.qkv.out_features == 96
+
+
+@pytest.mark.parametrize("hp,row", [
+    ({"targets": "qkv", "rank": 8, "alpha": 8.0}, True),  # NOAH's baseline: the only match
+    ({}, False),  # the LoRA paper's q, v pairs: never NOAH's fused-qkv row
+    ({"targets": "qv", "rank": 8, "alpha": 8.0}, False),
+    ({"targets": "qkv", "rank": 4, "alpha": 4.0}, False),
+    ({"targets": "qkv", "rank": 8, "alpha": 16.0}, False),
+])
+def test_lora_maps_only_noahs_configuration_to_noahs_row(hp: dict, row: bool) -> None:
+    from petlbench_methods.lora import NOAH_ROW
+
+    from petlbench.report.reference import published_name
+
+    expected = NOAH_ROW if row else None
+    assert published_name("lora", "vtab", hp) == expected
+    assert published_name("lora", "fgvc", hp) is None
