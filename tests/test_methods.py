@@ -373,3 +373,23 @@ def test_lora_maps_only_noahs_configuration_to_noahs_row(hp: dict, row: bool) ->
     expected = NOAH_ROW if row else None
     assert published_name("lora", "vtab", hp) == expected
     assert published_name("lora", "fgvc", hp) is None
+
+
+def test_lora_qv_matches_loralib_merged_linear() -> None:
+    """loralib ``MergedLinear(enable_lora=[True, False, True])``, its forward written out by hand:
+    lora_A (2r, d) and lora_B (2d, r) hold [q; v]; grouped conv1d, zero_pad into the q and v rows, then scaling."""
+    model = build("lora", "vit", targets="qv", rank=4, alpha=12.0).eval()
+    randomise_method_params(model)
+    lora, blk = model.petl["lora"][0], model.backbone.blocks[0]
+    d, r = blk.dim, 4
+    x = torch.randn(2, 5, d)
+    with torch.no_grad():
+        lora_a = torch.cat([lora.lora_a[0], lora.lora_a[1]])  # (2r, d)
+        lora_b = torch.cat([lora.lora_b[0], lora.lora_b[1]])  # (2d, r)
+        after_a = F.linear(x, lora_a)
+        after_b = F.conv1d(after_a.transpose(-2, -1), lora_b.unsqueeze(-1), groups=2).transpose(-2, -1)
+        padded = x.new_zeros(2, 5, 3 * d)
+        padded[..., :d], padded[..., 2 * d:] = after_b[..., :d], after_b[..., d:]
+        expected = F.linear(x, blk.qkv.weight, blk.qkv.bias) + padded * (12.0 / r)
+        torch.testing.assert_close(blk.qkv(x), expected, rtol=1e-5, atol=1e-6)  # the hooked qkv
+        assert padded.abs().sum() > 0
