@@ -393,3 +393,34 @@ def test_lora_qv_matches_loralib_merged_linear() -> None:
         expected = F.linear(x, blk.qkv.weight, blk.qkv.bias) + padded * (12.0 / r)
         torch.testing.assert_close(blk.qkv(x), expected, rtol=1e-5, atol=1e-6)  # the hooked qkv
         assert padded.abs().sum() > 0
+
+
+def test_ssf_on_vit_matches_the_official_forward(images: torch.Tensor) -> None:
+    """dongzelian/SSF ``models/vision_transformer.py`` written out by hand on a plain copy: ``ssf_ada``
+    (x * scale + shift) after the patch embedding, norm1, qkv, proj, norm2, fc1, fc2 and the final norm."""
+    import copy
+
+    from petlbench.backbone import remove_petl_hooks
+
+    model = build("ssf", "vit").eval()
+    randomise_method_params(model)
+    ssf = model.petl["ssf"]
+    net = copy.deepcopy(model.net)
+    remove_petl_hooks(net)
+
+    def ada(x: torch.Tensor, key: str) -> torch.Tensor:
+        return x * ssf[key].scale + ssf[key].shift
+
+    with torch.no_grad():
+        x = net._pos_embed(ada(net.patch_embed(images), "embed"))
+        for i, blk in enumerate(net.blocks):
+            h = ada(blk.norm1(x), f"{i}_norm1")
+            B, N, C = h.shape
+            qkv = ada(blk.attn.qkv(h), f"{i}_qkv").reshape(B, N, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            att = ((qkv[0] @ qkv[1].transpose(-2, -1)) * blk.attn.scale).softmax(dim=-1)
+            x = x + ada(blk.attn.proj((att @ qkv[2]).transpose(1, 2).reshape(B, N, C)), f"{i}_proj")
+            h = ada(blk.norm2(x), f"{i}_norm2")
+            x = x + ada(blk.mlp.fc2(blk.mlp.act(ada(blk.mlp.fc1(h), f"{i}_fc1"))), f"{i}_fc2")
+        x = ada(net.norm(x), "final_norm")
+        expected = net.head(x[:, 0])
+        torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
