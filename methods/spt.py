@@ -138,21 +138,22 @@ class LinearDelta(nn.Module):
 
     Sparse weight entries (``w_index`` into the flattened weight, ``w_values``), bias entries
     (``b_index``/``b_values``; a bias tuned whole is all of its indices), and structured modules on
-    row blocks (``rows`` holds each module's first row).
+    row blocks (``row_starts`` holds each module's first row). The indices are rebuilt from the
+    saved :class:`Plan`, so they are not saved (nor counted in the state's bytes) a second time.
     """
 
     def __init__(self, out_dim: int, in_dim: int, w_index: torch.Tensor, b_index: torch.Tensor,
                  structured: Iterable[tuple[int, nn.Module]], dropout: float, drop_path: float) -> None:
         super().__init__()
         self.out_dim, self.in_dim = out_dim, in_dim
-        self.register_buffer("w_index", w_index.long())
-        self.register_buffer("b_index", b_index.long())
+        # derived from the plan (which is what is saved): not part of the per-task state
+        self.register_buffer("w_index", w_index.long(), persistent=False)
+        self.register_buffer("b_index", b_index.long(), persistent=False)
         # no empty parameters: a tensor that trains nothing is not a trainable tensor
         self.w_values = nn.Parameter(torch.zeros(len(w_index))) if len(w_index) else None
         self.b_values = nn.Parameter(torch.zeros(len(b_index))) if len(b_index) else None
         pairs = list(structured)
-        self.register_buffer("rows", torch.tensor([r for r, _ in pairs], dtype=torch.long))
-        self.row_starts = [r for r, _ in pairs]  # a host copy: reading the buffer would sync the GPU every step
+        self.row_starts = [r for r, _ in pairs]  # host ints: a device tensor would sync the GPU every step
         self.branches = nn.ModuleList(m for _, m in pairs)
         self.dropout = nn.Dropout(dropout)
         self.drop_path = drop_path

@@ -21,14 +21,13 @@ C = TypeVar("C", bound=Hashable)
 
 
 def accuracy(model: nn.Module, loader: Iterable, device: torch.device | str) -> float:
-    """Top-1 accuracy (a fraction) of ``model`` on ``loader``'s ``(images, labels)`` batches."""
-    correct = total = 0
-    with torch.no_grad():
-        for batch in loader:
-            x, y = batch[0].to(device), batch[1].to(device)
-            correct += int((model(x).argmax(dim=-1) == y).sum())
-            total += int(y.shape[0])
-    return correct / max(total, 1)
+    """Top-1 accuracy (a fraction) of ``model`` on ``loader``'s ``(images, labels)`` batches, in fp32
+    (:func:`petlbench.engine.evaluate` on the batches moved to ``device``)."""
+    from petlbench.engine import evaluate
+
+    device = torch.device(device)
+    batches = ((batch[0].to(device), batch[1].to(device)) for batch in loader)
+    return evaluate(model, batches, device, "fp32") / 100.0
 
 
 def evolve(

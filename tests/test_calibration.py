@@ -98,6 +98,19 @@ def test_width_bound_is_checked_generically(gradshift) -> None:
     assert "\n" not in str(err.value)
 
 
+def test_spt_saves_its_plan_once(images) -> None:
+    """SPT's per-layer indices are rebuilt from the plan: the state holds (and counts) the plan only."""
+    torch.manual_seed(0)
+    model = build("spt_lora", budget=0.003, drop_path=0.0)
+    calibrate(model, loader(images), "cpu")
+    buffers = model.calibration_buffers()
+    assert buffers and all(k.startswith("petl.plan.") for k in buffers)
+    assert any(len(d.w_index) for d in model.petl["linear"].values())  # sparse entries exist, not saved twice
+    counts = petlbench.count_params(model)
+    assert counts.trainable_bytes == (sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+                                      + sum(b.numel() * b.element_size() for b in buffers.values()))
+
+
 # ------------------------------------------------------------------ the runner
 def test_runner_calibrates_before_training_and_records_it(demo_cache, tmp_path) -> None:
     from petlbench.runner import execute_spec

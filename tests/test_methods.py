@@ -356,3 +356,71 @@ def test_lora_qkv_with_alpha_rank_is_noahs_unscaled_update(images: torch.Tensor)
         assert torch.allclose(lora(x), expected, atol=1e-6)
         assert expected[..., 32:64].abs().sum() > 0
     assert blk.qkv.out_features == 96
+
+
+@pytest.mark.parametrize("hp,row", [
+    ({"targets": "qkv", "rank": 8, "alpha": 8.0}, True),  # NOAH's baseline: the only match
+    ({}, False),  # the LoRA paper's q, v pairs: never NOAH's fused-qkv row
+    ({"targets": "qv", "rank": 8, "alpha": 8.0}, False),
+    ({"targets": "qkv", "rank": 4, "alpha": 4.0}, False),
+    ({"targets": "qkv", "rank": 8, "alpha": 16.0}, False),
+])
+def test_lora_maps_only_noahs_configuration_to_noahs_row(hp: dict, row: bool) -> None:
+    from petlbench_methods.lora import NOAH_ROW
+
+    from petlbench.report.reference import published_name
+
+    expected = NOAH_ROW if row else None
+    assert published_name("lora", "vtab", hp) == expected
+    assert published_name("lora", "fgvc", hp) is None
+
+
+def test_lora_qv_matches_loralib_merged_linear() -> None:
+    """loralib ``MergedLinear(enable_lora=[True, False, True])``, its forward written out by hand:
+    lora_A (2r, d) and lora_B (2d, r) hold [q; v]; grouped conv1d, zero_pad into the q and v rows, then scaling."""
+    model = build("lora", "vit", targets="qv", rank=4, alpha=12.0).eval()
+    randomise_method_params(model)
+    lora, blk = model.petl["lora"][0], model.backbone.blocks[0]
+    d, r = blk.dim, 4
+    x = torch.randn(2, 5, d)
+    with torch.no_grad():
+        lora_a = torch.cat([lora.lora_a[0], lora.lora_a[1]])  # (2r, d)
+        lora_b = torch.cat([lora.lora_b[0], lora.lora_b[1]])  # (2d, r)
+        after_a = F.linear(x, lora_a)
+        after_b = F.conv1d(after_a.transpose(-2, -1), lora_b.unsqueeze(-1), groups=2).transpose(-2, -1)
+        padded = x.new_zeros(2, 5, 3 * d)
+        padded[..., :d], padded[..., 2 * d:] = after_b[..., :d], after_b[..., d:]
+        expected = F.linear(x, blk.qkv.weight, blk.qkv.bias) + padded * (12.0 / r)
+        torch.testing.assert_close(blk.qkv(x), expected, rtol=1e-5, atol=1e-6)  # the hooked qkv
+        assert padded.abs().sum() > 0
+
+
+def test_ssf_on_vit_matches_the_official_forward(images: torch.Tensor) -> None:
+    """dongzelian/SSF ``models/vision_transformer.py`` written out by hand on a plain copy: ``ssf_ada``
+    (x * scale + shift) after the patch embedding, norm1, qkv, proj, norm2, fc1, fc2 and the final norm."""
+    import copy
+
+    from petlbench.backbone import remove_petl_hooks
+
+    model = build("ssf", "vit").eval()
+    randomise_method_params(model)
+    ssf = model.petl["ssf"]
+    net = copy.deepcopy(model.net)
+    remove_petl_hooks(net)
+
+    def ada(x: torch.Tensor, key: str) -> torch.Tensor:
+        return x * ssf[key].scale + ssf[key].shift
+
+    with torch.no_grad():
+        x = net._pos_embed(ada(net.patch_embed(images), "embed"))
+        for i, blk in enumerate(net.blocks):
+            h = ada(blk.norm1(x), f"{i}_norm1")
+            B, N, C = h.shape
+            qkv = ada(blk.attn.qkv(h), f"{i}_qkv").reshape(B, N, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            att = ((qkv[0] @ qkv[1].transpose(-2, -1)) * blk.attn.scale).softmax(dim=-1)
+            x = x + ada(blk.attn.proj((att @ qkv[2]).transpose(1, 2).reshape(B, N, C)), f"{i}_proj")
+            h = ada(blk.norm2(x), f"{i}_norm2")
+            x = x + ada(blk.mlp.fc2(blk.mlp.act(ada(blk.mlp.fc1(h), f"{i}_fc1"))), f"{i}_fc2")
+        x = ada(net.norm(x), "final_norm")
+        expected = net.head(x[:, 0])
+        torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)

@@ -136,17 +136,21 @@ def glora_reference(mod, lin, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight, bias + prompt)
 
 
-@pytest.mark.parametrize("config", ["LLLVV", "VCVCC", "NLNNV", "CNLVN"])
-def test_glora_matches_the_official_formula(config: str, images: torch.Tensor) -> None:
-    model = build("glora", rank=3, config=config)
+def assert_glora_linears(model: petlbench.PETLModel, images: torch.Tensor, reference) -> None:
+    """Every adapted linear's output equals ``reference(module, linear, input)``."""
     modules = iter(model.petl["glora"])
     seen = capture(model, images)
     with torch.no_grad():
         for blk in model.backbone.blocks:
             for site in SITES:
                 x, y = seen[(blk.index, site)]
-                torch.testing.assert_close(y, glora_reference(next(modules), getattr(blk, site), x),
-                                           rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(y, reference(next(modules), getattr(blk, site), x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", ["LLLVV", "VCVCC", "NLNNV", "CNLVN"])
+def test_glora_matches_the_official_formula(config: str, images: torch.Tensor) -> None:
+    model = build("glora", rank=3, config=config)
+    assert_glora_linears(model, images, glora_reference)
 
 
 def test_glora_per_linear_codes(images: torch.Tensor) -> None:
@@ -394,14 +398,8 @@ def test_glora_supernet_eval_matches_the_official_slices(config: str, images: to
 
     model = build("glora", rank=3, config=config, supernet=True)
     forms = parse_config(config, 1)[0]
-    modules = iter(model.petl["glora"])
-    seen = capture(model, images)
+    assert_glora_linears(model, images, lambda mod, lin, x: supernet_reference(mod, lin, x, forms))
     with torch.no_grad():
-        for blk in model.backbone.blocks:
-            for site in SITES:
-                x, y = seen[(blk.index, site)]
-                torch.testing.assert_close(y, supernet_reference(next(modules), getattr(blk, site), x, forms),
-                                           rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(petlbench.merge(model).eval()(images), model(images), rtol=1e-5, atol=1e-5)
 
 
