@@ -26,13 +26,7 @@ import torch
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
-
-
-class QuickGELU(nn.Module):
-    """CLIP's / NOAH's GELU approximation ``x * sigmoid(1.702 x)``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+from petlbench.layers import QuickGELU
 
 
 class Bottleneck(nn.Module):

@@ -42,6 +42,7 @@ from torch import nn
 
 from petlbench import Backbone, HParam, Method
 from petlbench.errors import PetlbenchError
+from petlbench.layers import quick_gelu
 
 # (scale, xavier_init) per VTAB task, from the official configs/convpass and configs/convpass_attn.
 _CONVPASS = {
@@ -58,10 +59,6 @@ _CONVPASS_ATTN = {
     "oxford_flowers102": 1.0, "oxford_iiit_pet": 1.0, "patch_camelyon": 10.0, "resisc45": 100.0,
     "smallnorb_azi": 100.0, "smallnorb_ele": 1.0, "sun397": 0.1, "svhn": 100.0,
 }
-
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
 
 
 def _side(tokens: int, what: str) -> int:

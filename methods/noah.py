@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method, PetlbenchError
+from petlbench.layers import QuickGELU
 from petlbench.search import accuracy, evolve
 
 # RETRAIN sizes of experiments/NOAH/subnet/VTAB/ViT-B_prompt_<task>.yaml, blocks 0..11:
@@ -113,11 +114,6 @@ def _choices(text: str, key: str) -> list[int]:
     if not values or values[0] < 1:
         raise PetlbenchError(f"method 'noah': {key}={text!r} must be comma-separated sizes >= 1. Fix: e.g. --set {key}=1,5,10.")
     return values
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
 
 
 class NOAHAdapter(nn.Module):

@@ -1,4 +1,5 @@
-"""Small reusable pieces for method plugins: exact folding of linear maps into timm layers.
+"""Small reusable pieces for method plugins: exact folding of linear maps into timm layers, and
+the activations several official codebases share.
 
 All folds compute in float64 and cast back, so merged and unmerged models agree to rounding.
 """
@@ -9,6 +10,18 @@ import torch
 from torch import nn
 
 from petlbench.errors import PetlbenchError
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's GELU approximation ``x * sigmoid(1.702 x)``, used by NOAH's and Convpass's adapters."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class QuickGELU(nn.Module):
+    """:func:`quick_gelu` as a module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quick_gelu(x)
 
 
 def _bias(layer: nn.Module, what: str) -> nn.Parameter:

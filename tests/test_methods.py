@@ -330,7 +330,7 @@ def test_vpt_draws_one_prompt_dropout_mask_per_image() -> None:
 
 
 def test_adapter_variants_initialise_as_their_code() -> None:
-    from petlbench_methods.adapter import QuickGELU
+    from petlbench.layers import QuickGELU
 
     noah = build("adapter", "vit", variant="noah").petl["adapters"][0]
     assert isinstance(noah.act, QuickGELU) and noah.dropout.p == 0.1
