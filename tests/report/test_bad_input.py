@@ -174,6 +174,9 @@ def test_template_and_format_mistakes(tmp_path: Path):
            r"'nothing_here' is undefined")
     _fatal(_invoke("--results", str(tmp_path), "--format", "markdown", "--template", str(bad)),
            r"--template applies to --format latex or html only")
+    latin1 = tmp_path / "latin1.html.j2"
+    latin1.write_bytes(b"\xff\xfe{{ x }}")
+    _fatal(_invoke("--results", str(tmp_path), "--format", "html", "--template", str(latin1)), r"is not UTF-8 text")
 
 
 def test_launcher_style_failed_record():
