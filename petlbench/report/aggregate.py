@@ -1014,18 +1014,7 @@ def _notes(report: Report, suite: Any, recs: list[dict[str, Any]], row_label: Ma
     # backbone and weights
     backbones: dict[str, list[str]] = defaultdict(list)
     for r in ok:
-        arch = str(_dig(r, "config", "backbone") or "unknown backbone")
-        kwargs = _dig(r, "config", "backbone_kwargs")
-        if isinstance(kwargs, Mapping) and kwargs:
-            arch += " (" + ", ".join(f"{k}={_fmt_value(v)}" for k, v in sorted(kwargs.items())) + ")"
-        src = _dig(r, "provenance", "weights_source") or _dig(r, "config", "pretrained")
-        sha = _dig(r, "provenance", "weights_sha256")
-        if src or sha:
-            w = f"weights {_short_weights(src) if src else 'unnamed'}"
-            w += f", SHA-256 {str(sha)[:12]}…" if sha else ", SHA-256 not recorded"
-        else:
-            w = "random initialisation (no pre-trained weights)"
-        backbones[f"{arch}; {w}"].append(row_label[id(r)])
+        backbones["; ".join(backbone_of(r)[1:])].append(row_label[id(r)])
     if len(backbones) == 1:
         notes.append(Note(f"Backbone: {next(iter(backbones))}."))
     elif backbones:
