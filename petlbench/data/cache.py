@@ -394,9 +394,13 @@ def load_images(
 
     resized_key = cache_key(index, spec)
     native_key = cache_key(index, spec, native=True) if native is not None else None
-    if not persist:
-        arr = _in_memory(index, spec, native, workers)
+
+    def in_memory(size: tuple[int, int] | None) -> CachedSplit:  # keyed by what it holds (native or resized)
+        arr = _in_memory(index, spec, size, workers)
         return done(arr, native_key if native_key and arr.shape[1:3] == native else resized_key, None, False)
+
+    if not persist:
+        return in_memory(native)
 
     folder = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "decoded"
     candidates = ([(native_key, native)] if native_key and native else []) + [(resized_key, (side, side))]
@@ -409,8 +413,7 @@ def load_images(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         warnings.warn(f"cannot create cache folder {folder} ({exc}); decoding into memory only", stacklevel=2)
-        arr = _in_memory(index, spec, native, workers)
-        return done(arr, native_key if native_key and arr.shape[1:3] == native else resized_key, None, False)
+        return in_memory(native)
     remove_stale_temporaries(folder)
 
     for key, size in candidates:
@@ -430,8 +433,7 @@ def load_images(
                 f"{n * size[0] * size[1] * 3 / 1e9:.2f} GB there. Decoding it into memory instead; free space "
                 f"or set {CACHE_ENV} to a larger disk to cache it.", stacklevel=2,
             )
-            arr = _in_memory(index, spec, stored_native, workers)
-            return done(arr, native_key if native_key and arr.shape[1:3] == native else resized_key, None, False)
+            return in_memory(stored_native)
         meta: dict[str, Any] = {
             "format": FORMAT_VERSION, "key": key, "shape": [n, *size, 3], "suite": index.suite,
             "task": index.task, "split": index.split, "source": str(index.source),
