@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from petlbench.data.files import open_regular
 from petlbench.data.fingerprint import stat_signature
 from petlbench.data.paths import CACHE_ENV, cache_root
 from petlbench.data.problems import Problem, raise_first
@@ -135,7 +136,7 @@ class _NotUniform(Exception):
 
 def _decode_native(path: Path, size: tuple[int, int]) -> np.ndarray:
     """Open and fully decode one image as RGB at its own size; ``size`` is (height, width)."""
-    with Image.open(path) as img:
+    with open_regular(path) as fh, Image.open(fh) as img:  # never a FIFO or a device (as decode_image)
         img.load()
         if (img.height, img.width) != size:
             raise _NotUniform(path)
@@ -149,7 +150,7 @@ def native_size(index: SplitIndex, spec: TransformSpec) -> tuple[int, int] | Non
     if spec.resize != "square" or spec.crop_mode(True) != "none" or spec.crop_mode(False) != "none" or not len(index):
         return None
     try:
-        with Image.open(index.paths[0]) as img:  # reads the header only
+        with open_regular(index.paths[0]) as fh, Image.open(fh) as img:  # reads the header only
             size = (int(img.height), int(img.width))
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
         return None  # the decode reports it, with its file and line
