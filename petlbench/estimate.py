@@ -315,15 +315,12 @@ def workload(suite_name: str, method_name: str, overrides: Mapping[str, Any] | N
 
 
 def _median_time(fn: Callable[[], Any], warmup: int, iters: int, best: bool = False) -> float:
-    """Median (or, ``best``, the minimum: the intrinsic cost on a shared machine) of ``iters`` calls."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return min(samples) if best else sorted(samples)[len(samples) // 2]
+    """Median (or, ``best``, the minimum: the intrinsic cost on a shared machine) seconds per call on
+    the CPU, timed by :func:`petlbench.bench.interleaved` (sub-millisecond calls repeated per sample)."""
+    from petlbench.bench import interleaved
+
+    t = interleaved({"fn": fn}, torch.device("cpu"), warmup, iters)["fn"]
+    return t["min_s"] if best else t["median_s"]
 
 
 def host_cost_per_op(backbone: str, backbone_kwargs: Mapping[str, Any], method: str, depth: int, iters: int = 15
@@ -521,9 +518,8 @@ def estimate(method: str, backbone: str = "vit_base_patch16_224", suite: str = "
              timing: bool = True, warmup: int = 1, iters: int = 2,
              log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """The sweep's modelled time per GPU and its breakdown, with every input labelled."""
-    import platform
-
     import petlbench
+    from petlbench.bench import device_peak
 
     setup = _setup(method, backbone, suite, overrides, backbone_kwargs)
     loads, batch, eval_batch, classes, size, kwargs = (setup[k] for k in ("loads", "batch", "eval_batch", "classes",
@@ -535,8 +531,7 @@ def estimate(method: str, backbone: str = "vit_base_patch16_224", suite: str = "
     packs = {r: packed_host_ratio(backbone, kwargs, method, depth, r) for r in PACKS}
 
     measured: dict[str, Any] = {"host": host, "packed_host": {str(r): v for r, v in packs.items()},
-                                "device": f"cpu: {platform.processor() or platform.machine()} "
-                                          f"({torch.get_num_threads()} threads)"}
+                                "device": device_peak(torch.device("cpu"))[0]}
     fixed: dict[str, float] = {}
     if timing:
         torch.manual_seed(0)

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from petlbench.data.files import open_regular
 from petlbench.data.fingerprint import stat_signature
 from petlbench.data.paths import CACHE_ENV, cache_root
 from petlbench.data.problems import Problem, raise_first
@@ -135,7 +136,7 @@ class _NotUniform(Exception):
 
 def _decode_native(path: Path, size: tuple[int, int]) -> np.ndarray:
     """Open and fully decode one image as RGB at its own size; ``size`` is (height, width)."""
-    with Image.open(path) as img:
+    with open_regular(path) as fh, Image.open(fh) as img:  # never a FIFO or a device (as decode_image)
         img.load()
         if (img.height, img.width) != size:
             raise _NotUniform(path)
@@ -149,7 +150,7 @@ def native_size(index: SplitIndex, spec: TransformSpec) -> tuple[int, int] | Non
     if spec.resize != "square" or spec.crop_mode(True) != "none" or spec.crop_mode(False) != "none" or not len(index):
         return None
     try:
-        with Image.open(index.paths[0]) as img:  # reads the header only
+        with open_regular(index.paths[0]) as fh, Image.open(fh) as img:  # reads the header only
             size = (int(img.height), int(img.width))
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
         return None  # the decode reports it, with its file and line
@@ -394,9 +395,13 @@ def load_images(
 
     resized_key = cache_key(index, spec)
     native_key = cache_key(index, spec, native=True) if native is not None else None
-    if not persist:
-        arr = _in_memory(index, spec, native, workers)
+
+    def in_memory(size: tuple[int, int] | None) -> CachedSplit:  # keyed by what it holds (native or resized)
+        arr = _in_memory(index, spec, size, workers)
         return done(arr, native_key if native_key and arr.shape[1:3] == native else resized_key, None, False)
+
+    if not persist:
+        return in_memory(native)
 
     folder = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "decoded"
     candidates = ([(native_key, native)] if native_key and native else []) + [(resized_key, (side, side))]
@@ -409,8 +414,7 @@ def load_images(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         warnings.warn(f"cannot create cache folder {folder} ({exc}); decoding into memory only", stacklevel=2)
-        arr = _in_memory(index, spec, native, workers)
-        return done(arr, native_key if native_key and arr.shape[1:3] == native else resized_key, None, False)
+        return in_memory(native)
     remove_stale_temporaries(folder)
 
     for key, size in candidates:
@@ -430,8 +434,7 @@ def load_images(
                 f"{n * size[0] * size[1] * 3 / 1e9:.2f} GB there. Decoding it into memory instead; free space "
                 f"or set {CACHE_ENV} to a larger disk to cache it.", stacklevel=2,
             )
-            arr = _in_memory(index, spec, stored_native, workers)
-            return done(arr, native_key if native_key and arr.shape[1:3] == native else resized_key, None, False)
+            return in_memory(stored_native)
         meta: dict[str, Any] = {
             "format": FORMAT_VERSION, "key": key, "shape": [n, *size, 3], "suite": index.suite,
             "task": index.task, "split": index.split, "source": str(index.source),

@@ -5,7 +5,8 @@ bottleneck for small ViT fine-tuning runs. Here an epoch is a permutation; a bat
 ``index_select`` of uint8 rows, one host-to-device copy (pinned, asynchronous, double
 buffered), one gather that does every sample's random crop *and* horizontal flip at once, and
 one fused multiply-add for ``(x / 255 - mean) / std``. Images cached at their native size
-(smaller than the model's input) are resized per batch on the device, as PIL would.
+(smaller than the model's input) are resized on the device, as PIL would: a resident split once,
+at its first epoch (the resize is deterministic), a streamed one per batch.
 
 No batch makes a synchronous host-to-device copy: the epoch's order and augmentation parameters
 go to the device in one asynchronous copy per epoch and each batch slices them there, so the CPU
@@ -127,13 +128,24 @@ class DeviceLoader:
             resize=cached.device_resize, **kwargs,
         )
 
-    def _fits_on_device(self) -> bool:
-        nbytes = self.images.numel()
+    def _fits_on_device(self, nbytes: int | None = None) -> bool:
+        nbytes = self.images.numel() if nbytes is None else nbytes
+        if self.device.type != "cuda":
+            return nbytes <= _RESIDENT_MAX_BYTES
         try:
             free, _total = torch.cuda.mem_get_info(self.device)
         except (RuntimeError, AssertionError):  # no usable CUDA: the first .to(device) will say why
             return False
         return nbytes <= min(_RESIDENT_MAX_BYTES, free // 4)
+
+    def _resident_images(self) -> torch.Tensor:
+        """The split on the device; a native-resolution split resized there once (in batch-sized
+        chunks), not again every epoch, when the resized split fits; else it is resized per batch."""
+        images = _h2d(self.images, self.device)
+        side = self.resize
+        if side is None or self.num_samples == 0 or not self._fits_on_device(self.num_samples * side * side * 3):
+            return images
+        return torch.cat([self._resized(chunk) for chunk in torch.split(images, self.batch_size)])
 
     @property
     def num_samples(self) -> int:
@@ -208,7 +220,7 @@ class DeviceLoader:
         if self.resident:
             with self._on_device():
                 if self._device_images is None:
-                    self._device_images = _h2d(self.images, self.device)
+                    self._device_images = self._resident_images()
                 labels = self._device_labels_once()
                 plan_dev = self._plan_to_device(plan)
             images = self._device_images
@@ -277,8 +289,8 @@ class DeviceLoader:
         (``idx=None``); ``params`` is the ``3 x B`` (top, left, flip) slice of the epoch plan,
         already on the device.
         """
-        if self.resize is not None:
-            source = self._resized(source[idx] if idx is not None else source)
+        if self.resize is not None and tuple(source.shape[1:3]) != (self.resize, self.resize):
+            source = self._resized(source[idx] if idx is not None else source)  # not resized once up front
             idx = None
         h, w = int(source.shape[1]), int(source.shape[2])
         b = int(idx.shape[0]) if idx is not None else int(source.shape[0])

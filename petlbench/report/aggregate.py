@@ -1014,18 +1014,7 @@ def _notes(report: Report, suite: Any, recs: list[dict[str, Any]], row_label: Ma
     # backbone and weights
     backbones: dict[str, list[str]] = defaultdict(list)
     for r in ok:
-        arch = str(_dig(r, "config", "backbone") or "unknown backbone")
-        kwargs = _dig(r, "config", "backbone_kwargs")
-        if isinstance(kwargs, Mapping) and kwargs:
-            arch += " (" + ", ".join(f"{k}={_fmt_value(v)}" for k, v in sorted(kwargs.items())) + ")"
-        src = _dig(r, "provenance", "weights_source") or _dig(r, "config", "pretrained")
-        sha = _dig(r, "provenance", "weights_sha256")
-        if src or sha:
-            w = f"weights {_short_weights(src) if src else 'unnamed'}"
-            w += f", SHA-256 {str(sha)[:12]}…" if sha else ", SHA-256 not recorded"
-        else:
-            w = "random initialisation (no pre-trained weights)"
-        backbones[f"{arch}; {w}"].append(row_label[id(r)])
+        backbones["; ".join(backbone_of(r)[1:])].append(row_label[id(r)])
     if len(backbones) == 1:
         notes.append(Note(f"Backbone: {next(iter(backbones))}."))
     elif backbones:
@@ -1061,20 +1050,18 @@ def _notes(report: Report, suite: Any, recs: list[dict[str, Any]], row_label: Ma
     for text, rows in sorted(limits.items()):
         notes.append(Note(f"Subset runs ({text}): not the full protocol's data, for {_rows_text(rows)}."))
 
-    # training settings that differ within a cell
+    # execution settings that differ within a cell (any other setting splits the row: _assign_rows)
     differing: dict[tuple[str, str], set[str]] = defaultdict(set)
     by_cell: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     for r in ok:
         by_cell[(row_label[id(r)], r["task"])].append(r)
     for cell, rs in by_cell.items():
         trains = [_dig(r, "config", "train") or {} for r in rs]
-        skip = TUNED_KEYS if any(r.get("protocol") == "tune" for r in rs) else ()
-        for k in set().union(*trains):
-            if k not in skip and len({repr(t.get(k)) for t in trains}) > 1:
-                differing[cell].add(str(k))
-    if differing:
-        parts = [f"{row}/{task} ({', '.join(sorted(keys))})" for (row, task), keys in sorted(differing.items())]
-        notes.append(Note(f"Some cells average runs with DIFFERENT training settings: {_join(parts)}."))
+        differing[cell] = {k for k in EXECUTION_KEYS if len({repr(t.get(k)) for t in trains}) > 1}
+    parts = [f"{row}/{task} ({', '.join(sorted(keys))})" for (row, task), keys in sorted(differing.items()) if keys]
+    if parts:
+        notes.append(Note(f"Some cells average runs that differ only in execution settings (how fast a run goes, "
+                          f"not what it trains): {_join(parts)}."))
 
     # seeds
     uneven = [r.label for r in report.rows if r.n_min != r.n_max]

@@ -83,6 +83,9 @@ def record_problem(data: Any) -> str | None:
     for key in ("metrics", "params", "config", "efficiency", "provenance"):
         if not isinstance(data.get(key), dict):
             return f"field {key!r} must be an object"
+    for key in ("train", "method_hparams", "backbone_kwargs"):  # read as mappings by the report
+        if data["config"].get(key) is not None and not isinstance(data["config"][key], dict):
+            return f"field 'config.{key}' must be an object"
     top1 = data["metrics"].get("top1")
     if not _is_number(top1) or not 0.0 <= top1 <= 100.0:
         return f"status is 'ok' but metrics.top1 is {top1!r}, not a percentage"

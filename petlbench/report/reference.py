@@ -121,8 +121,15 @@ def load_reference(name: str) -> tuple[pd.DataFrame, str]:
         text = importlib.resources.files("petlbench.report").joinpath("data", filename).read_text(encoding="utf-8")
         return _read_csv(text, f"petlbench/report/data/{filename}"), name
     path = Path(name).expanduser()
-    if path.suffix.lower() == ".csv" and path.is_file():
-        return _read_csv(path.read_text(encoding="utf-8"), str(path)), path.name
+    if path.suffix.lower() == ".csv":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PetlbenchError(f"--reference: file {str(path)!r} cannot be read ({exc.strerror or exc}).") from None
+        except UnicodeDecodeError:
+            raise PetlbenchError(f"--reference: file {str(path)!r} is not UTF-8 text. Fix: save the CSV as "
+                                 "UTF-8.") from None
+        return _read_csv(text, str(path)), path.name
     raise PetlbenchError(
         "--reference: " + did_you_mean(name, REFERENCE_SETS, "reference set", label="Available")
         + " A CSV file with the same columns also works."

@@ -517,6 +517,9 @@ def _render(env: jinja2.Environment, default: str, template: str | Path | None, 
                 text = path.read_text(encoding="utf-8")
             except OSError as exc:
                 raise PetlbenchError(f"--template {str(path)!r} cannot be read ({exc.strerror or exc}).") from None
+            except UnicodeDecodeError:
+                raise PetlbenchError(f"--template {str(path)!r} is not UTF-8 text. Fix: save the template "
+                                     "as UTF-8.") from None
             tpl = env.from_string(text)
         return tpl.render(**context)
     except jinja2.TemplateSyntaxError as exc:

@@ -143,10 +143,13 @@ def test_deeply_nested_fgvc_split_is_an_invalid_split(fgvc_root: Path) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX only")
-def test_decoding_a_fifo_fails_at_once(tmp_path: Path) -> None:
-    """The decode cache's reader refuses a special file swapped in after the split was checked."""
+@pytest.mark.parametrize("native", [False, True])
+def test_decoding_a_fifo_fails_at_once(tmp_path: Path, native: bool) -> None:
+    """The decode cache's readers (decode-time resize and native resolution) refuse a special file
+    swapped in after the split was checked."""
     import threading
 
+    from petlbench.data.cache import _decode_native
     from petlbench.data.transforms import decode_image, transform_spec
 
     fifo = tmp_path / "img.jpg"
@@ -155,7 +158,10 @@ def test_decoding_a_fifo_fails_at_once(tmp_path: Path) -> None:
 
     def decode() -> None:
         try:
-            decode_image(fifo, transform_spec("vtab_resize", 32))
+            if native:
+                _decode_native(fifo, (16, 16))
+            else:
+                decode_image(fifo, transform_spec("vtab_resize", 32))
             outcome.append(None)
         except BaseException as exc:  # noqa: BLE001 - the test inspects it
             outcome.append(exc)

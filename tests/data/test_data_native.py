@@ -100,3 +100,27 @@ def test_fgvc_and_large_images_keep_the_decode_time_resize(tmp_path: Path, photo
     assert cache_mod.native_size(index, transform_spec("vtab_resize", 32)) is None
     assert cache_mod.native_size(index, transform_spec("vtab_resize", 64)) == (40, 40)
     assert cache_mod.native_size(index, transform_spec("fgvc_crop", 64)) is None
+
+
+@pytest.mark.parametrize("fgvc", [False, True])
+def test_resident_split_is_resized_once_not_every_epoch(monkeypatch: pytest.MonkeyPatch, fgvc: bool) -> None:
+    """A resident native-resolution split is resized at its first epoch and kept: later epochs (the
+    test split at every eval) resize nothing, and give the batches of a per-batch resize."""
+    from petlbench.data import loader as loader_mod
+
+    raw = torch.from_numpy((np.random.default_rng(1).random((7, 20, 24, 3)) * 255).astype(np.uint8))
+    kwargs = dict(batch_size=3, normalization="imagenet", resize=32, shuffle=True, seed=3)
+    if fgvc:
+        kwargs.update(crop=28, random_crop=True, flip=True)
+    calls = []
+    resized = DeviceLoader._resized
+    monkeypatch.setattr(DeviceLoader, "_resized", lambda self, b: calls.append(len(b)) or resized(self, b))
+    once = DeviceLoader(raw, torch.arange(7), **kwargs)
+    epochs = [list(once) for _ in range(3)]
+    assert calls == [3, 3, 1]  # the split in batch-sized chunks, at the first epoch only
+    monkeypatch.setattr(loader_mod, "_RESIDENT_MAX_BYTES", 0)  # resized split does not fit: per batch
+    per_batch = DeviceLoader(raw, torch.arange(7), **kwargs)
+    for epoch in epochs:
+        for (xa, ya), (xb, yb) in zip(epoch, per_batch, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert len(calls) == 3 + 3 * 3

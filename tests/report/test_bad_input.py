@@ -83,6 +83,19 @@ def test_ok_record_without_accuracy_is_skipped(tmp_path):
     assert "status is 'ok' but metrics.top1 is None, not a percentage" in warnings[0]
 
 
+@pytest.mark.parametrize("key", ["train", "method_hparams", "backbone_kwargs"])
+def test_config_part_of_another_type_is_skipped(tmp_path, key):
+    """A record whose config.train (or hyperparameters, backbone arguments) is not an object is
+    skipped with a warning; it used to end the report in an AttributeError."""
+    bad = make_record("lora", "cifar", 0, 70.0)
+    bad["config"][key] = [1]
+    write_records(tmp_path, [bad, make_record("lora", "cifar", 1, 71.0)])
+    warnings: list[str] = []
+    loaded = load_records([tmp_path], on_warning=warnings.append)
+    assert len(loaded.records) == 1 and f"field 'config.{key}' must be an object" in warnings[0]
+    build_report(loaded.records, on_warning=warnings.append)
+
+
 def test_mixed_suites_need_suite(tmp_path):
     write_records(tmp_path, [make_record("lora", "cifar", 0, 70.0),
                              make_record("lora", "digits", 0, 60.0, suite="demo", classes=10)])
@@ -174,6 +187,9 @@ def test_template_and_format_mistakes(tmp_path: Path):
            r"'nothing_here' is undefined")
     _fatal(_invoke("--results", str(tmp_path), "--format", "markdown", "--template", str(bad)),
            r"--template applies to --format latex or html only")
+    latin1 = tmp_path / "latin1.html.j2"
+    latin1.write_bytes(b"\xff\xfe{{ x }}")
+    _fatal(_invoke("--results", str(tmp_path), "--format", "html", "--template", str(latin1)), r"is not UTF-8 text")
 
 
 def test_launcher_style_failed_record():

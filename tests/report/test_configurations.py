@@ -82,7 +82,10 @@ def test_execution_settings_do_not_split_a_row():
     b = make_record("lora", "cifar", 1, 71.0)
     b["config"]["train"]["compile"] = True
     b["config"]["train"]["eval_batch_size"] = 128
-    assert [r.label for r in build_report([a, b], **_quiet()).rows] == ["LoRA"]
+    rep = build_report([a, b], **_quiet())
+    assert [r.label for r in rep.rows] == ["LoRA"]
+    assert any("differ only in execution settings" in n.text and "(compile, eval_batch_size)" in n.text
+               for n in rep.notes)
 
 
 def test_other_data_is_another_row():

@@ -151,3 +151,12 @@ def test_own_reference_csv(tmp_path):
                           delta=True, **_quiet())
     assert report.reference == "mine.csv"
     assert report.deltas[0].value("cifar").mean == pytest.approx(-1.5)
+
+
+def test_own_reference_csv_unreadable_is_one_line(tmp_path):
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(b"\xff\xfe,,\n")
+    with pytest.raises(PetlbenchError, match=r"is not UTF-8 text"):
+        load_reference(str(latin1))
+    with pytest.raises(PetlbenchError, match=r"cannot be read \(No such file or directory\)"):
+        load_reference(str(tmp_path / "missing.csv"))
