@@ -200,7 +200,7 @@ def _tune_packed(spec: RunSpec, cfg: dict[str, Any], trials: list[tuple[float, f
     when they cannot be packed (then they train one by one)."""
     from petlbench.packing import pack_problem, train_packed
 
-    if len(trials) < 2:
+    if len(trials) < 2 or not _method_packs(spec.method):
         return None
     models, loaders, evals, cfgs = [], [], [], []
     for lr, wd in trials:
@@ -392,9 +392,22 @@ def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int
 PACK_PROTOCOLS = ("vtab1k", "fgvc", "legacy-best-test")
 
 
+def _method_packs(name: str) -> bool:
+    """False for methods packing always refuses (see :func:`petlbench.packing.pack_problem`):
+    linear probing (features once, nothing to pack) and calibrated methods (per-run masks). Known
+    from the class, so such runs are never grouped, built and calibrated only to fall back."""
+    from petlbench.registry import get_method
+
+    try:
+        cls = get_method(name)
+    except PetlbenchError:  # an unknown method fails in its own run, with its own message
+        return False
+    return not (cls.frozen_features or cls.needs_calibration)
+
+
 def pack_key(spec: RunSpec) -> tuple | None:
     """Specs with equal keys differ only in their seed and can train packed (None: never packed)."""
-    if spec.protocol not in PACK_PROTOCOLS:
+    if spec.protocol not in PACK_PROTOCOLS or not _method_packs(spec.method):
         return None
     from petlbench.runspec import canonical_json
 
