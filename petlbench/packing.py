@@ -254,8 +254,7 @@ def _train_packed(models, train_loaders, eval_loaders, cfgs, device, select_on, 
                 res.eval_time_s += time.perf_counter() - t1
         if on_epoch is not None:
             on_epoch(epoch + 1, epochs, sum(mean_losses) / R)
-    info = forward.features.summary() if forward.features is not None else {"compiled": False, "compile_error": None}
+    info = forward.features.summary() if forward.features is not None else engine.NOT_COMPILED
     for res in results:
-        res.compiled, res.compile_error = info["compiled"], info["compile_error"]
-        res.compile_info = {**info, "packed_runs": R}
+        res.compile_info = dict(info)
     return results

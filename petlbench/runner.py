@@ -317,9 +317,9 @@ def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.
         # Train time depends on what else ran at the same time: say under which concurrency it was measured.
         "concurrency": {"parallel_runs": _parallel_runs(), "torch_threads": torch.get_num_threads(),
                         "device": device.type},
-        "compiled": res.compiled if cfg["compile"] else False,
+        "compiled": res.compiled,
         "compile_error": res.compile_error,
-        **{k: v for k, v in res.compile_info.items() if k not in ("compiled", "compile_error")},
+        **res.compile_info,
         "precision": res.precision,
         "evaluated_merged": res.evaluated_merged,
         **deployed_latency(model, device, data.suite.image_size,
