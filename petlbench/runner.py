@@ -276,7 +276,7 @@ def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.
     from petlbench.accounting import count_params
     from petlbench.bench import deployed_latency
     from petlbench.engine import deployable, evaluate
-    from petlbench.precision import resolve_precision
+    from petlbench.precision import Precision
 
     cfg, data, metrics, model, norm, evals = prep.cfg, prep.data, prep.metrics, prep.model, prep.norm, prep.evals
     protocol = spec.protocol
@@ -286,7 +286,7 @@ def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.
         model.eval()
         with peaks.phase("eval"):
             top1 = evaluate(deployable(model)[0], data.loader("test", False, cfg, norm, spec.seed, device), device,
-                            resolve_precision(cfg["precision"], device))
+                            Precision(**res.precision))  # the plan training resolved and recorded
         metrics.update(top1=top1, top1_final=None, selected_epoch=res.best_epoch, val_top1=res.best_val)
     elif protocol == "legacy-best-test":
         metrics.update(top1=res.best_val, top1_final=test_curve[-1]["top1"], selected_epoch=res.best_epoch,
