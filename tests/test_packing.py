@@ -3,6 +3,8 @@ the same runs trained one by one."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -101,6 +103,9 @@ def test_groups_and_fallback(tmp_path) -> None:
     assert all(len({(s.task, s.method) for s in g}) == 1 for g in groups)
     assert all(g[0].method == ("lora" if len(g) == 2 else "linear") for g in groups)
     assert [len(g) for g in pack_groups(mixed, 1)] == [1] * 8
+    lora = [s for s in mixed if s.method == "lora" and s.task == "digits"]
+    calibrated = [dataclasses.replace(s, method=m) for s in lora for m in ("spt", "gps")]  # per-run masks
+    assert [len(g) for g in pack_groups(calibrated, 4)] == [1] * 4
     linear = [s for s in mixed if s.method == "linear" and s.task == "digits"]
     recs = execute_packed(linear)  # handed a pack anyway, each runs alone
     assert all(r["status"] == "ok" and "packed_runs" not in r["efficiency"] for r in recs)
