@@ -11,6 +11,7 @@ import torch
 from petlbench import engine
 from petlbench.model import create_model
 from petlbench.packing import pack_problem, train_packed
+from petlbench.registry import get_method
 from petlbench.runner import execute_packed, execute_spec, pack_groups, seed_everything
 from petlbench.sweep import plan
 from tests.conftest import TINY_VIT
@@ -104,7 +105,8 @@ def test_groups_and_fallback(tmp_path) -> None:
     assert all(g[0].method == ("lora" if len(g) == 2 else "linear") for g in groups)
     assert [len(g) for g in pack_groups(mixed, 1)] == [1] * 8
     lora = [s for s in mixed if s.method == "lora" and s.task == "digits"]
-    calibrated = [dataclasses.replace(s, method=m) for s in lora for m in ("spt", "gps")]  # per-run masks
+    assert get_method("spt_lora").needs_calibration and get_method("gps").needs_calibration  # per-run masks
+    calibrated = [dataclasses.replace(s, method=m) for s in lora for m in ("spt_lora", "gps")]
     assert [len(g) for g in pack_groups(calibrated, 4)] == [1] * 4
     linear = [s for s in mixed if s.method == "linear" and s.task == "digits"]
     recs = execute_packed(linear)  # handed a pack anyway, each runs alone
