@@ -442,7 +442,7 @@ def execute_packed(specs: list[RunSpec], quiet: bool = True, device: str = "auto
     ``pack_tune`` is handed to those (a ``tune`` run is never packed with others, its grid may be).
     """
     from petlbench.memory import PhasePeaks
-    from petlbench.packing import pack_problem, train_packed
+    from petlbench.packing import train_packed  # it checks pack_problem; a ValueError says why not
 
     if len(specs) < 2 or len({pack_key(s) for s in specs}) != 1 or pack_key(specs[0]) is None:
         return [execute_spec(s, quiet=quiet, device=device, pack_tune=pack_tune) for s in specs]
@@ -453,9 +453,6 @@ def execute_packed(specs: list[RunSpec], quiet: bool = True, device: str = "auto
             data = _Data(specs[0])
             preps = [_prepare(s, dev, data) for s in specs]
             models = [p.model for p in preps]
-            problem = pack_problem(models, [p.cfg for p in preps], [p.train_loader for p in preps], dev)
-            if problem:
-                raise ValueError(problem)
             peaks = PhasePeaks(dev)  # one pack, one set of peaks: what the R runs needed together
             results = train_packed(models, [p.train_loader for p in preps], [p.evals for p in preps],
                                    [p.cfg for p in preps], dev, select_on=preps[0].select, eval_every=preps[0].every,

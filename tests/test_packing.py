@@ -96,7 +96,7 @@ def test_packed_sweep_records_equal_one_by_one(tmp_path) -> None:
     assert (tmp_path / "b").exists() and len(list((tmp_path / "b").rglob("*.json"))) == 3
 
 
-def test_groups_and_fallback(tmp_path) -> None:
+def test_groups_and_fallback(tmp_path, monkeypatch) -> None:
     mixed = plan("demo", ["lora", "linear"], ["digits", "faces"], [0, 1], output=str(tmp_path), sets=FAST_SETS).specs
     groups = pack_groups(mixed, 2)
     # LoRA seeds pair up per task; linear probing never packs, so its runs are never grouped
@@ -111,6 +111,12 @@ def test_groups_and_fallback(tmp_path) -> None:
     linear = [s for s in mixed if s.method == "linear" and s.task == "digits"]
     recs = execute_packed(linear)  # handed a pack anyway, each runs alone
     assert all(r["status"] == "ok" and "packed_runs" not in r["efficiency"] for r in recs)
+    from petlbench import packing
+
+    monkeypatch.setattr(packing, "pack_problem", lambda *a: "a reason only the packer knows")
+    recs = execute_packed(lora)  # refused when training starts: each runs alone, and says why
+    assert all(r["status"] == "ok" and "a reason only the packer knows" in r["efficiency"]["pack_fallback"]
+               for r in recs)
 
 
 def test_packed_tune_grid_equals_one_by_one(tmp_path) -> None:
