@@ -218,6 +218,9 @@ def pad_batch(x: torch.Tensor, y: torch.Tensor, size: int) -> tuple[torch.Tensor
     return x, y
 
 
+NOT_COMPILED = {"compiled": False, "compile_error": None}  # the compile_info of a run that did not ask
+
+
 @dataclass
 class TrainResult:
     curve: list[dict[str, Any]] = field(default_factory=list)
@@ -228,11 +231,19 @@ class TrainResult:
     best_state: dict[str, torch.Tensor] | None = None
     best_epoch: int | None = None
     best_val: float | None = None
-    compiled: bool | None = None
-    compile_error: str | None = None
+    #: :meth:`MaybeCompiled.summary` of the training forward ({"compiled": False, ...} when
+    #: compilation was not asked for; empty when nothing could be compiled: linear probing).
     compile_info: dict[str, Any] = field(default_factory=dict)
     precision: dict[str, Any] = field(default_factory=dict)
     evaluated_merged: bool = False
+
+    @property
+    def compiled(self) -> bool | None:
+        return self.compile_info.get("compiled")
+
+    @property
+    def compile_error(self) -> str | None:
+        return self.compile_info.get("compile_error")
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: Mapping[str, Any]) -> float:
@@ -472,7 +483,8 @@ def _train(model, train_loader, eval_loaders, cfg, device, *, select_on, eval_ev
             on_epoch(epoch + 1, epochs, mean_loss)
     if features is not None:
         result.compile_info = features.summary()
-        result.compiled, result.compile_error = result.compile_info["compiled"], result.compile_info["compile_error"]
+    elif not cfg["compile"]:
+        result.compile_info = dict(NOT_COMPILED)
     return result
 
 

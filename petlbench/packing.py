@@ -108,6 +108,8 @@ class PackedForward:
         self.frozen = {n: p for n, p in base.named_parameters() if not p.requires_grad}
         self.frozen.update(dict(base.named_buffers()))
         self.base = base
+        # Each name's R leaves, looked up once (the optimisers update them in place, never replace them)
+        self._leaves = {n: [m.get_parameter(n) for m in self.models] for n in self.names}
 
         def one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return torch.func.functional_call(self.base, {**self.frozen, **params}, (x,))
@@ -127,7 +129,7 @@ class PackedForward:
     def _stack(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         # Stacking the runs' own leaves keeps each run's parameters (and optimiser) its own:
         # the stack's backward hands run r exactly its slice of the gradient.
-        return {n: torch.stack([m.get_parameter(n) for m in self.models]) for n in names}
+        return {n: torch.stack(self._leaves[n]) for n in names}
 
     def __call__(self, xs: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
@@ -254,8 +256,7 @@ def _train_packed(models, train_loaders, eval_loaders, cfgs, device, select_on, 
                 res.eval_time_s += time.perf_counter() - t1
         if on_epoch is not None:
             on_epoch(epoch + 1, epochs, sum(mean_losses) / R)
-    info = forward.features.summary() if forward.features is not None else {"compiled": False, "compile_error": None}
+    info = forward.features.summary() if forward.features is not None else engine.NOT_COMPILED
     for res in results:
-        res.compiled, res.compile_error = info["compiled"], info["compile_error"]
-        res.compile_info = {**info, "packed_runs": R}
+        res.compile_info = dict(info)
     return results

@@ -200,7 +200,7 @@ def _tune_packed(spec: RunSpec, cfg: dict[str, Any], trials: list[tuple[float, f
     when they cannot be packed (then they train one by one)."""
     from petlbench.packing import pack_problem, train_packed
 
-    if len(trials) < 2:
+    if len(trials) < 2 or not _method_packs(spec.method):
         return None
     models, loaders, evals, cfgs = [], [], [], []
     for lr, wd in trials:
@@ -276,7 +276,7 @@ def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.
     from petlbench.accounting import count_params
     from petlbench.bench import deployed_latency
     from petlbench.engine import deployable, evaluate
-    from petlbench.precision import resolve_precision
+    from petlbench.precision import Precision
 
     cfg, data, metrics, model, norm, evals = prep.cfg, prep.data, prep.metrics, prep.model, prep.norm, prep.evals
     protocol = spec.protocol
@@ -286,7 +286,7 @@ def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.
         model.eval()
         with peaks.phase("eval"):
             top1 = evaluate(deployable(model)[0], data.loader("test", False, cfg, norm, spec.seed, device), device,
-                            resolve_precision(cfg["precision"], device))
+                            Precision(**res.precision))  # the plan training resolved and recorded
         metrics.update(top1=top1, top1_final=None, selected_epoch=res.best_epoch, val_top1=res.best_val)
     elif protocol == "legacy-best-test":
         metrics.update(top1=res.best_val, top1_final=test_curve[-1]["top1"], selected_epoch=res.best_epoch,
@@ -317,9 +317,9 @@ def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.
         # Train time depends on what else ran at the same time: say under which concurrency it was measured.
         "concurrency": {"parallel_runs": _parallel_runs(), "torch_threads": torch.get_num_threads(),
                         "device": device.type},
-        "compiled": res.compiled if cfg["compile"] else False,
+        "compiled": res.compiled,
         "compile_error": res.compile_error,
-        **{k: v for k, v in res.compile_info.items() if k not in ("compiled", "compile_error")},
+        **res.compile_info,
         "precision": res.precision,
         "evaluated_merged": res.evaluated_merged,
         **deployed_latency(model, device, data.suite.image_size,
@@ -392,9 +392,22 @@ def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int
 PACK_PROTOCOLS = ("vtab1k", "fgvc", "legacy-best-test")
 
 
+def _method_packs(name: str) -> bool:
+    """False for methods packing always refuses (see :func:`petlbench.packing.pack_problem`):
+    linear probing (features once, nothing to pack) and calibrated methods (per-run masks). Known
+    from the class, so such runs are never grouped, built and calibrated only to fall back."""
+    from petlbench.registry import get_method
+
+    try:
+        cls = get_method(name)
+    except PetlbenchError:  # an unknown method fails in its own run, with its own message
+        return False
+    return not (cls.frozen_features or cls.needs_calibration)
+
+
 def pack_key(spec: RunSpec) -> tuple | None:
     """Specs with equal keys differ only in their seed and can train packed (None: never packed)."""
-    if spec.protocol not in PACK_PROTOCOLS:
+    if spec.protocol not in PACK_PROTOCOLS or not _method_packs(spec.method):
         return None
     from petlbench.runspec import canonical_json
 
@@ -429,7 +442,7 @@ def execute_packed(specs: list[RunSpec], quiet: bool = True, device: str = "auto
     ``pack_tune`` is handed to those (a ``tune`` run is never packed with others, its grid may be).
     """
     from petlbench.memory import PhasePeaks
-    from petlbench.packing import pack_problem, train_packed
+    from petlbench.packing import train_packed  # it checks pack_problem; a ValueError says why not
 
     if len(specs) < 2 or len({pack_key(s) for s in specs}) != 1 or pack_key(specs[0]) is None:
         return [execute_spec(s, quiet=quiet, device=device, pack_tune=pack_tune) for s in specs]
@@ -440,9 +453,6 @@ def execute_packed(specs: list[RunSpec], quiet: bool = True, device: str = "auto
             data = _Data(specs[0])
             preps = [_prepare(s, dev, data) for s in specs]
             models = [p.model for p in preps]
-            problem = pack_problem(models, [p.cfg for p in preps], [p.train_loader for p in preps], dev)
-            if problem:
-                raise ValueError(problem)
             peaks = PhasePeaks(dev)  # one pack, one set of peaks: what the R runs needed together
             results = train_packed(models, [p.train_loader for p in preps], [p.evals for p in preps],
                                    [p.cfg for p in preps], dev, select_on=preps[0].select, eval_every=preps[0].every,

@@ -73,3 +73,32 @@ def test_merged_evaluation_gives_the_same_records(method) -> None:
         out[merged] = res
     assert out[True].evaluated_merged and not out[False].evaluated_merged
     assert out[True].curve == out[False].curve and out[True].train_loss == out[False].train_loss
+
+
+def test_backbone_cache_never_shares_across_configurations(tmp_path) -> None:
+    """Build arguments (drop_path_rate included) and the weights file's identity are in the key:
+    a different configuration, or a file rewritten in place, is built and loaded again."""
+    import os
+
+    from safetensors.torch import save_file
+
+    arch, kw = TINY_VIT
+    BACKBONES.clear()
+    builds = BACKBONES.builds
+    plain = create_model(arch, "lora", 3, backbone_kwargs=kw, reuse_backbone=True)
+    dropped = create_model(arch, "lora", 3, backbone_kwargs={**kw, "drop_path_rate": 0.1}, reuse_backbone=True)
+    assert BACKBONES.builds - builds == 2
+    assert dropped.net.blocks[1].drop_path1.drop_prob > 0 and not hasattr(plain.net.blocks[1].drop_path1, "drop_prob")
+    state = {k: v.clone() for k, v in plain.net.state_dict().items() if not k.startswith("head.")}
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    first = create_model(arch, "lora", 3, pretrained=str(path), backbone_kwargs=kw, reuse_backbone=True)
+    create_model(arch, "lora", 3, pretrained=str(path), backbone_kwargs=kw, reuse_backbone=True)
+    assert BACKBONES.builds - builds == 3  # same file: a hit
+    state["pos_embed"] += 1.0
+    save_file(state, str(path))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a later write, whatever the clock
+    second = create_model(arch, "lora", 3, pretrained=str(path), backbone_kwargs=kw, reuse_backbone=True)
+    assert BACKBONES.builds - builds == 4 and first.weights.sha256 != second.weights.sha256
+    torch.testing.assert_close(second.net.pos_embed, first.net.pos_embed + 1.0)
+    BACKBONES.clear()

@@ -3,12 +3,15 @@ the same runs trained one by one."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from petlbench import engine
 from petlbench.model import create_model
 from petlbench.packing import pack_problem, train_packed
+from petlbench.registry import get_method
 from petlbench.runner import execute_packed, execute_spec, pack_groups, seed_everything
 from petlbench.sweep import plan
 from tests.conftest import TINY_VIT
@@ -93,15 +96,27 @@ def test_packed_sweep_records_equal_one_by_one(tmp_path) -> None:
     assert (tmp_path / "b").exists() and len(list((tmp_path / "b").rglob("*.json"))) == 3
 
 
-def test_groups_and_fallback(tmp_path) -> None:
+def test_groups_and_fallback(tmp_path, monkeypatch) -> None:
     mixed = plan("demo", ["lora", "linear"], ["digits", "faces"], [0, 1], output=str(tmp_path), sets=FAST_SETS).specs
     groups = pack_groups(mixed, 2)
-    assert sorted(len(g) for g in groups) == [2, 2, 2, 2]
+    # LoRA seeds pair up per task; linear probing never packs, so its runs are never grouped
+    assert sorted(len(g) for g in groups) == [1, 1, 1, 1, 2, 2]
     assert all(len({(s.task, s.method) for s in g}) == 1 for g in groups)
+    assert all(g[0].method == ("lora" if len(g) == 2 else "linear") for g in groups)
     assert [len(g) for g in pack_groups(mixed, 1)] == [1] * 8
-    linear = next(g for g in groups if g[0].method == "linear")
-    recs = execute_packed(linear)  # linear probing is not packed: each runs alone, and says why
-    assert all(r["status"] == "ok" and "linear probing" in r["efficiency"]["pack_fallback"] for r in recs)
+    lora = [s for s in mixed if s.method == "lora" and s.task == "digits"]
+    assert get_method("spt_lora").needs_calibration and get_method("gps").needs_calibration  # per-run masks
+    calibrated = [dataclasses.replace(s, method=m) for s in lora for m in ("spt_lora", "gps")]
+    assert [len(g) for g in pack_groups(calibrated, 4)] == [1] * 4
+    linear = [s for s in mixed if s.method == "linear" and s.task == "digits"]
+    recs = execute_packed(linear)  # handed a pack anyway, each runs alone
+    assert all(r["status"] == "ok" and "packed_runs" not in r["efficiency"] for r in recs)
+    from petlbench import packing
+
+    monkeypatch.setattr(packing, "pack_problem", lambda *a: "a reason only the packer knows")
+    recs = execute_packed(lora)  # refused when training starts: each runs alone, and says why
+    assert all(r["status"] == "ok" and "a reason only the packer knows" in r["efficiency"]["pack_fallback"]
+               for r in recs)
 
 
 def test_packed_tune_grid_equals_one_by_one(tmp_path) -> None:
