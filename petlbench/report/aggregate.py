@@ -767,10 +767,14 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
                 hp = _dig(r, "config", "method_hparams")
                 declared[labels[row_of[id(r)]]].add(
                     published_name(r["method"], the_suite.name, hp if isinstance(hp, Mapping) else None))
+        other_backbone: list[str] = []
         for row in rows:
             names = declared.get(row.label, set())
             ref = by_name.get(next(iter(names))) if len(names) == 1 and None not in names else None
             if ref is None:
+                continue
+            if not row.block.startswith(PAPER_ARCH):  # published rows are ViT-B/16: no delta across backbones
+                other_backbone.append(row.label)
                 continue
             name = ref.published.name
             label = f"Δ {row.label}" if name == row.label else f"{row.label} − {name}"
@@ -782,6 +786,9 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
                 if a.present and b.present:
                     d.values[col.key] = Stat(mean=a.mean - b.mean)
             deltas.append(d)
+        if other_backbone:
+            say(f"--delta: no delta rows for {', '.join(other_backbone)}: they ran on another backbone than the "
+                f"published rows' {PAPER_ARCH} (ImageNet-21k), so the difference would not be the method's")
         if not deltas:
             mapped = sorted({n for ns in declared.values() for n in ns if n})
             say("--delta: no reproduced configuration declares a published row of this reference set "

@@ -123,6 +123,18 @@ def test_delta_rows():
     assert line.startswith("| LoRA (targets=qkv) − LoRA (r=8, fused qkv, NOAH code) | +2.9 | – | −9.4 | – |")
 
 
+def test_no_delta_across_backbones():
+    """Published rows are ViT-B/16: a reproduced row on another backbone gets no delta, and says why."""
+    values = {"cifar": 70.0}
+    vit_s = [{**r, "config": {**r["config"], "backbone": "vit_small_patch16_224"}}
+             for r in published_records("lora", values, hparams=NOAH_LORA)]
+    warnings: list[str] = []
+    report = build_report(published_records("lora", values, hparams=NOAH_LORA) + vit_s, reference="paper",
+                          delta=True, on_warning=warnings.append)
+    assert len(report.deltas) == 1 and report.deltas[0].block.startswith("vit_base_patch16_224")
+    assert any("another backbone than the published rows" in w for w in warnings), warnings
+
+
 def test_delta_implies_the_paper_set():
     report = build_report(published_records("linear", {"cifar": 63.4}), delta=True, **_quiet())
     assert report.reference == "paper"
