@@ -51,7 +51,7 @@ def _check(values: Mapping[str, Any], source: str) -> dict[str, Any]:
     for key, value in values.items():
         if key not in TRAIN_HPARAMS:
             raise PetlbenchError(f"{source}: " + did_you_mean(key, TRAIN_HPARAMS, _WHERE, label="Known"))
-        out[key] = TRAIN_HPARAMS[key].coerce(source, key, value)
+        out[key] = TRAIN_HPARAMS[key].coerce(source, key, value, where=f"{source}: training setting {key!r}")
     return out
 
 

@@ -53,9 +53,11 @@ class HParam:
     def type(self) -> type:
         return type(self.default)
 
-    def coerce(self, method: str, name: str, value: Any) -> Any:
-        """Return ``value`` as this parameter's type, or raise a one-line PetlbenchError."""
-        where = f"method {method!r}: hyperparameter {name!r}"
+    def coerce(self, method: str, name: str, value: Any, where: str | None = None) -> Any:
+        """Return ``value`` as this parameter's type, or raise a one-line PetlbenchError.
+
+        ``where`` names the value in that message (default: method ``method``'s hyperparameter)."""
+        where = where or f"method {method!r}: hyperparameter {name!r}"
         kind = self.type
         try:
             if kind is bool:

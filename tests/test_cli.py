@@ -70,6 +70,7 @@ def test_params_table_with_presets() -> None:
          "does not take the suite's 224x224 inputs"),
         (["bench", "-m", "lroa"], "Did you mean 'lora'"),
         (["run", "-s", "demo", "-m", "arc", "--pack", "0"], "--pack '0' is not a number of runs"),
+        (["run", "-s", "demo", "-m", "arc", "--dry-run", "--set", "lr=abc"], "--set: training setting 'lr' must be"),
         # launcher options are checked before the plan, so --dry-run rejects them too
         (["run", "-s", "demo", "-m", "arc", "--dry-run", "--device", "gpu"], "unknown device 'gpu'"),
         (["run", "-s", "demo", "-m", "arc", "--dry-run", "--device", "cuda:x"], "is not cuda:<index>"),
