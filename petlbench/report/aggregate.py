@@ -319,6 +319,11 @@ def _config_view(record: Mapping[str, Any]) -> dict[str, str]:
     if isinstance(train, Mapping):
         skip = set(EXECUTION_KEYS) | (set(TUNED_KEYS) if record.get("protocol") == "tune" else set())
         view.update({f"train:{k}": _canon(v) for k, v in train.items() if k not in skip})
+    resolved = _dig(record, "efficiency", "precision")
+    if isinstance(resolved, Mapping) and "autocast" in resolved:
+        # What ran, not what was asked: precision=auto is bf16 on one machine and fp32 on another.
+        arith = str(resolved.get("autocast") or ("fp32+tf32" if resolved.get("tf32") else "fp32"))
+        view["train:precision"] = _canon(arith)
     data = _data_key(record)
     if data is not None:
         view["data"] = data

@@ -88,6 +88,21 @@ def test_execution_settings_do_not_split_a_row():
                for n in rep.notes)
 
 
+def test_precision_auto_is_split_by_what_ran():
+    """precision=auto is bf16 on a GPU and fp32 on a CPU: those runs are not seeds of one row, while
+    an explicit bf16 and an auto that resolved to bf16 are the same arithmetic."""
+    def rec(seed: int, requested: str, autocast: str | None) -> dict:
+        r = make_record("lora", "cifar", seed, 70.0 + seed)
+        r["config"]["train"]["precision"] = requested
+        r.setdefault("efficiency", {})["precision"] = {"requested": requested, "autocast": autocast,
+                                                     "grad_scaler": False, "tf32": False, "reason": ""}
+        return r
+
+    assert len(build_report([rec(0, "auto", "bf16"), rec(1, "auto", None)], **_quiet()).rows) == 2
+    same = build_report([rec(0, "auto", "bf16"), rec(1, "bf16", "bf16")], **_quiet())
+    assert [r.label for r in same.rows] == ["LoRA"] and same.rows[0].seeds_text == "2"
+
+
 def test_other_data_is_another_row():
     a = make_record("lora", "cifar", 0, 70.0)
     b = make_record("lora", "cifar", 1, 71.0, fingerprint_variant="-rebuilt")
