@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from petlbench.errors import PetlbenchError, did_you_mean
+from petlbench.errors import PetlbenchError, did_you_mean, read_user_text
 from petlbench.method import HParam, Method
 
 TRAIN_HPARAMS: dict[str, HParam] = {
@@ -116,14 +116,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    text = read_user_text(path, f"config file {path}", "save it as UTF-8 (YAML files are UTF-8)")
     try:
-        text = path.read_bytes().decode("utf-8-sig")
         data = yaml.safe_load(text) or {}
-    except OSError as exc:
-        raise PetlbenchError(f"config file {path}: cannot read it ({exc.strerror}).") from None
-    except UnicodeDecodeError as exc:
-        raise PetlbenchError(f"config file {path}: not UTF-8 text (byte {exc.start}). "
-                             "Fix: save it as UTF-8 (YAML files are UTF-8).") from None
     except yaml.YAMLError as exc:
         raise PetlbenchError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]}).") from None
     except RecursionError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class PetlbenchError(Exception):
@@ -30,3 +31,14 @@ def did_you_mean(name: str, choices: Iterable[str], what: str, list_all: bool = 
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     known = f" {label}: {', '.join(choices) if choices else '(none)'}." if list_all else ""
     return f"unknown {what} {name!r}.{hint}{known}"
+
+
+def read_user_text(path: Path, what: str, fix: str = "save it as UTF-8") -> str:
+    """The UTF-8 text (a BOM allowed) of a file the user named, or one PetlbenchError line saying
+    that it cannot be read or is not UTF-8 (``what`` names it, e.g. "--template 'x.j2'")."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise PetlbenchError(f"{what} cannot be read ({exc.strerror or exc}).") from None
+    except UnicodeDecodeError as exc:
+        raise PetlbenchError(f"{what} is not UTF-8 text (byte {exc.start}). Fix: {fix}.") from None

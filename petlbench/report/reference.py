@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from petlbench.errors import PetlbenchError, did_you_mean
+from petlbench.errors import PetlbenchError, did_you_mean, read_user_text
 
 COLUMNS = ("benchmark", "method", "task", "accuracy", "params_M", "source_paper", "provenance")
 
@@ -122,13 +122,7 @@ def load_reference(name: str) -> tuple[pd.DataFrame, str]:
         return _read_csv(text, f"petlbench/report/data/{filename}"), name
     path = Path(name).expanduser()
     if path.suffix.lower() == ".csv":
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise PetlbenchError(f"--reference: file {str(path)!r} cannot be read ({exc.strerror or exc}).") from None
-        except UnicodeDecodeError:
-            raise PetlbenchError(f"--reference: file {str(path)!r} is not UTF-8 text. Fix: save the CSV as "
-                                 "UTF-8.") from None
+        text = read_user_text(path, f"--reference: file {str(path)!r}", "save the CSV as UTF-8")
         return _read_csv(text, str(path)), path.name
     raise PetlbenchError(
         "--reference: " + did_you_mean(name, REFERENCE_SETS, "reference set", label="Available")

@@ -27,7 +27,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-from petlbench.errors import PetlbenchError
+from petlbench.errors import PetlbenchError, read_user_text
 from petlbench.report.aggregate import DIGITS, Note, Report, Row, Stat
 from petlbench.report.formats import FORMATS, SUFFIXES, TABLES
 
@@ -513,14 +513,7 @@ def _render(env: jinja2.Environment, default: str, template: str | Path | None, 
             tpl = env.get_template(default)
         else:
             path = Path(template).expanduser()
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as exc:
-                raise PetlbenchError(f"--template {str(path)!r} cannot be read ({exc.strerror or exc}).") from None
-            except UnicodeDecodeError:
-                raise PetlbenchError(f"--template {str(path)!r} is not UTF-8 text. Fix: save the template "
-                                     "as UTF-8.") from None
-            tpl = env.from_string(text)
+            tpl = env.from_string(read_user_text(path, f"--template {str(path)!r}", "save the template as UTF-8"))
         return tpl.render(**context)
     except jinja2.TemplateSyntaxError as exc:
         where = f"{template or exc.name or default}, line {exc.lineno}"
