@@ -1,4 +1,4 @@
-"""Render a :class:`~petlbench.report.aggregate.Report` as LaTeX, HTML, Markdown or CSV.
+"""Render a :class:`~petlbench.report.table.Report` as LaTeX, HTML, Markdown or CSV.
 
 Numbers are formatted here once, into format-neutral views (:class:`TableView`), so every format
 shows the same digits, marks and notes. LaTeX and HTML go through jinja2 templates (package data,
@@ -28,8 +28,8 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
 from petlbench.errors import PetlbenchError, read_user_text
-from petlbench.report.aggregate import DIGITS, Note, Report, Row, Stat
 from petlbench.report.formats import FORMATS, SUFFIXES, TABLES
+from petlbench.report.table import DIGITS, Note, Report, Row, Stat
 
 MISSING = "–"
 
