@@ -260,11 +260,6 @@ def _block_names(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     return {key: (f"{a}, {tag[key]}" if counts[a] > 1 else a) for key, a in arch.items()}
 
 
-def _strip_repr(value: Any) -> str:
-    text = "–" if value is None else str(value)
-    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == "'" else text
-
-
 def _frame(records: list[dict[str, Any]], row_of: Mapping[int, str]) -> pd.DataFrame:
     rows = []
     for r in records:
