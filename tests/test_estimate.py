@@ -14,6 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import petlbench
 from petlbench import estimate
 from petlbench.cli import main
+from petlbench.estimate.counting import _step_fn
+from petlbench.estimate.gpumodel import _sweep
 
 TINY = {"depth": 1, "embed_dim": 32, "num_heads": 1, "img_size": 32}
 
@@ -33,8 +35,8 @@ def test_counts_agree_with_torchs_flop_counter() -> None:
     with torch.device("meta"):
         model = petlbench.create_model("vit_base_patch16_224", "arc", 10, backbone_kwargs=TINY)
     counted = estimate.count(model, 4, 8, 10, 32, grad_clip=1.0)
-    step, _ = estimate._step_fn(model, 4, 10, 32, torch.device("meta"), 1.0)
-    _, forward = estimate._step_fn(model, 8, 10, 32, torch.device("meta"), 1.0)
+    step, _ = _step_fn(model, 4, 10, 32, torch.device("meta"), 1.0)
+    _, forward = _step_fn(model, 8, 10, 32, torch.device("meta"), 1.0)
     step()
     with FlopCounterMode(display=False) as fc:
         step()
@@ -96,8 +98,8 @@ def test_packs_model_what_packing_shares() -> None:
     assert one["compiled_host_s"] > 0
     assert three["compiled_host_s"] == pytest.approx(3 * one["compiled_host_s"])  # one AdamW per run
     loads = estimate.workload("vtab", "arc")
-    sweep1 = estimate._sweep(loads, 0.01, 0.02, 4.0, 1.0)
-    sweep3 = estimate._sweep(loads, 0.025, 0.02, 4.0, 1.0, pack=3)
+    sweep1 = _sweep(loads, 0.01, 0.02, 4.0, 1.0)
+    sweep3 = _sweep(loads, 0.025, 0.02, 4.0, 1.0, pack=3)
     assert sweep1["fixed_s"] == pytest.approx(4.0 + 19 * 1.0)  # build + hash once per process, the rest per run
     assert sweep3["fixed_s"] == pytest.approx(4.0 + 3 * 19 * 1.0)
     assert sweep3["eval_s"] == pytest.approx(3 * sweep1["eval_s"])  # each run evaluates its own model
