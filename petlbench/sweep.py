@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from petlbench.claims import CLAIMED
-from petlbench.config import load_config_file, resolve_train, split_overrides
+from petlbench.config import load_config_file, resolve_train, split_overrides, suite_train_defaults
 from petlbench.errors import PetlbenchError
 from petlbench.records import is_done
 from petlbench.registry import get_method, method_code
@@ -161,6 +161,7 @@ def plan(
     from petlbench.model import create_model
 
     the_suite = D.get_suite(suite)
+    suite_defaults = suite_train_defaults(the_suite)
     selected = the_suite.select(tasks)
     if not methods:
         raise PetlbenchError("--method is required. Fix: e.g. --method arc (see `petlbench list methods`).")
@@ -192,7 +193,6 @@ def plan(
 
     specs = []
     codes = {cls.name: method_code(cls.name) for cls in method_classes}
-    suite_defaults = dict(getattr(the_suite, "train_defaults", {}) or {})
     for task in selected:
         for cls in method_classes:
             hparams = cls.resolve({**file_cfg["methods"].get(cls.name, {}), **per_method[cls.name]},

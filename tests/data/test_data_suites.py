@@ -197,3 +197,41 @@ def test_public_names_resolve() -> None:
     assert sorted(pd.__all__) == sorted(pd._EXPORTS)
     for name in pd.__all__:
         assert getattr(pd, name) is not None
+
+
+def test_data_depends_on_neither_config_nor_the_method_api() -> None:
+    """data/ imports only its own modules, petlbench.errors and petlbench._lazy (lazy imports in
+    functions included), so the suite loader is not tied into a circle with config and method."""
+    import ast
+
+    import petlbench.data
+
+    allowed = ("petlbench.data", "petlbench.errors", "petlbench._lazy")
+    bad = []
+    for path in Path(petlbench.data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if (name == "petlbench" or name.startswith("petlbench.")) and not name.startswith(allowed):
+                    bad.append(f"{path.name}:{node.lineno} imports {name}")
+    assert bad == []
+
+
+def test_suite_train_defaults_are_checked_as_training_settings_naming_the_file(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from petlbench.cli import main
+
+    good = MINI.format(name="withdefaults") + "train_defaults:\n  epochs: 3\n  lr: 0.01\n"
+    assert dict(load_suite_file(_write(tmp_path, "good", good)).train_defaults) == {"epochs": 3, "lr": 0.01}
+    with pytest.raises(PetlbenchError, match="train_defaults.epochs' must be a number"):
+        load_suite_file(_write(tmp_path, "nested", MINI.format(name="n") + "train_defaults:\n  epochs: [3]\n"))
+    for text, expected in (("epoch: 3", "'epoch'"), ("epochs: zero", "'epochs' must be")):
+        path = _write(tmp_path, "typo", MINI.format(name="typo") + f"train_defaults:\n  {text}\n")
+        assert load_suite_file(path).train_defaults  # the loader does not know the settings ...
+        result = CliRunner().invoke(main, ["run", "--suite", str(path), "--method", "linear", "--pretrained", "none",
+                                           "--data-root", str(tmp_path), "--output", str(tmp_path / "r"), "--dry-run"])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, result.output  # ... planning a run does, in one line
+        assert f"suite file {path}: train_defaults" in lines[0] and expected in lines[0], lines[0]
