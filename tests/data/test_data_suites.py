@@ -199,25 +199,6 @@ def test_public_names_resolve() -> None:
         assert getattr(pd, name) is not None
 
 
-def test_data_depends_on_neither_config_nor_the_method_api() -> None:
-    """data/ imports only its own modules, petlbench.errors and petlbench._lazy (lazy imports in
-    functions included), so the suite loader is not tied into a circle with config and method."""
-    import ast
-
-    import petlbench.data
-
-    allowed = ("petlbench.data", "petlbench.errors", "petlbench._lazy")
-    bad = []
-    for path in Path(petlbench.data.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
-                [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            for name in names:
-                if (name == "petlbench" or name.startswith("petlbench.")) and not name.startswith(allowed):
-                    bad.append(f"{path.name}:{node.lineno} imports {name}")
-    assert bad == []
-
-
 def test_suite_train_defaults_are_checked_as_training_settings_naming_the_file(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
