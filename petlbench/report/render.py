@@ -51,16 +51,16 @@ def fmt_delta(value: float | None, digits: int = DIGITS) -> str:
 
 
 def fmt_params(value: float | None) -> str:
-    """Millions with two decimals in every row (85.80, 0.29, 0.01); below 0.01 M in thousands
-    with a K (7.7K, 0.50K), so a tiny method never shows as 0.00."""
+    """Millions, as the "(M)" in every parameter column says: two decimals from 0.01 M up (85.80,
+    0.29, 0.01); below, two significant digits (0.0077, 0.00031), so a tiny method never shows as
+    0.00 and no cell switches to another unit."""
     if value is None:
         return MISSING
     if value == 0:
         return "0"
     if value >= 0.01:
         return f"{value:.2f}"
-    k = value * 1e3
-    return f"{k:.1f}K" if k >= 1 else f"{k:.2f}K"
+    return f"{value:.2g}" if value >= 1e-4 else f"{value:.7f}".rstrip("0")
 
 
 def fmt_bytes(value: float | None) -> str:
@@ -257,7 +257,7 @@ def accuracy_view(report: Report) -> TableView:
         sections.append(section)
     caption = (f"Top-1 accuracy (%) on {report.suite_title}: mean and sample standard deviation over seeds "
                f"(Seeds = runs per cell). Params: trainable parameters in millions averaged over tasks, with "
-               f"and without the classification head (K: thousands, below 0.01 M).")
+               f"and without the classification head.")
     shifted = [(label, first + len(lead), count) for label, first, count in spans]
     return TableView("accuracy", f"{report.suite_title}: top-1 accuracy (%)", caption, lead + values, sections,
                      shifted, list(report.notes), wide=len(values) > 8, section_titles=titles)

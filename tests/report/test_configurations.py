@@ -181,7 +181,8 @@ def test_method_display_name_default_and_inheritance():
 
 
 @pytest.mark.parametrize("value,text", [(85.798, "85.80"), (0.294, "0.29"), (0.13, "0.13"), (0.0101, "0.01"),
-                                        (0.0077, "7.7K"), (0.00031, "0.31K"), (0.0, "0"), (None, "–")])
+                                        (0.0077, "0.0077"), (0.00031, "0.00031"), (0.0076, "0.0076"),
+                                        (0.0000048, "0.0000048"), (0.0, "0"), (None, "–")])
 def test_parameter_precision(value, text):
     assert fmt_params(value) == text
 
