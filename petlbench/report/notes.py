@@ -192,12 +192,26 @@ def _efficiency_notes(report: Report, recs: list[dict[str, Any]]) -> list[Note]:
         Note("Params: trainable parameters (M) averaged over tasks, with and without the classification head; "
              "extra after merge: parameters the deployed model has beyond the backbone once mergeable modules are "
              "folded in; storage: bytes of trainable state saved per task."),
-        Note("Train time: wall-clock training time per run; images/s: training throughput; peak memory: "
-             "largest peak GPU memory allocated (– on CPU); latency: batch-1 inference latency of the deployed model "
-             "relative to the plain backbone, timed with each run (– when not measured). Averaged over the row's "
-             "runs; ± is the sample standard deviation over those runs (tasks and seeds), so a difference between "
-             "rows smaller than it is noise."),
+        Note("Train time: wall-clock training time per run, averaged over the row's runs; ± is the standard "
+             "deviation between seeds of one task, pooled over tasks (none with one seed; tasks of different sizes "
+             "are not noise), so a difference between rows smaller than it is noise. Images/s: training "
+             "throughput; peak memory: largest peak GPU memory allocated (– on CPU); latency: batch-1 inference "
+             "latency of the deployed model relative to the plain backbone, timed with each run (– when not "
+             "measured); ± is the larger of its standard deviation over runs and the timer's own spread."),
     ]
+    rows = [r for r in report.rows if r.efficiency is not None and r.efficiency.runs]
+    plain = [r.label for r in rows if r.efficiency.deploys_plain]
+    if plain:
+        notes.append(Note(f"= backbone ({_rows_text(plain)}): deployed merged, which is the plain backbone with a "
+                          "new head by construction (petlbench.merge; nothing extra after merge), so its latency "
+                          "IS the backbone's; a timed ratio of two identical architectures would only show noise."))
+    unmeasured = [f"{r.label} ({what})" for r in rows for what, ok in (
+        ("train time", r.efficiency.train_time_measurable),
+        ("latency", r.efficiency.latency_measurable or r.efficiency.deploys_plain)) if not ok]
+    if unmeasured:
+        notes.append(Note(f"n.m.: not measurable here, the spread is larger than the effect (a train time whose ± "
+                          f"exceeds it; a latency ratio whose ± exceeds its distance from 1×): {_join(unmeasured)}. "
+                          "Measure on a quiet machine or with more seeds."))
     conc: dict[str, list[str]] = defaultdict(list)
     for row in report.rows:
         if row.efficiency is not None:

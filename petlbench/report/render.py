@@ -29,7 +29,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from petlbench.errors import PetlbenchError, read_user_text
 from petlbench.report.formats import FORMATS, SUFFIXES, TABLES
-from petlbench.report.table import DIGITS, Note, Report, Row, Stat
+from petlbench.report.table import DIGITS, Efficiency, Note, Report, Row, Stat
 
 MISSING = "–"
 
@@ -309,21 +309,42 @@ def efficiency_view(report: Report) -> TableView:
                     CellView(fmt_params(e.trainable_no_head_m), sort=e.trainable_no_head_m),
                     CellView(fmt_params(e.extra_after_merge_m), sort=e.extra_after_merge_m),
                     CellView(fmt_bytes(e.storage_bytes), sort=e.storage_bytes),
-                    CellView(fmt_seconds(e.train_time_s), fmt_seconds_std(e.train_time_s, e.train_time_std),
-                             sort=e.train_time_s),
+                    _train_time_cell(e),
                     CellView(fmt_plain(e.images_per_s, 0), sort=e.images_per_s),
                     CellView(fmt_bytes(e.peak_mem_bytes), sort=e.peak_mem_bytes),
-                    CellView(fmt_plain(e.latency_ratio, 2, "×"),
-                             None if e.latency_ratio_std is None else f"{e.latency_ratio_std:.2f}",
-                             sort=e.latency_ratio),
+                    _latency_cell(e),
                 ]
             rows.append(RowView(row.label, cells, row.kind, row.legacy))
         sections.append(rows)
         titles.append(title)
-    caption = (f"Cost of each method on {report.suite_title} (reproduced rows); ± is the sample standard deviation "
-               "over the row's runs.")
+    caption = (f"Cost of each method on {report.suite_title} (reproduced rows); ± is the spread between repeated "
+               "measurements (see the notes).")
     return TableView("efficiency", f"{report.suite_title}: efficiency", caption, header, sections or [[]], [],
                      list(report.efficiency_notes), section_titles=titles)
+
+
+#: Cell texts of the efficiency table where a number would mislead (explained in its notes).
+PLAIN_BACKBONE = "= backbone"
+NOT_MEASURABLE = "n.m."
+
+
+def _train_time_cell(e: Efficiency) -> CellView:
+    if not e.train_time_measurable:
+        return CellView(NOT_MEASURABLE, title="spread between seeds larger than the time itself")
+    return CellView(fmt_seconds(e.train_time_s), fmt_seconds_std(e.train_time_s, e.train_time_std),
+                    sort=e.train_time_s)
+
+
+def _latency_cell(e: Efficiency) -> CellView:
+    """The deployed model's latency against the plain backbone's: a ratio only where it means
+    something. A merged model is the plain backbone by construction, so it says so instead of
+    showing two timings of one architecture divided by each other."""
+    if e.deploys_plain:
+        return CellView(PLAIN_BACKBONE, title="merged: the deployed model is the plain backbone")
+    if not e.latency_measurable:
+        return CellView(NOT_MEASURABLE, title="spread larger than the difference from the backbone")
+    return CellView(fmt_plain(e.latency_ratio, 2, "×"),
+                    None if e.latency_ratio_std is None else f"{e.latency_ratio_std:.2f}", sort=e.latency_ratio)
 
 
 def table_views(report: Report, table: str = "all", notes: bool = True) -> list[TableView]:
@@ -686,6 +707,11 @@ def efficiency_frame(report: Report) -> Any:
             "peak_gpu_mem_allocated_bytes": None if e is None or e.peak_mem_bytes is None else int(e.peak_mem_bytes),
             "latency_ratio": _r(e.latency_ratio, 4) if e else None,
             "latency_ratio_std": _r(e.latency_ratio_std, 4) if e else None,
+            # How the tables show the two timed figures (the CSV keeps what was measured).
+            "train_time_shown_as": "" if e is None or e.train_time_s is None else
+            ("not measurable" if not e.train_time_measurable else "time"),
+            "latency_shown_as": "" if e is None else "plain backbone (merged)" if e.deploys_plain else
+            "" if e.latency_ratio is None else "not measurable" if not e.latency_measurable else "ratio",
             "runs": e.runs if e else 0,
         })
     df = pd.DataFrame(records)

@@ -277,6 +277,8 @@ def _frame(records: list[dict[str, Any]], row_of: Mapping[int, str]) -> pd.DataF
             "images_per_s": _num(_dig(r, "efficiency", "train_images_per_s")),
             "peak_mem": _num(_dig(r, "efficiency", "peak_gpu_mem_allocated")),
             "latency_ratio": _num(_dig(r, "efficiency", "latency_ratio")),
+            "latency_spread": _num(_dig(r, "efficiency", "latency_ratio_spread")),
+            "deployed": str(_dig(r, "efficiency", "deployed") or ""),
             "concurrency": _concurrency_text(_dig(r, "efficiency", "concurrency")),
             "end_time": str(_dig(r, "provenance", "end_time") or ""),
             "source": record_source(r),

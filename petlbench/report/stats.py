@@ -95,17 +95,50 @@ def _efficiency(mine: pd.DataFrame, row: Row) -> Efficiency:
 
     extra = per_task_mean("extra_after_merge")
     peak = mine["peak_mem"].dropna()
+    train_time = _series_mean(mine["train_time_s"])
+    train_std = _pooled_seed_std(mine, "train_time_s")
+    latency = _series_mean(mine["latency_ratio"])
+    latency_std = _latency_spread(mine, latency)
     return Efficiency(
         trainable_m=row.params_m,
         trainable_no_head_m=row.params_no_head_m,
         extra_after_merge_m=None if extra is None else extra / 1e6,
         storage_bytes=per_task_mean("storage"),
-        train_time_s=_series_mean(mine["train_time_s"]),
+        train_time_s=train_time,
         images_per_s=_series_mean(mine["images_per_s"]),
         peak_mem_bytes=float(peak.max()) if len(peak) else None,
-        latency_ratio=_series_mean(mine["latency_ratio"]),
-        train_time_std=_series_std(mine["train_time_s"]),
-        latency_ratio_std=_series_std(mine["latency_ratio"]),
+        latency_ratio=latency,
+        train_time_std=train_std,
+        latency_ratio_std=latency_std,
+        deploys_plain=bool(len(mine)) and bool((mine["deployed"] == "merged").all())
+        and bool((mine["extra_after_merge"] == 0).all()),
+        train_time_measurable=train_time is None or train_std is None or train_std <= train_time,
+        latency_measurable=latency is None or latency_std is None or latency_std <= abs(latency - 1.0),
         concurrency=tuple(sorted(set(mine["concurrency"]))) if len(mine) else (),
         runs=len(mine),
     )
+
+
+def _pooled_seed_std(mine: pd.DataFrame, col: str) -> float | None:
+    """Sample std between seeds of one task, pooled over the tasks that have two or more (the root
+    of the runs-weighted mean variance); None when no task has two. Differences between tasks
+    (a 120-image task trains faster than a 1000-image one) are deliberately not in it."""
+    sums = dof = 0.0
+    for _task, values in mine.groupby("task")[col]:
+        values = values.dropna()
+        if len(values) > 1:
+            sums += float(values.var()) * (len(values) - 1)
+            dof += len(values) - 1
+    return (sums / dof) ** 0.5 if dof else None
+
+
+def _latency_spread(mine: pd.DataFrame, mean: float | None) -> float | None:
+    """The ± of a row's latency ratio: the larger of its sample std over runs (every run measures
+    the same ratio) and the timer's own half-spread within a run (a relative spread, recorded as
+    ``latency_ratio_spread``; None for older records)."""
+    if mean is None:
+        return None
+    std = _series_std(mine["latency_ratio"])
+    within = _series_mean(mine["latency_spread"])
+    parts = [v for v in (std, None if within is None else within * mean) if v is not None]
+    return max(parts) if parts else None

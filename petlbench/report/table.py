@@ -67,8 +67,17 @@ class Efficiency:
     images_per_s: float | None = None
     peak_mem_bytes: float | None = None
     latency_ratio: float | None = None
-    train_time_std: float | None = None  # sample std over the row's runs (None for one run)
+    #: Spread of a run's train time between seeds of one task, pooled over tasks (None without a
+    #: task run with two seeds): tasks of different sizes take different times, which is not noise.
+    train_time_std: float | None = None
+    #: Spread of the latency ratio: the larger of its sample std over runs and the timer's own
+    #: half-spread within a run (each run times the deployed and the plain model interleaved).
     latency_ratio_std: float | None = None
+    #: Every run deployed the merged model, which is the plain backbone by construction
+    #: (:func:`petlbench.merge`; nothing extra after merge): its latency is the backbone's.
+    deploys_plain: bool = False
+    train_time_measurable: bool = True  # False: the spread is larger than the time itself
+    latency_measurable: bool = True  # False: the spread is larger than the ratio's distance from 1
     concurrency: tuple[str, ...] = ()  # how many runs shared the machine while these trained
     runs: int = 0
 
