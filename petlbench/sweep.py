@@ -161,6 +161,13 @@ def plan(
         get_method(name)
     train_user, per_method = split_overrides({**file_cfg["set"], **(sets or {})}, method_classes)
     protocol = check_protocol(protocol or default_protocol(the_suite.layout))
+    # Every setting of every run, resolved (and so checked) before any slow work: a typo in --set
+    # must not wait for the backbone check or a first-use build of the demo data.
+    resolved = {(task.name, cls.name): (
+        cls.resolve({**file_cfg["methods"].get(cls.name, {}), **per_method[cls.name]},
+                    suite=the_suite.name, task=task.name),
+        resolve_train(suite_defaults, cls, the_suite.name, task.name, train_user),
+    ) for task in selected for cls in method_classes}
 
     log = log or _quiet
     arch, bkw, weights = _resolve_weights(the_suite, backbone, pretrained, dict(backbone_kwargs or {}))
@@ -183,9 +190,7 @@ def plan(
     codes = {cls.name: method_code(cls.name) for cls in method_classes}
     for task in selected:
         for cls in method_classes:
-            hparams = cls.resolve({**file_cfg["methods"].get(cls.name, {}), **per_method[cls.name]},
-                                  suite=the_suite.name, task=task.name)
-            train = resolve_train(suite_defaults, cls, the_suite.name, task.name, train_user)
+            hparams, train = resolved[(task.name, cls.name)]
             for seed in seeds:
                 specs.append(RunSpec(
                     suite=the_suite.name, task=task.name, method=cls.name, seed=int(seed), protocol=protocol,

@@ -87,6 +87,16 @@ def test_user_errors_are_one_line(args: list[str], needle: str) -> None:
     assert needle in lines[0]
 
 
+def test_a_bad_setting_is_reported_before_the_demo_data_are_built(tmp_path, monkeypatch) -> None:
+    """With an empty cache, `--set lr=abc` is one line and nothing is built first (it used to build
+    the demo data, print that it did, and only then reject the setting)."""
+    monkeypatch.setenv("PETLBENCH_CACHE", str(tmp_path / "cache"))
+    result = run("run", "-s", "demo", "-m", "arc", "--dry-run", "--set", "lr=abc")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "training setting 'lr' must be" in lines[0], result.output
+    assert not (tmp_path / "cache").exists()
+
+
 def test_console_script_is_installed() -> None:
     import shutil
     import subprocess
