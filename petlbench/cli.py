@@ -61,6 +61,11 @@ class _Group(click.Group):
 @click.version_option(package_name="petlbench")
 def main() -> None:
     """Benchmark parameter-efficient transfer learning methods on vision transformers."""
+    from petlbench.shadowing import namespace_trap
+
+    trap = namespace_trap()
+    if trap is not None:  # the command works; a script the user saves next to it would not
+        click.echo(f"note: {trap}", err=True)
 
 
 @main.group("list")
