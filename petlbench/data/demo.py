@@ -229,7 +229,14 @@ def _write_task(folder: Path, task: Task, rng: np.random.Generator) -> dict[str,
     if task.name not in _RECIPES:
         raise PetlbenchError(f"the demo generator has no recipe for task {task.name!r}. Known: {', '.join(_RECIPES)}.")
     sizes = _sizes(task)
-    splits = _RECIPES[task.name](task, sizes, rng)
+    return write_vtab1k_task(folder, _RECIPES[task.name](task, sizes, rng))
+
+
+def write_vtab1k_task(folder: Path, splits: dict[str, list[Sample]]) -> dict[str, int]:
+    """Write one task in the VTAB-1k on-disk layout (NOAH's export): ``images/<split>/NNNNNN.png``
+    and ``<split>.txt`` of ``<relative path> <label>`` lines for train800, val200 and test, and
+    train800val200 as train800 followed by val200. Images are uint8 H x W (grey) or H x W x 3.
+    Returns the line count of every split file. Also used by ``benchmarks/gpu-evidence``."""
     lines: dict[str, list[str]] = {}
     for split in SPLITS:
         img_dir = folder / "images" / split
