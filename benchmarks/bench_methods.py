@@ -6,6 +6,7 @@ that writes ``benchmarks/results/<device>-<date>.{json,md}``.
     python benchmarks/bench_methods.py                      # GPU if present: ViT-B/16, bf16, batch 64
     python benchmarks/bench_methods.py --quick              # CPU smoke run on a tiny ViT
     python benchmarks/bench_methods.py --memory-only        # ViT-B/16, batch 64: counts, FLOPs, peak memory
+    python benchmarks/bench_methods.py --out DIR/methods    # write DIR/methods.{json,md} instead
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ def main() -> None:
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--memory-only", action="store_true", help="no timing (ViT-B at batch 64 on a CPU)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    ap.add_argument("--out", default=None, help="output path without suffix [default: results/<device>-...-<date>]")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
     parts = [re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower(), "vit_tiny-quick" if args.quick else "vit_base-b64",
              dtype, *(["memory"] if args.memory_only else []), time.strftime("%Y%m%d")]
-    out = Path(__file__).parent / "results" / "-".join(parts)
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / "-".join(parts)
     argv = ["bench", "--method", args.methods, "--device", device, "--dtype", dtype, "--out", str(out)]
     argv += ["--no-timing"] if args.memory_only else []
     if args.quick:

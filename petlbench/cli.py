@@ -61,6 +61,11 @@ class _Group(click.Group):
 @click.version_option(package_name="petlbench")
 def main() -> None:
     """Benchmark parameter-efficient transfer learning methods on vision transformers."""
+    from petlbench.shadowing import namespace_trap
+
+    trap = namespace_trap()
+    if trap is not None:  # the command works; a script the user saves next to it would not
+        click.echo(f"note: {trap}", err=True)
 
 
 @main.group("list")
@@ -113,8 +118,10 @@ def list_backbones_cmd(pattern: str) -> None:
 
 @main.command("params")
 @click.option("--method", "-m", required=True, help="Registered method name (see `petlbench list methods`).")
-@click.option("--backbone", "-b", default="vit_base_patch16_224", show_default=True, help="timm architecture.")
-@click.option("--num-classes", "-c", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--backbone", "-b", default=None,
+              help="timm architecture [default: vit_base_patch16_224; the demo suite's own micro-ViT with --suite demo].")
+@click.option("--num-classes", "-c", type=click.IntRange(min=1), default=None,
+              help="Classes of the head [default: the --task's; with --suite alone, each task's own; else 100].")
 @click.option("--backbone-arg", "backbone_args", multiple=True, metavar="KEY=VALUE",
               help="timm.create_model argument, e.g. img_size=32 (values parsed as YAML; repeatable).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Method hyperparameter override.")
@@ -122,45 +129,100 @@ def list_backbones_cmd(pattern: str) -> None:
 @click.option("--task", default=None, help="Apply the method's presets for this task (e.g. cifar).")
 @click.option("--pretrained", default=None, help="Weights file (count only; loading verifies it).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def params_cmd(method: str, backbone: str, backbone_args: tuple[str, ...], num_classes: int, sets: tuple[str, ...],
-               suite: str | None, task: str | None, pretrained: str | None, as_json: bool) -> None:
+def params_cmd(method: str, backbone: str | None, backbone_args: tuple[str, ...], num_classes: int | None,
+               sets: tuple[str, ...], suite: str | None, task: str | None, pretrained: str | None,
+               as_json: bool) -> None:
     """Parameter accounting of METHOD on BACKBONE (random init, offline; nothing is downloaded)."""
     from petlbench.accounting import count_params
     from petlbench.model import create_model
     from petlbench.sweep import check_backbone
 
     bkw = parse_backbone_args(backbone_args)
-    if bkw or suite:
-        image_size = None
-        if suite:
-            from petlbench.data import get_suite
+    the_suite = None
+    if suite:
+        from petlbench.data import get_suite
 
-            image_size = get_suite(suite).image_size
-        check_backbone(backbone, bkw, image_size)
-    model = create_model(backbone, method, num_classes, pretrained=pretrained, suite=suite, task=task,
-                         backbone_kwargs=bkw, device=None if pretrained else "meta", **parse_sets(sets))
-    counts = count_params(model).to_dict()
+        the_suite = get_suite(suite)
+    if backbone is None:
+        backbone = "vit_base_patch16_224"
+        if the_suite is not None and the_suite.generator == "demo":  # as `petlbench run --suite demo` does
+            from petlbench.data import demo_backbone
+
+            backbone, demo_kwargs = demo_backbone()
+            bkw = {**demo_kwargs, **bkw}
+    if bkw or the_suite is not None:
+        check_backbone(backbone, bkw, the_suite.image_size if the_suite is not None else None)
+    # Which heads to count: one (-c, the --task's, or 100 without a suite), or every task's of the suite.
+    if num_classes is not None or the_suite is None:
+        heads = [(task, num_classes or 100)]
+    elif task is not None:
+        heads = [(task, the_suite.resolve_task(task).classes)]
+    else:
+        heads = [(t.name, t.classes) for t in the_suite.tasks]
+    counted = []
+    for task_name, classes in heads:
+        model = create_model(backbone, method, classes, pretrained=pretrained, suite=suite, task=task_name,
+                             backbone_kwargs=bkw, device=None if pretrained else "meta", **parse_sets(sets))
+        counted.append((task_name, classes, model, count_params(model).to_dict()))
+    if len(counted) == 1:
+        _print_params(method, backbone, bkw, *counted[0], as_json=as_json,
+                      classes_from="" if num_classes is not None or task is not None or the_suite is not None
+                      else "the default of --num-classes")
+    else:
+        _print_suite_params(method, backbone, bkw, the_suite.name, counted, as_json)
+    model = counted[0][2]
+    if model.method.needs_calibration and not as_json:
+        click.echo(f"  note: {method} chooses what trains from gradients on the task's training data (its calibration "
+                   "step); these are the counts before calibration. See README, Methods.")
+
+
+_PARAM_LABELS = {
+    "trainable": "trainable (incl. head)",
+    "head": "head",
+    "trainable_without_head": "trainable without head",
+    "extra_after_merge": "extra at inference after merge",
+    "backbone": "backbone (without head)",
+    "total": "total (unmerged)",
+    "trainable_bytes": "bytes of trainable state",
+}
+
+
+def _print_params(method: str, backbone: str, bkw: dict[str, Any], task: str | None, classes: int, model: Any,
+                  counts: dict[str, int], *, as_json: bool, classes_from: str) -> None:
     if as_json:
-        click.echo(json.dumps({"method": method, "arch": backbone, "backbone_kwargs": bkw, "num_classes": num_classes,
+        click.echo(json.dumps({"method": method, "arch": backbone, "backbone_kwargs": bkw, "num_classes": classes,
                                "hparams": model.method.config, **counts}))
         return
-    click.echo(f"{method} on {backbone} ({num_classes} classes), {model.method!r}")
-    labels = {
-        "trainable": "trainable (incl. head)",
-        "head": "head",
-        "trainable_without_head": "trainable without head",
-        "extra_after_merge": "extra at inference after merge",
-        "backbone": "backbone (without head)",
-        "total": "total (unmerged)",
-        "trainable_bytes": "bytes of trainable state",
-    }
-    for key, label in labels.items():
+    where = f"{classes} classes" + (f": {classes_from}" if classes_from else f" of task {task}" if task else "")
+    click.echo(f"{method} on {backbone} ({where}), {model.method!r}")
+    for key, label in _PARAM_LABELS.items():
         value = counts[key]
         extra = f"  ({value / 1e6:.4f} M)" if key != "trainable_bytes" else ""
         click.echo(f"  {label:<32} {value:>12,}{extra}")
-    if model.method.needs_calibration:
-        click.echo(f"  note: {method} chooses what trains from gradients on the task's training data (its calibration "
-                   "step); these are the counts before calibration. See README, Methods.")
+
+
+def _print_suite_params(method: str, backbone: str, bkw: dict[str, Any], suite: str,
+                        counted: list[tuple[str | None, int, Any, dict[str, int]]], as_json: bool) -> None:
+    """Counts for every task of a suite: the head (and any per-task preset) differs between tasks."""
+    mean = sum(c["trainable"] for *_x, c in counted) / len(counted)
+    if as_json:
+        click.echo(json.dumps({"method": method, "arch": backbone, "backbone_kwargs": bkw, "suite": suite,
+                               "tasks": [{"task": t, "num_classes": k, "hparams": m.method.config, **c}
+                                         for t, k, m, c in counted],
+                               "mean_trainable_over_tasks": mean}))
+        return
+    reprs = {repr(m.method) for _t, _k, m, _c in counted}
+    shown = next(iter(reprs)) if len(reprs) == 1 else "hyperparameters per task below"
+    click.echo(f"{method} on {backbone}, suite {suite}: each task's own head ({len(counted)} tasks), {shown}")
+    click.echo(f"  {'task':<24} {'classes':>7} {'trainable (incl. head)':>23} {'head':>9} {'w/o head':>10} "
+               f"{'extra after merge':>18}")
+    for t, k, m, c in counted:
+        click.echo(f"  {str(t):<24} {k:>7} {c['trainable']:>23,} {c['head']:>9,} {c['trainable_without_head']:>10,} "
+                   f"{c['extra_after_merge']:>18,}" + (f"  {m.method!r}" if len(reprs) > 1 else ""))
+    backbone_params = counted[0][3]["backbone"]
+    click.echo(f"  mean over the {len(counted)} tasks: trainable (incl. head) {mean:,.0f} ({mean / 1e6:.4f} M), "
+               "what `petlbench report` shows as Params (M)")
+    click.echo(f"  {_PARAM_LABELS['backbone']:<32} {backbone_params:>12,}  ({backbone_params / 1e6:.4f} M)")
 
 
 def _seeds(text: str) -> list[int]:

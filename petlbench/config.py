@@ -65,6 +65,13 @@ def parse_floats(text: str, key: str) -> list[float]:
     return values
 
 
+def suite_train_defaults(suite: Any) -> dict[str, Any]:
+    """A suite's ``train_defaults`` checked as training settings; an unknown setting or a bad value is
+    one line naming the suite file. (The suite loader in data/ checks only their shape.)"""
+    return _check(dict(getattr(suite, "train_defaults", {}) or {}),
+                  f"suite file {getattr(suite, 'path', '') or suite.name}: train_defaults")
+
+
 def resolve_train(
     suite_defaults: Mapping[str, Any],
     method: type[Method],

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from petlbench.claims import CLAIMED
-from petlbench.config import load_config_file, resolve_train, split_overrides
+from petlbench.config import load_config_file, resolve_train, split_overrides, suite_train_defaults
 from petlbench.errors import PetlbenchError
 from petlbench.records import is_done
 from petlbench.registry import get_method, method_code
@@ -41,22 +41,6 @@ class Plan:
     train_overrides: dict[str, Any] = field(default_factory=dict)
 
 
-def _demo_weights(log: Callable[[str], None]) -> str:
-    """The demo's pretrained micro-ViT, saying what happens when it is trained (first use only)."""
-    from petlbench.data import demo_weights
-    from petlbench.data.cache import cache_root
-    from petlbench.data.demo import _weights_name
-
-    if not (cache_root() / "weights" / _weights_name()).is_file():
-        log("demo: first use: pretraining the demo micro-ViT on the upstream digits (once, cached; "
-            "about 15 s on 2 cores)")
-        started = time.perf_counter()
-        path = demo_weights(log=lambda line: log(f"demo: pretraining: {line}"))
-        log(f"demo: micro-ViT ready ({elapsed(started)})")
-        return str(path)
-    return str(demo_weights())
-
-
 def _demo_data(suite: Any, log: Callable[[str], None]) -> Path:
     """The demo's data root, saying what happens when it is built (first use only)."""
     from petlbench import data as D
@@ -78,8 +62,8 @@ def _quiet(_line: str) -> None:
     pass
 
 
-def _resolve_weights(suite, backbone: str | None, pretrained: str | None, backbone_kwargs: dict[str, Any],
-                     log: Callable[[str], None] = _quiet) -> tuple[str, dict[str, Any], str | None]:
+def _resolve_weights(suite, backbone: str | None, pretrained: str | None, backbone_kwargs: dict[str, Any]
+                     ) -> tuple[str, dict[str, Any], str | None]:
     """Defaults: the demo suite brings its own micro-ViT; otherwise ViT-B/16 with the paper weights."""
     random_init = pretrained is not None and str(pretrained).lower() == "none"
     if suite.generator == "demo" and backbone is None:
@@ -88,7 +72,11 @@ def _resolve_weights(suite, backbone: str | None, pretrained: str | None, backbo
         arch, kwargs = demo_backbone()
         if random_init:
             return arch, {**kwargs, **backbone_kwargs}, None
-        return arch, {**kwargs, **backbone_kwargs}, str(pretrained or _demo_weights(log))
+        if pretrained is None:
+            from petlbench.data import demo_weights
+
+            pretrained = str(demo_weights())  # shipped in the package: nothing to build
+        return arch, {**kwargs, **backbone_kwargs}, str(pretrained)
     backbone = backbone or DEFAULT_BACKBONE
     if random_init:
         return backbone, backbone_kwargs, None
@@ -155,12 +143,13 @@ def plan(
 ) -> Plan:
     """Validate everything a sweep needs and return its runs; raises PetlbenchError on bad input.
 
-    ``log`` hears about slow first-use work (building the demo data, pretraining its micro-ViT).
+    ``log`` hears about slow first-use work (building the demo data).
     """
     from petlbench import data as D
     from petlbench.model import create_model
 
     the_suite = D.get_suite(suite)
+    suite_defaults = suite_train_defaults(the_suite)
     selected = the_suite.select(tasks)
     if not methods:
         raise PetlbenchError("--method is required. Fix: e.g. --method arc (see `petlbench list methods`).")
@@ -172,9 +161,16 @@ def plan(
         get_method(name)
     train_user, per_method = split_overrides({**file_cfg["set"], **(sets or {})}, method_classes)
     protocol = check_protocol(protocol or default_protocol(the_suite.layout))
+    # Every setting of every run, resolved (and so checked) before any slow work: a typo in --set
+    # must not wait for the backbone check or a first-use build of the demo data.
+    resolved = {(task.name, cls.name): (
+        cls.resolve({**file_cfg["methods"].get(cls.name, {}), **per_method[cls.name]},
+                    suite=the_suite.name, task=task.name),
+        resolve_train(suite_defaults, cls, the_suite.name, task.name, train_user),
+    ) for task in selected for cls in method_classes}
 
     log = log or _quiet
-    arch, bkw, weights = _resolve_weights(the_suite, backbone, pretrained, dict(backbone_kwargs or {}), log)
+    arch, bkw, weights = _resolve_weights(the_suite, backbone, pretrained, dict(backbone_kwargs or {}))
     check_backbone(arch, bkw, the_suite.image_size)
     probe = create_model(arch, "linear", selected[0].classes, pretrained=weights, backbone_kwargs=bkw)
     sha = probe.weights.sha256 if probe.weights else None
@@ -192,12 +188,9 @@ def plan(
 
     specs = []
     codes = {cls.name: method_code(cls.name) for cls in method_classes}
-    suite_defaults = dict(getattr(the_suite, "train_defaults", {}) or {})
     for task in selected:
         for cls in method_classes:
-            hparams = cls.resolve({**file_cfg["methods"].get(cls.name, {}), **per_method[cls.name]},
-                                  suite=the_suite.name, task=task.name)
-            train = resolve_train(suite_defaults, cls, the_suite.name, task.name, train_user)
+            hparams, train = resolved[(task.name, cls.name)]
             for seed in seeds:
                 specs.append(RunSpec(
                     suite=the_suite.name, task=task.name, method=cls.name, seed=int(seed), protocol=protocol,

@@ -35,7 +35,7 @@ def images() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def demo_cache():
-    """``PETLBENCH_CACHE`` at one cache per test process (the demo's micro-ViT is pretrained once)."""
+    """``PETLBENCH_CACHE`` at one cache per test process (the demo data are built once)."""
     from tests.shared_cache import demo_cache_env
 
     with demo_cache_env() as cache:

@@ -1,5 +1,5 @@
-"""One petlbench cache per test process for modules that use the demo suite, so its micro-ViT is
-pretrained once, not once per module."""
+"""One petlbench cache per test process for modules that use the demo suite, so its data are
+built once, not once per module."""
 
 from __future__ import annotations
 

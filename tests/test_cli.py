@@ -49,6 +49,24 @@ def test_params_table_with_presets() -> None:
     assert "scale=10.0" in result.output and "239,808" in result.output
 
 
+def test_params_uses_the_suites_real_class_counts() -> None:
+    """`params --suite demo` once said "(100 classes)" on ViT-B/16: it counts on the demo's own
+    micro-ViT, with each task's head (the report's Params column is their mean)."""
+    result = run("params", "-m", "arc", "--suite", "demo")
+    assert result.exit_code == 0, result.output
+    assert "vit_tiny_patch16_224, suite demo: each task's own head (5 tasks)" in result.output
+    assert "100 classes" not in result.output
+    faces = next(line for line in result.output.splitlines() if line.split()[:1] == ["faces"])
+    assert faces.split()[:4] == ["faces", "2", "7,442", "130"]  # 2 classes: 64 x 2 weights + 2 biases
+    assert "mean over the 5 tasks: trainable (incl. head) 7,611" in result.output
+    one = run("params", "-m", "arc", "--suite", "demo", "--task", "digits")
+    assert one.exit_code == 0 and "(10 classes of task digits)" in one.output
+    plain = run("params", "-m", "arc", "--backbone-arg", "depth=1")
+    assert "(100 classes: the default of --num-classes)" in plain.output
+    data = json.loads(run("params", "-m", "arc", "--suite", "demo", "--json").output)
+    assert [t["num_classes"] for t in data["tasks"]] == [10, 2, 3, 4, 4] and data["arch"] == "vit_tiny_patch16_224"
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -85,6 +103,16 @@ def test_user_errors_are_one_line(args: list[str], needle: str) -> None:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert needle in lines[0]
+
+
+def test_a_bad_setting_is_reported_before_the_demo_data_are_built(tmp_path, monkeypatch) -> None:
+    """With an empty cache, `--set lr=abc` is one line and nothing is built first (it used to build
+    the demo data, print that it did, and only then reject the setting)."""
+    monkeypatch.setenv("PETLBENCH_CACHE", str(tmp_path / "cache"))
+    result = run("run", "-s", "demo", "-m", "arc", "--dry-run", "--set", "lr=abc")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "training setting 'lr' must be" in lines[0], result.output
+    assert not (tmp_path / "cache").exists()
 
 
 def test_console_script_is_installed() -> None:

@@ -74,7 +74,7 @@ def test_cycle_finder_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("package", ["data", "launch"])
+@pytest.mark.parametrize("package", ["data", "launch", "report", "estimate"])
 def test_package_imports_one_way(package: str) -> None:
     graph = internal_imports(package)
     assert len(graph) >= 4  # the parser saw the package's modules
@@ -88,6 +88,30 @@ def test_data_layers() -> None:
     assert not graph["readers"] & {"cache", "loader", "demo", "roots"}
     assert "readers" in graph["cache"] and "cache" in graph["loader"]
     assert graph["paths"] == set()
+
+
+def test_data_depends_on_neither_config_nor_the_method_api() -> None:
+    """data/ imports only its own modules, petlbench.errors and petlbench._lazy (lazy imports in
+    functions included): the suite loader once checked train_defaults through petlbench.config,
+    which tied data/ into a circle with config and method (method imports data)."""
+    allowed = ("petlbench.data", "petlbench.errors", "petlbench._lazy")
+    bad = []
+    for path in (ROOT / "data").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            bad += [f"{path.name}:{node.lineno} imports {n}" for n in names
+                    if (n == "petlbench" or n.startswith("petlbench.")) and not n.startswith(allowed)]
+    assert bad == []
+
+
+def test_report_layers() -> None:
+    """The report's data model (table) imports nothing of the report; render and plots read only it."""
+    graph = internal_imports("report")
+    assert graph["table"] == set()
+    assert not graph["render"] & {"aggregate", "rows", "stats", "notes", "select"}
+    assert not graph["plots"] & {"aggregate", "rows", "stats", "notes", "select"}
+    assert graph["aggregate"] >= {"table", "rows", "stats", "notes", "select"}
 
 
 def test_launchers_only_share_common() -> None:

@@ -52,22 +52,16 @@ def test_first_use_says_what_it_builds_then_stays_quiet(tmp_path):
     assert again.exit_code == 0 and "first use" not in again.stderr
 
 
-def test_first_use_pretraining_is_announced(monkeypatch, tmp_path):
-    import petlbench.data as D
+def test_demo_weights_ship_with_the_package(fresh_cache, tmp_path):
+    """The demo backbone is not pretrained on first use (which took a quarter of a minute and gave
+    other bytes with another thread count): the shipped file, the same SHA-256 on every machine."""
+    from petlbench.data.demo import DEMO_WEIGHTS_SHA256
 
-    calls: list[str] = []
-
-    def fake_demo_weights(cache_dir=None, *, log=None):
-        if log is not None:
-            log("epoch 1/3: loss 1.000, train acc 0.500")
-        return tmp_path / "w.safetensors"
-
-    monkeypatch.setattr(D, "demo_weights", fake_demo_weights)
-    path = sweep._demo_weights(calls.append)
-    assert path.endswith("w.safetensors")
-    assert calls[0].startswith("demo: first use: pretraining the demo micro-ViT")
-    assert calls[1] == "demo: pretraining: epoch 1/3: loss 1.000, train acc 0.500"
-    assert calls[2].startswith("demo: micro-ViT ready")
+    result = run("run", "--suite", "demo", "--method", "linear", "--task", "digits", "--output", str(tmp_path),
+                 "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "pretrain" not in result.stderr and f"(sha256 {DEMO_WEIGHTS_SHA256[:12]})" in result.stderr
+    assert not (Path(fresh_cache) / "weights").exists()
 
 
 def test_dry_run_lists_resolved_settings_with_their_source(tmp_path):

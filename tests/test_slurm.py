@@ -120,7 +120,8 @@ def test_slurm_preempted_job_is_requeued(slurm: None, tmp_path: Path) -> None:
         assert time.monotonic() < deadline, "the job never started"
         time.sleep(0.5)
     job_id = flag.read_text()
-    time.sleep(2)  # let submitit install its signal handlers
+    # No wait for submitit's signal handlers: its process_job installs them (_handle_signals)
+    # before it calls the job function, which wrote the flag, so they are in place already.
     # What Slurm does to a preempted (or timing-out) job, the way submitit's own tests simulate it.
     subprocess.run(["scancel", "--signal", "SIGTERM", job_id], check=True)
     subprocess.run(["scancel", "--signal", "USR2", job_id], check=True)

@@ -16,7 +16,7 @@ Typical use by the runner::
 
 Modules import one way, from the leaves up: ``problems``, ``paths``, ``transforms`` and ``suites``;
 then ``readers`` (split files); ``fingerprint``; ``cache`` (decoding); ``loader``; ``demo`` (builds
-data and pretrains through the loader); ``roots`` (``--data-root`` or the demo's data); ``check``
+the demo data) and ``demo_pretrain`` (made the shipped demo weights, through the loader); ``roots`` (``--data-root`` or the demo's data); ``check``
 and ``cli`` on top. ``tests/test_import_layers.py`` keeps it so.
 
 Names are imported lazily, so ``import petlbench.data`` (and the ``data`` CLI) does not pay

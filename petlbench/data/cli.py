@@ -112,15 +112,15 @@ def suites(name: str | None, suite_dirs: tuple[Path, ...]) -> None:
 
 @data.command("demo")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Where to build it (default <cache>/demo).")
-@click.option("--weights", is_flag=True, help="Also pretrain the demo micro-ViT (about 12 s on 2 CPU cores).")
+@click.option("--weights", is_flag=True, help="Also print the demo micro-ViT's weights file (shipped in the package).")
 @_user_errors
 def demo(cache_dir: Path | None, weights: bool) -> None:
-    """Build the offline demo suite (and optionally its pretrained backbone); print the paths."""
+    """Build the offline demo suite; print its data root (and the path of its backbone's weights)."""
     from petlbench.data.demo import demo_weights, materialize_demo
 
     click.echo(f"data root: {materialize_demo(cache_dir)}")
     if weights:
-        click.echo(f"weights: {demo_weights(log=lambda m: click.echo(m, err=True))}")
+        click.echo(f"weights: {demo_weights()}")
 
 
 if __name__ == "__main__":  # pragma: no cover

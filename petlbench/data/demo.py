@@ -9,14 +9,16 @@ only on pixels), so its fingerprints are stable across machines with the same Pi
 
 Upstream / downstream split: the digits are divided once, by a fixed permutation, into a
 900-image **downstream** pool (used by the ``digits``, ``digits_rotation`` and
-``digits_position`` tasks) and the remaining 897 **upstream** images. :func:`demo_weights`
-pretrains the micro-ViT of :func:`demo_backbone` on 10-way classification of the upstream
-images only, so no demo evaluation image was seen in pretraining, much as ImageNet-21k
-pretraining relates to VTAB's natural tasks. faces and textures are not used upstream at all.
+``digits_position`` tasks) and the remaining 897 **upstream** images. The micro-ViT of
+:func:`demo_backbone` was pretrained on 10-way classification of the upstream images only
+(:mod:`petlbench.data.demo_pretrain`), so no demo evaluation image was seen in pretraining, much
+as ImageNet-21k pretraining relates to VTAB's natural tasks. faces and textures are not used
+upstream at all. Its weights ship in the package (:func:`demo_weights` returns the file after
+checking its SHA-256), so they are the same bytes on every machine.
 
-Everything is built atomically (temporary folder or file, then rename) under
-``<cache>/demo/`` and ``<cache>/weights/``, where ``<cache>`` is ``$PETLBENCH_CACHE`` or
-``~/.cache/petlbench``; each function also takes an explicit folder.
+The data are built atomically (temporary folder, then rename) under ``<cache>/demo/``, where
+``<cache>`` is ``$PETLBENCH_CACHE`` or ``~/.cache/petlbench`` (or an explicit folder). Only numpy
+and Pillow make them (no torch, no threads), so they do not depend on the thread count either.
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,15 +49,11 @@ SPLITS = ("train800", "val200", "test")
 
 DEMO_ARCH = "vit_tiny_patch16_224"
 DEMO_BACKBONE_KWARGS: dict[str, int] = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4}
-#: Pretraining recipe; part of the weights' cache key, so changing it retrains.
-DEMO_PRETRAIN: dict[str, Any] = {
-    "source": "sklearn digits, 897-image upstream pool, 10-way",
-    "epochs": 12, "batch_size": 32, "lr": 1.5e-3, "weight_decay": 0.05, "warmup_epochs": 1,
-    "seed": 0, "normalization": "inception", "shift": 0,  # random shift by up to `shift` px (pad + crop)
-}
-# About 12 s on 2 CPU cores. Frozen features + logistic regression on the demo tasks (test split):
-# digits 0.87 vs 0.44 from a random-init micro-ViT, digits_rotation 0.67 vs 0.51, faces 0.97 vs 0.84.
-DEMO_WEIGHTS_VERSION = "v2"
+#: The shipped weights (``petlbench/data/<file>``) and their SHA-256, checked on every use; made by
+#: ``scripts/make_demo_weights.py`` (:mod:`petlbench.data.demo_pretrain`), which prints both.
+DEMO_WEIGHTS_VERSION = "v3"
+DEMO_WEIGHTS_FILE = f"demo_vit_{DEMO_WEIGHTS_VERSION}.safetensors"
+DEMO_WEIGHTS_SHA256 = "febe5b1c5ea2499a8f1493e9b51d954c9e4a78f87c57a1bc3f379d6d947327ea"
 
 Sample = tuple[np.ndarray, int]  # (uint8 H x W grey image, label)
 
@@ -70,7 +66,8 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     """sklearn's 1797 digits as uint8 (0..16 scaled to 0..255) and labels.
 
     Reads the CSV that ships in the sklearn wheel directly (``load_digits`` reads the same
-    file) because importing sklearn pulls in scipy.stats, ~2 s; falls back to ``load_digits``.
+    file) because importing sklearn pulls in scipy.stats (0.8 s of CPU time, measured on a 2-core
+    x86-64 machine); falls back to ``load_digits``.
     """
     spec = importlib.util.find_spec("sklearn")
     csv = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
@@ -233,7 +230,14 @@ def _write_task(folder: Path, task: Task, rng: np.random.Generator) -> dict[str,
     if task.name not in _RECIPES:
         raise PetlbenchError(f"the demo generator has no recipe for task {task.name!r}. Known: {', '.join(_RECIPES)}.")
     sizes = _sizes(task)
-    splits = _RECIPES[task.name](task, sizes, rng)
+    return write_vtab1k_task(folder, _RECIPES[task.name](task, sizes, rng))
+
+
+def write_vtab1k_task(folder: Path, splits: dict[str, list[Sample]]) -> dict[str, int]:
+    """Write one task in the VTAB-1k on-disk layout (NOAH's export): ``images/<split>/NNNNNN.png``
+    and ``<split>.txt`` of ``<relative path> <label>`` lines for train800, val200 and test, and
+    train800val200 as train800 followed by val200. Images are uint8 H x W (grey) or H x W x 3.
+    Returns the line count of every split file. Also used by ``benchmarks/gpu-evidence``."""
     lines: dict[str, list[str]] = {}
     for split in SPLITS:
         img_dir = folder / "images" / split
@@ -287,87 +291,18 @@ def demo_backbone() -> tuple[str, dict[str, int]]:
     return DEMO_ARCH, dict(DEMO_BACKBONE_KWARGS)
 
 
-def _weights_name() -> str:
-    recipe = json.dumps([DEMO_ARCH, DEMO_BACKBONE_KWARGS, DEMO_PRETRAIN, DEMO_SEED, DOWNSTREAM_DIGITS], sort_keys=True)
-    return f"demo_vit_{DEMO_WEIGHTS_VERSION}-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}.safetensors"
-
-
-def pretrain_demo_backbone(log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Train the micro-ViT on the upstream digits; return (backbone state_dict without head, metadata)."""
-    import timm
-    import torch
-
-    from petlbench.data.loader import DeviceLoader
-    from petlbench.data.transforms import NORMALIZATIONS
-
-    cfg = DEMO_PRETRAIN
-    images, labels = upstream_images()
-    norm = NORMALIZATIONS[cfg["normalization"]]
-    start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg["seed"])
-        model = timm.create_model(DEMO_ARCH, num_classes=10, **DEMO_BACKBONE_KWARGS)
-        # Pad so that the loader's random crop acts as a small random shift.
-        k = int(cfg["shift"])
-        padded = np.pad(images, ((0, 0), (k, k), (k, k), (0, 0)))
-        loader = DeviceLoader(
-            torch.from_numpy(padded), torch.from_numpy(labels), batch_size=cfg["batch_size"],
-            normalization=norm, crop=32, random_crop=k > 0, shuffle=True, drop_last=True, seed=cfg["seed"],
-        )
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        total = cfg["epochs"] * len(loader)
-        warm = cfg["warmup_epochs"] * len(loader)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: (step + 1) / warm if step < warm else 0.5 * (1 + np.cos(np.pi * (step - warm) / (total - warm)))
-        )
-        model.train()
-        for epoch in range(cfg["epochs"]):
-            correct = seen = 0
-            for x, y in loader:
-                logits = model(x)
-                loss = torch.nn.functional.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-            if log is not None:
-                log(f"epoch {epoch + 1}/{cfg['epochs']}: loss {loss.item():.3f}, train acc {correct / seen:.3f}")
-        model.reset_classifier(0)
-        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    meta = {
-        "arch": DEMO_ARCH, "backbone_kwargs": json.dumps(DEMO_BACKBONE_KWARGS, sort_keys=True),
-        "pretrain": json.dumps(cfg, sort_keys=True), "version": DEMO_WEIGHTS_VERSION,
-        "mean": json.dumps(norm.mean), "std": json.dumps(norm.std),
-        "train_accuracy_last_epoch": f"{correct / max(seen, 1):.4f}",
-    }
-    if log is not None:
-        log(f"pretrained in {time.perf_counter() - start:.1f}s")
-    return state, meta
-
-
-def demo_weights(cache_dir: str | Path | None = None, *, log: Callable[[str], None] | None = None) -> Path:
-    """Path of the pretrained micro-ViT backbone (``.safetensors``, no head), training it on first use.
-
-    ``cache_dir`` defaults to ``<cache>/weights``. The file name carries a version and a hash of
-    the recipe; the file is written to a temporary name and renamed into place.
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "weights"
-    path = folder / _weights_name()
-    if path.is_file():
-        return path
-    state, meta = pretrain_demo_backbone(log)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+def demo_weights() -> Path:
+    """Path of the demo micro-ViT's pretrained backbone weights (``.safetensors``, no head), shipped
+    in the package; checked against :data:`DEMO_WEIGHTS_SHA256` so a damaged install is one line,
+    not different numbers."""
+    path = Path(__file__).with_name(DEMO_WEIGHTS_FILE)
     try:
-        # A single metadata key: safetensors orders a multi-key map arbitrarily, and the demo
-        # weights must have the same bytes (so the same SHA-256 in results) on every machine.
-        save_file(state, str(tmp), metadata={"petlbench_demo": json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise PetlbenchError(f"the demo weights {path} cannot be read ({exc.strerror or exc}). "
+                             "Fix: reinstall petlbench (the file ships in the package).") from None
+    if digest != DEMO_WEIGHTS_SHA256:
+        raise PetlbenchError(f"the demo weights {path} have SHA-256 {digest[:12]}..., not the recorded "
+                             f"{DEMO_WEIGHTS_SHA256[:12]}... . Fix: reinstall petlbench, or if you remade them with "
+                             "scripts/make_demo_weights.py, record the new SHA-256 in petlbench/data/demo.py.")
     return path

@@ -2,7 +2,7 @@
 generator builds on first use (the offline demo).
 
 Kept apart from :mod:`~petlbench.data.readers` so that reading split files never imports the
-demo (which pretrains its backbone through the loader and the cache, both built on the readers).
+demo (which writes the files the readers then read).
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from petlbench._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
-    "Column": "aggregate", "Efficiency": "aggregate", "Note": "aggregate", "Report": "aggregate",
-    "Row": "aggregate", "Stat": "aggregate", "build_report": "aggregate", "filter_where": "aggregate",
+    "Column": "table", "Efficiency": "table", "Note": "table", "Report": "table",
+    "Row": "table", "Stat": "table", "build_report": "aggregate", "filter_where": "select",
     "LoadedRecords": "loading", "ReportWarning": "loading", "load_records": "loading",
     "list_reference_sets": "reference", "load_reference": "reference", "our_method": "reference",
     "render": "render", "render_csv": "render", "render_html": "render", "render_latex": "render",
@@ -80,16 +80,7 @@ def csv_table(records: Iterable[Mapping[str, Any]], suite: Any = None, reference
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from petlbench.report.aggregate import (
-        Column,
-        Efficiency,
-        Note,
-        Report,
-        Row,
-        Stat,
-        build_report,
-        filter_where,
-    )
+    from petlbench.report.aggregate import build_report
     from petlbench.report.loading import LoadedRecords, ReportWarning, load_records
     from petlbench.report.reference import list_reference_sets, load_reference, our_method
     from petlbench.report.render import (
@@ -100,3 +91,5 @@ if TYPE_CHECKING:  # pragma: no cover
         render_markdown,
         tex_escape,
     )
+    from petlbench.report.select import filter_where
+    from petlbench.report.table import Column, Efficiency, Note, Report, Row, Stat

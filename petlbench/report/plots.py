@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from petlbench.report.aggregate import Report, Row
+from petlbench.report.table import Report, Row
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
@@ -211,9 +211,10 @@ def accuracy_vs_params(report: Report) -> Plot | None:
     ax.set_ylabel(_mpl_text(s.label))
     ax.grid(True, which="both", alpha=0.3)
     _legend_below(fig, ax, 2)
-    caption = ("Filled markers: reproduced rows; hollow grey: published rows. The red line joins the Pareto "
-               "front (no other row has fewer parameters and higher accuracy); front markers have a red edge. "
-               + s.note)
+    published = any(r.kind == "published" for _x, _y, r in pts)
+    caption = ("Filled markers: reproduced rows" + ("; hollow grey: published rows" if published else "")
+               + ". The red line joins the Pareto front (no other row has fewer parameters and higher accuracy); "
+               "front markers have a red edge. " + s.note)
     if len(report.blocks) > 1:
         caption += (f" Rows of {len(report.blocks)} backbones are shown; the Pareto front covers only the rows on "
                     f"{main} (and the published rows), since rows on different backbones are not ranked together.")
@@ -274,8 +275,9 @@ def cost_vs_accuracy(report: Report) -> Plot | None:
     ax = fig.add_subplot()
     for x, y, r in pts:
         err = r.efficiency.train_time_std if r.efficiency is not None else None
-        ax.errorbar([x], [y], xerr=None if err is None else [[err], [err]], fmt="o", color=colors.get(r.label),
-                    ecolor="#777777", elinewidth=0.8, capsize=2, markersize=6)
+        # A time is never negative: the bar's lower half stops at zero seconds.
+        ax.errorbar([x], [y], xerr=None if err is None else [[min(err, x)], [err]], fmt="o",
+                    color=colors.get(r.label), ecolor="#777777", elinewidth=0.8, capsize=2, markersize=6)
         ax.annotate(_mpl_text(r.label), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     xs = [p[0] for p in pts]
     if min(xs) > 0 and max(xs) / min(xs) > 20:
@@ -283,8 +285,9 @@ def cost_vs_accuracy(report: Report) -> Plot | None:
     ax.set_xlabel("training time per run (s)")
     ax.set_ylabel(_mpl_text(s.label))
     ax.grid(True, alpha=0.3)
-    caption = ("Mean wall-clock training time per run (± sample std over runs) against accuracy (reproduced rows; "
-               "device and concurrency in the efficiency notes). " + s.note)
+    caption = ("Mean wall-clock training time per run (± its spread between seeds of a task, pooled over tasks; "
+               "cut at zero) against accuracy (reproduced rows; device and concurrency in the efficiency notes). "
+               + s.note)
     return Plot("cost", "Training cost vs accuracy", caption, _png(fig), fig)
 
 

@@ -1,4 +1,4 @@
-"""Render a :class:`~petlbench.report.aggregate.Report` as LaTeX, HTML, Markdown or CSV.
+"""Render a :class:`~petlbench.report.table.Report` as LaTeX, HTML, Markdown or CSV.
 
 Numbers are formatted here once, into format-neutral views (:class:`TableView`), so every format
 shows the same digits, marks and notes. LaTeX and HTML go through jinja2 templates (package data,
@@ -28,8 +28,8 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
 from petlbench.errors import PetlbenchError, read_user_text
-from petlbench.report.aggregate import DIGITS, Note, Report, Row, Stat
 from petlbench.report.formats import FORMATS, SUFFIXES, TABLES
+from petlbench.report.table import DIGITS, Efficiency, Note, Report, Row, Stat
 
 MISSING = "–"
 
@@ -51,16 +51,16 @@ def fmt_delta(value: float | None, digits: int = DIGITS) -> str:
 
 
 def fmt_params(value: float | None) -> str:
-    """Millions with two decimals in every row (85.80, 0.29, 0.01); below 0.01 M in thousands
-    with a K (7.7K, 0.50K), so a tiny method never shows as 0.00."""
+    """Millions, as the "(M)" in every parameter column says: two decimals from 0.01 M up (85.80,
+    0.29, 0.01); below, two significant digits (0.0077, 0.00031), so a tiny method never shows as
+    0.00 and no cell switches to another unit."""
     if value is None:
         return MISSING
     if value == 0:
         return "0"
     if value >= 0.01:
         return f"{value:.2f}"
-    k = value * 1e3
-    return f"{k:.1f}K" if k >= 1 else f"{k:.2f}K"
+    return f"{value:.2g}" if value >= 1e-4 else f"{value:.7f}".rstrip("0")
 
 
 def fmt_bytes(value: float | None) -> str:
@@ -257,7 +257,7 @@ def accuracy_view(report: Report) -> TableView:
         sections.append(section)
     caption = (f"Top-1 accuracy (%) on {report.suite_title}: mean and sample standard deviation over seeds "
                f"(Seeds = runs per cell). Params: trainable parameters in millions averaged over tasks, with "
-               f"and without the classification head (K: thousands, below 0.01 M).")
+               f"and without the classification head.")
     shifted = [(label, first + len(lead), count) for label, first, count in spans]
     return TableView("accuracy", f"{report.suite_title}: top-1 accuracy (%)", caption, lead + values, sections,
                      shifted, list(report.notes), wide=len(values) > 8, section_titles=titles)
@@ -309,21 +309,42 @@ def efficiency_view(report: Report) -> TableView:
                     CellView(fmt_params(e.trainable_no_head_m), sort=e.trainable_no_head_m),
                     CellView(fmt_params(e.extra_after_merge_m), sort=e.extra_after_merge_m),
                     CellView(fmt_bytes(e.storage_bytes), sort=e.storage_bytes),
-                    CellView(fmt_seconds(e.train_time_s), fmt_seconds_std(e.train_time_s, e.train_time_std),
-                             sort=e.train_time_s),
+                    _train_time_cell(e),
                     CellView(fmt_plain(e.images_per_s, 0), sort=e.images_per_s),
                     CellView(fmt_bytes(e.peak_mem_bytes), sort=e.peak_mem_bytes),
-                    CellView(fmt_plain(e.latency_ratio, 2, "×"),
-                             None if e.latency_ratio_std is None else f"{e.latency_ratio_std:.2f}",
-                             sort=e.latency_ratio),
+                    _latency_cell(e),
                 ]
             rows.append(RowView(row.label, cells, row.kind, row.legacy))
         sections.append(rows)
         titles.append(title)
-    caption = (f"Cost of each method on {report.suite_title} (reproduced rows); ± is the sample standard deviation "
-               "over the row's runs.")
+    caption = (f"Cost of each method on {report.suite_title} (reproduced rows); ± is the spread between repeated "
+               "measurements (see the notes).")
     return TableView("efficiency", f"{report.suite_title}: efficiency", caption, header, sections or [[]], [],
                      list(report.efficiency_notes), section_titles=titles)
+
+
+#: Cell texts of the efficiency table where a number would mislead (explained in its notes).
+PLAIN_BACKBONE = "= backbone"
+NOT_MEASURABLE = "n.m."
+
+
+def _train_time_cell(e: Efficiency) -> CellView:
+    if not e.train_time_measurable:
+        return CellView(NOT_MEASURABLE, title="spread between seeds larger than the time itself")
+    return CellView(fmt_seconds(e.train_time_s), fmt_seconds_std(e.train_time_s, e.train_time_std),
+                    sort=e.train_time_s)
+
+
+def _latency_cell(e: Efficiency) -> CellView:
+    """The deployed model's latency against the plain backbone's: a ratio only where it means
+    something. A merged model is the plain backbone by construction, so it says so instead of
+    showing two timings of one architecture divided by each other."""
+    if e.deploys_plain:
+        return CellView(PLAIN_BACKBONE, title="merged: the deployed model is the plain backbone")
+    if not e.latency_measurable:
+        return CellView(NOT_MEASURABLE, title="spread larger than the difference from the backbone")
+    return CellView(fmt_plain(e.latency_ratio, 2, "×"),
+                    None if e.latency_ratio_std is None else f"{e.latency_ratio_std:.2f}", sort=e.latency_ratio)
 
 
 def table_views(report: Report, table: str = "all", notes: bool = True) -> list[TableView]:
@@ -686,6 +707,11 @@ def efficiency_frame(report: Report) -> Any:
             "peak_gpu_mem_allocated_bytes": None if e is None or e.peak_mem_bytes is None else int(e.peak_mem_bytes),
             "latency_ratio": _r(e.latency_ratio, 4) if e else None,
             "latency_ratio_std": _r(e.latency_ratio_std, 4) if e else None,
+            # How the tables show the two timed figures (the CSV keeps what was measured).
+            "train_time_shown_as": "" if e is None or e.train_time_s is None else
+            ("not measurable" if not e.train_time_measurable else "time"),
+            "latency_shown_as": "" if e is None else "plain backbone (merged)" if e.deploys_plain else
+            "" if e.latency_ratio is None else "not measurable" if not e.latency_measurable else "ratio",
             "runs": e.runs if e else 0,
         })
     df = pd.DataFrame(records)

@@ -1,4 +1,5 @@
-"""The offline demo: materialised in the VTAB-1k layout, deterministic, and a backbone that learned something."""
+"""The offline demo: materialised in the VTAB-1k layout, deterministic, and a backbone that learned
+something, shipped as package data that the repository's recipe makes again bit for bit."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from petlbench.data import demo as demo_mod
 from petlbench.data.cache import load_images
 from petlbench.data.demo import demo_backbone, demo_weights, digits_partition, materialize_demo
 from petlbench.data.fingerprint import fingerprint_task
@@ -63,8 +65,8 @@ def test_demo_backbone_config() -> None:
 
 
 @pytest.fixture(scope="session")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return demo_weights(tmp_path_factory.mktemp("weights"))
+def weights() -> Path:
+    return demo_weights()
 
 
 def _features(model: torch.nn.Module, root: Path, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +85,7 @@ def test_pretrained_backbone_learned_something(weights: Path, demo_root: Path) -
     from safetensors.torch import load_file
     from sklearn.linear_model import LogisticRegression
 
-    assert weights.suffix == ".safetensors" and weights.parent.is_dir()
-    assert demo_weights(weights.parent) == weights  # cached: no second training
+    assert weights.suffix == ".safetensors" and weights.parent == Path(demo_mod.__file__).parent
     state = load_file(str(weights))
     assert not any(k.startswith("head") for k in state)
     with safe_open(str(weights), "pt") as f:
@@ -100,3 +101,63 @@ def test_pretrained_backbone_learned_something(weights: Path, demo_root: Path) -
         x_te, y_te = _features(model, demo_root, "digits", "test")
         scores[name] = LogisticRegression(max_iter=1000).fit(x_tr, y_tr).score(x_te, y_te)
     assert scores["pretrained"] > scores["random"] + 0.15, scores
+
+
+def test_shipped_weights_have_the_recorded_sha_and_were_made_by_the_recipe_in_the_code(weights: Path) -> None:
+    import hashlib
+
+    from safetensors import safe_open
+
+    from petlbench.data.demo_pretrain import DEMO_PRETRAIN
+
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == demo_mod.DEMO_WEIGHTS_SHA256
+    with safe_open(str(weights), "pt") as f:
+        meta = json.loads(f.metadata()["petlbench_demo"])
+    assert json.loads(meta["pretrain"]) == DEMO_PRETRAIN and meta["torch_threads"] == "1"
+    assert json.loads(meta["backbone_kwargs"]) == demo_backbone()[1] and meta["version"] == demo_mod.DEMO_WEIGHTS_VERSION
+
+
+def test_damaged_weights_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from petlbench.errors import PetlbenchError
+
+    monkeypatch.setattr(demo_mod, "DEMO_WEIGHTS_SHA256", "0" * 64)
+    with pytest.raises(PetlbenchError, match="not the recorded 000000000000") as err:
+        demo_weights()
+    assert "\n" not in str(err.value) and "Fix: reinstall petlbench" in str(err.value)
+
+
+def test_pretraining_gives_the_same_bytes_whatever_the_thread_count(tmp_path: Path) -> None:
+    """A tiny rebuild (1 epoch, 128 images) on a 2-thread and a 1-thread caller: the same bytes,
+    because pretraining pins one thread (unpinned, these two builds differ); the caller's thread
+    count is restored."""
+    from petlbench.data.demo_pretrain import DEMO_PRETRAIN, save_demo_weights
+
+    tiny = dict(DEMO_PRETRAIN, epochs=1)
+    before = torch.get_num_threads()
+    shas = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            shas.append(save_demo_weights(tmp_path / f"w{threads}.safetensors", tiny, images=128))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert shas[0] == shas[1]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_demo_data_do_not_depend_on_the_thread_count(demo_root: Path, tmp_path: Path) -> None:
+    """Built in a fresh process with two threads for every pool: the same files as this session's
+    demo data (the manifest and every task's fingerprint)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}
+    code = "import sys; from petlbench.data.demo import materialize_demo; print(materialize_demo(sys.argv[1]))"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=600, check=True)
+    other = Path(out.stdout.strip())
+    assert (other / "MANIFEST.json").read_bytes() == (demo_root / "MANIFEST.json").read_bytes()
+    for task in get_suite("demo").task_names:
+        assert fingerprint_task("demo", task, other) == fingerprint_task("demo", task, demo_root)

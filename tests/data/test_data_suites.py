@@ -197,3 +197,22 @@ def test_public_names_resolve() -> None:
     assert sorted(pd.__all__) == sorted(pd._EXPORTS)
     for name in pd.__all__:
         assert getattr(pd, name) is not None
+
+
+def test_suite_train_defaults_are_checked_as_training_settings_naming_the_file(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from petlbench.cli import main
+
+    good = MINI.format(name="withdefaults") + "train_defaults:\n  epochs: 3\n  lr: 0.01\n"
+    assert dict(load_suite_file(_write(tmp_path, "good", good)).train_defaults) == {"epochs": 3, "lr": 0.01}
+    with pytest.raises(PetlbenchError, match="train_defaults.epochs' must be a number"):
+        load_suite_file(_write(tmp_path, "nested", MINI.format(name="n") + "train_defaults:\n  epochs: [3]\n"))
+    for text, expected in (("epoch: 3", "'epoch'"), ("epochs: zero", "'epochs' must be")):
+        path = _write(tmp_path, "typo", MINI.format(name="typo") + f"train_defaults:\n  {text}\n")
+        assert load_suite_file(path).train_defaults  # the loader does not know the settings ...
+        result = CliRunner().invoke(main, ["run", "--suite", str(path), "--method", "linear", "--pretrained", "none",
+                                           "--data-root", str(tmp_path), "--output", str(tmp_path / "r"), "--dry-run"])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, result.output  # ... planning a run does, in one line
+        assert f"suite file {path}: train_defaults" in lines[0] and expected in lines[0], lines[0]

@@ -183,6 +183,7 @@ def test_decode_image_matches_cache(vtab_cached) -> None:
     assert np.array_equal(first, vtab_cached.images[0].numpy())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("resident", [True, False])
 def test_cuda_batches_equal_cpu_batches(vtab_cached, resident: bool) -> None:
