@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import platform
 import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -210,6 +212,17 @@ def _peft_lora(cfg: BenchConfig, device: torch.device, rank: int) -> nn.Module |
     for p in base.get_classifier().parameters():
         p.requires_grad_(True)
     return model.to(device)
+
+
+def check_outputs(out: str | os.PathLike) -> tuple[Path, Path]:
+    """The ``<out>.json`` and ``<out>.md`` that ``bench --out`` writes, checked writable (their
+    folder created) before the benchmark runs: an output below a file or in a read-only folder is
+    one line up front, not a traceback that loses an hour of timing."""
+    from petlbench.safeio import check_output_file
+
+    target = Path(out)
+    return (check_output_file(target.with_suffix(".json"), "--out"),
+            check_output_file(target.with_suffix(".md"), "--out"))
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:

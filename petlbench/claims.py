@@ -9,7 +9,12 @@ that finds the claim skips the run ("running in another sweep"); it takes the cl
 when the claim is stale: its owner is a dead process on this host (same boot and pid namespace,
 and the pid's start time matches, so a reused pid does not count as alive), it is the same Slurm
 job requeued after preemption (a lower ``SLURM_RESTART_COUNT``), or its heartbeat is older than :func:`stale_after_s`
-(``PETLBENCH_CLAIM_STALE_S``, default 600 s; the only test for owners on other hosts). A run is also skipped when, after the claim, its record turns out
+(``PETLBENCH_CLAIM_STALE_S``, default 600 s; the only test for owners on other hosts). Ages are
+measured on the shared disk's clock (:func:`disk_now`), never by comparing this host's clock
+with an mtime the disk stamped: hosts whose clocks disagree with the disk's by more than the
+timeout neither break live claims nor keep dead ones. Something at a claim's name that is not
+a regular file (a FIFO, a folder) is not a claim: it is never read and is moved aside at once.
+A run is also skipped when, after the claim, its record turns out
 to be ``ok`` and newer than this sweep: another sweep finished it in the meantime. Finally,
 :func:`petlbench.records.write_record` never replaces an ``ok`` record by a failed one.
 
@@ -22,6 +27,7 @@ import json
 import os
 import secrets
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +37,7 @@ from typing import Any
 
 from petlbench.records import base_record, read_record
 from petlbench.runspec import RunSpec
+from petlbench.safeio import read_bounded, temporary_beside
 
 STALE_ENV = "PETLBENCH_CLAIM_STALE_S"
 DEFAULT_STALE_S = 600.0
@@ -109,12 +116,37 @@ def _alive(pid: int, started: str | None) -> bool:
     return started is None or now is None or now == started
 
 
+#: A claim is a few hundred bytes; anything much larger is not one (and is not read).
+MAX_CLAIM_BYTES = 64 * 1024
+
+
 def _read(path: Path) -> dict[str, Any] | None:
+    """The claim's content; None when unreadable, corrupt or not a regular file (a FIFO is never
+    opened for a blocking read: it would hang the sweep)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_bounded(path, MAX_CLAIM_BYTES).decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def disk_now(folder: Path) -> float:
+    """The current time on the clock of the disk that holds ``folder``.
+
+    Modification times of files on a shared disk are stamped by its server, and the hosts of a
+    cluster may disagree with it (and with each other) by minutes. A claim's age is the disk's
+    "now" minus the claim's mtime, both from the same clock: the mtime of a probe file created
+    here and now. Falls back to this host's clock where nothing can be created.
+    """
+    try:
+        fd, probe = temporary_beside(folder / "petlbench-clock")
+    except OSError:
+        return time.time()
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
 
 
 def owner_text(owner: dict[str, Any] | None) -> str:
@@ -124,11 +156,21 @@ def owner_text(owner: dict[str, Any] | None) -> str:
 
 
 def is_stale(path: Path, owner: dict[str, Any] | None, stale_after: float | None = None) -> bool:
-    """Whether the claim at ``path`` may be taken over (its owner is gone or silent too long)."""
+    """Whether the claim at ``path`` may be taken over (its owner is gone or silent too long).
+
+    Its age is measured on the disk's clock (:func:`disk_now`), not this host's. Something at
+    the claim's name that is not a regular file (a FIFO, a folder) was not made by petlbench and
+    claims nothing: stale at once.
+    """
     try:
-        age = time.time() - path.stat().st_mtime
+        st = path.stat()
     except FileNotFoundError:
         return True
+    except OSError:  # e.g. a symlink loop: not a claim either
+        return True
+    if not stat.S_ISREG(st.st_mode):
+        return True
+    age = disk_now(path.parent) - st.st_mtime
     if owner is None:  # unreadable: only a crash mid-write on a disk without hard links leaves one
         return age > min(30.0, stale_after if stale_after is not None else stale_after_s())
     if owner.get("slurm_job") is not None and owner.get("slurm_job") == _slurm_job() \
@@ -237,7 +279,7 @@ def _create(path: Path, info: dict[str, Any]) -> bool:
         return False
     except OSError:  # no hard links here
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # less the umask, as open does
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as fh:
@@ -250,15 +292,33 @@ def _create(path: Path, info: dict[str, Any]) -> bool:
 
 
 def _sweep_temporaries(path: Path, older_than_s: float = 60.0) -> None:
-    """Remove this claim's private files left by processes killed while creating or breaking one."""
-    now = time.time()
+    """Remove this claim's private files left by processes killed while creating or breaking one
+    (their age on the disk's clock, so a host whose clock runs ahead never removes a live one)."""
     leftovers = [*path.parent.glob(f"{path.name}.*.tmp"), *path.parent.glob(f"{path.name}.stale.*")]
+    if not leftovers:
+        return
+    now = disk_now(path.parent)
     for leftover in leftovers:
         try:
             if now - leftover.stat().st_mtime > older_than_s:
-                leftover.unlink()
+                _remove(leftover)
         except OSError:
             pass
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, FIFO or empty folder moved aside; anything else stays (never delete a tree)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except (IsADirectoryError, PermissionError):  # unlink of a folder: EISDIR on Linux, EPERM elsewhere
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+    except OSError:
+        pass
 
 
 def _break(path: Path, judged: dict[str, Any] | None) -> None:
@@ -279,16 +339,19 @@ def _break(path: Path, judged: dict[str, Any] | None) -> None:
             os.link(aside, path)  # put the live claim back (fails if yet another claim exists)
         except OSError:
             pass
-    aside.unlink(missing_ok=True)
+    _remove(aside)
 
 
 def _finished_since(spec: RunSpec, since: float) -> dict[str, Any] | None:
-    """The run's ok record if it was written after ``since`` (by another sweep), else None."""
+    """The run's ok record if it was written after ``since`` (this host's clock; by another sweep),
+    else None. The record's mtime is compared on the disk's clock: ``since`` is moved by the
+    difference between the disk's clock and this host's, measured now."""
     path = spec.record_path
     try:
         mtime = path.stat().st_mtime
     except OSError:
         return None
+    since += disk_now(path.parent) - time.time()
     if mtime < since:  # no slack: --force right after a sweep must redo what that sweep wrote
         return None
     record = read_record(path)
@@ -314,11 +377,10 @@ def run_group_claimed(execute_group: Callable[[list[RunSpec]], list[dict[str, An
     ``claimed`` record and one another sweep finished as that sweep's record, and only the members
     this process holds train (packed if two or more are left). Returns the records in ``specs`` order.
 
-    ``since`` is when this sweep's launch began: an ``ok`` record newer than that was written by
-    another sweep, so the run is not repeated (an older one is redone, which is what ``--force``
-    asked for). On a shared disk whose clock differs from this host's, the error is benign: a
-    record a few seconds old may count as new (not redone by ``--force``) or a new one as old
-    (redone, ok replacing ok). Top-level so that ``functools.partial(run_group_claimed, execute_group, since=...)`` pickles.
+    ``since`` is when this sweep's launch began (this host's clock): an ``ok`` record newer than
+    that was written by another sweep, so the run is not repeated (an older one is redone, which
+    is what ``--force`` asked for). Records are dated on the disk's clock, so a host whose clock
+    differs from the shared disk's does not take a new record for an old one. Top-level so that ``functools.partial(run_group_claimed, execute_group, since=...)`` pickles.
     """
     out: list[dict[str, Any] | None] = [None] * len(specs)
     held: list[tuple[int, Claim]] = []

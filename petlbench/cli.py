@@ -33,11 +33,15 @@ def parse_backbone_args(pairs: Sequence[str]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for key, value in parse_sets(pairs, "--backbone-arg").items():
+        shown = value if len(value) <= 60 else value[:60] + "..."
         try:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise PetlbenchError(f"--backbone-arg {key}={value!r}: not a valid YAML value "
+            raise PetlbenchError(f"--backbone-arg {key}={shown!r}: not a valid YAML value "
                                  f"({str(exc).splitlines()[0]}). Fix: e.g. --backbone-arg depth=2") from None
+        except RecursionError:  # `[[[[...` thousands deep
+            raise PetlbenchError(f"--backbone-arg {key}={shown!r}: nested too deeply. "
+                                 "Fix: e.g. --backbone-arg depth=2") from None
     return out
 
 
@@ -76,12 +80,21 @@ def list_group() -> None:
 @list_group.command("methods")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def list_methods_cmd(as_json: bool) -> None:
-    """Registered methods (built-in and plugins), with hyperparameters."""
+    """Registered methods (built-in and plugins), with hyperparameters.
+
+    A method plugin that fails to import is named with its error on one ``warning:`` line (stderr);
+    the others are listed as usual and the exit status is 1.
+    """
     from petlbench.registry import get_method, list_methods
 
     rows = []
+    broken = []
     for name in list_methods():
-        cls = get_method(name)
+        try:
+            cls = get_method(name)
+        except PetlbenchError as exc:  # a plugin that fails to import: name it, list the others
+            broken.append(str(exc))
+            continue
         rows.append({
             "name": name,
             "display_name": cls.display_name or name,
@@ -90,17 +103,21 @@ def list_methods_cmd(as_json: bool) -> None:
             "summary": cls.summary,
             "hparams": {k: h.default for k, h in cls.hparams.items()},
         })
+    for line in broken:
+        click.echo(f"warning: {line}", err=True)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    width = max(len(r["name"]) for r in rows)
-    for r in rows:
-        merge = "merges" if r["mergeable"] else "no merge"
-        hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
-        shown = f" ({r['display_name']})" if r["display_name"] != r["name"] else ""
-        click.echo(f"{r['name']:<{width}}  [{merge}; {'/'.join(r['families'])}]{shown}  {r['summary']}")
-        if hp:
-            click.echo(f"{'':<{width}}    {hp}")
+    else:
+        width = max((len(r["name"]) for r in rows), default=0)
+        for r in rows:
+            merge = "merges" if r["mergeable"] else "no merge"
+            hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
+            shown = f" ({r['display_name']})" if r["display_name"] != r["name"] else ""
+            click.echo(f"{r['name']:<{width}}  [{merge}; {'/'.join(r['families'])}]{shown}  {r['summary']}")
+            if hp:
+                click.echo(f"{'':<{width}}    {hp}")
+    if broken:  # the listing is complete but for them; a script can tell
+        sys.exit(1)
 
 
 @list_group.command("backbones")
@@ -226,12 +243,16 @@ def _print_suite_params(method: str, backbone: str, bkw: dict[str, Any], suite: 
 
 
 def _seeds(text: str) -> list[int]:
+    from petlbench.sweep import check_seeds
+
+    shown = text if len(text) <= 60 else text[:60] + "..."
     try:
         seeds = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise PetlbenchError(f"--seeds {text!r} must be comma-separated integers. Fix: e.g. --seeds 0,1,2") from None
+    except ValueError:  # also an integer longer than Python converts (4300 digits)
+        raise PetlbenchError(f"--seeds {shown!r} must be comma-separated integers. Fix: e.g. --seeds 0,1,2") from None
     if not seeds:
         raise PetlbenchError("--seeds is empty. Fix: e.g. --seeds 0,1,2")
+    check_seeds(seeds)
     return list(dict.fromkeys(seeds))
 
 
@@ -358,18 +379,18 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
         ran = sweep.execute(plan, todo, launcher, options, quiet=quiet, device=device)
     except KeyboardInterrupt:
         _interrupted(plan, todo, output, started)
-    elsewhere = sum(r.get("status") == "claimed" for r in ran)
     records = sweep.collect(plan.specs)
-    failed = [r for r in records if r.get("status") != "ok"]
     if records:
         from petlbench.report import markdown_table
 
         click.echo(markdown_table(records, suite=plan.suite.name,
                                   on_warning=lambda w: click.echo(f"warning: {w}", err=True)))
-    busy = f" ({elsewhere} running in another sweep)" if elsewhere else ""
-    click.echo(f"{len(records) - len(failed)} ok, {len(failed)} failed, {len(plan.specs) - len(records)} missing{busy}; "
-               f"records in {output} ({sweep.elapsed(started)})", err=True)
-    if failed or len(records) < len(plan.specs):
+    result = sweep.outcome(plan, todo, ran)  # by this sweep's attempts: a failed redo is a failure
+    if result.failed_kept_ok:
+        click.echo(f"note: {result.failed_kept_ok} run(s) failed in this sweep but had an earlier ok record, which was "
+                   "kept: the table shows that earlier result", err=True)
+    click.echo(f"{result.line()}; records in {output} ({sweep.elapsed(started)})", err=True)
+    if not result.complete:
         sys.exit(1)
 
 
@@ -434,6 +455,10 @@ def bench_cmd(ctx: click.Context, methods: str, backbone: str, backbone_args: tu
     names = split_list([methods])
     for name in names:
         get_method(name)
+    if out:  # before the benchmark (minutes to an hour), not after it
+        from petlbench.bench import check_outputs
+
+        check_outputs(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = parse_backbone_args(backbone_args)
     size = kwargs.get("img_size") if isinstance(kwargs.get("img_size"), int) else None
@@ -461,13 +486,20 @@ def bench_cmd(ctx: click.Context, methods: str, backbone: str, backbone_args: tu
 
 
 def _bench_output(result: Any, markdown: str, out: str | None, as_json: bool) -> None:
-    """Print a benchmark result (JSON or Markdown) and, with ``--out``, write both files."""
-    if out:
-        target = Path(out)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        target.with_suffix(".md").write_text(markdown + "\n")
+    """Print a benchmark result (JSON or Markdown) and, with ``--out``, write both files (each
+    atomically; the result is printed first, so a write failure loses nothing)."""
     click.echo(json.dumps(result, indent=2, default=str) if as_json else markdown)
+    if out:
+        from petlbench.bench import check_outputs
+        from petlbench.safeio import atomic_write
+
+        json_path, md_path = check_outputs(out)
+        try:
+            atomic_write(json_path, json.dumps(result, indent=2, default=str) + "\n")
+            atomic_write(md_path, markdown + "\n")
+        except OSError as exc:
+            raise PetlbenchError(f"cannot write --out {out!r} ({exc.strerror or exc}); the result is printed "
+                                 "above.") from None
 
 
 def _register_subcommands() -> None:

@@ -7,6 +7,7 @@ user config file < ``--set key=value``. The resolved values are part of each run
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,28 @@ def _check(values: Mapping[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
+#: The grids of the ``tune`` protocol: setting -> (what its values are, whether 0 is allowed).
+GRIDS = {"tune_lr": ("learning rates", False), "tune_weight_decay": ("weight decays", True)}
+
+
 def parse_floats(text: str, key: str) -> list[float]:
+    """The values of a comma-separated grid setting: finite numbers, each > 0 for ``tune_lr`` (like
+    ``lr``) and >= 0 for ``tune_weight_decay`` (like ``weight_decay``), so that ``nan`` or ``inf``
+    is refused when the sweep is planned, not after hours of training (or, for a weight decay of
+    inf, a finished run with garbage accuracy)."""
+    what, zero = GRIDS.get(key, ("numbers", True))
+    fix = f"Fix: e.g. --set {key}={TRAIN_HPARAMS[key].default}" if key in TRAIN_HPARAMS else ""
     try:
         values = [float(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise PetlbenchError(f"training setting {key!r} must be comma-separated numbers, got {text!r}.") from None
-    if not values or any(v < 0 for v in values):
-        raise PetlbenchError(f"training setting {key!r} needs at least one non-negative number, got {text!r}.")
+        raise PetlbenchError(f"training setting {key!r} must be comma-separated numbers, got {text!r}. {fix}") from None
+    if not values:
+        raise PetlbenchError(f"training setting {key!r} needs at least one number, got {text!r}. {fix}")
+    for value in values:
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            bound = ">= 0" if zero else "> 0"
+            raise PetlbenchError(f"training setting {key!r} must list finite {what} {bound}, got {value!r} "
+                                 f"in {text!r}. {fix}")
     return values
 
 

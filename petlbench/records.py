@@ -45,10 +45,12 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from petlbench.errors import PetlbenchError
+from petlbench.safeio import TooLarge, read_bounded, temporary_beside
 
 log = logging.getLogger(__name__)
 
@@ -79,49 +81,119 @@ def base_record(spec: Any, status: str) -> dict[str, Any]:
     }
 
 
+#: No record petlbench writes comes near this (a long curve and a tuning grid are a few hundred kB);
+#: a larger ``*.json`` in a results folder is not read (a 3 GB sparse file would exhaust memory).
+MAX_RECORD_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What lies at a record's path, as far as this petlbench can tell.
+
+    ``record``: a record of this schema version (any content), else None. ``keep``: why the file
+    must never be replaced by this petlbench (it cannot be read, it is of a newer schema version,
+    it is too large to be a record of ours or a folder), else None. ``problem``: why an existing
+    file is not a record (corrupt, another schema version, special file); such files are replaced.
+    """
+
+    record: dict[str, Any] | None = None
+    keep: str | None = None
+    problem: str | None = None
+
+
+def inspect_record(path: str | os.PathLike) -> Stored:
+    """Read the record at ``path`` (regular files of at most :data:`MAX_RECORD_BYTES` only), saying
+    what is there when it is not a usable record of this schema."""
+    try:
+        raw = read_bounded(path, MAX_RECORD_BYTES)
+    except FileNotFoundError:
+        return Stored()
+    except TooLarge as exc:
+        return Stored(keep=f"is {exc}")
+    except OSError as exc:
+        if os.path.isdir(path):  # cannot be replaced by a file anyway
+            return Stored(keep="is a folder")
+        if exc.errno is None:  # open_regular: a FIFO, a device: not data, so it may be replaced
+            return Stored(problem=str(exc))
+        return Stored(keep=f"cannot be read ({exc.strerror or exc})")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # RecursionError: `[[[[...`, corrupt like any other
+        return Stored(problem="corrupt (not UTF-8 JSON)")
+    if not isinstance(data, dict):
+        return Stored(problem="not a run record")
+    version = data.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        return Stored(keep=f"is of schema_version {version}, newer than the {SCHEMA_VERSION} this petlbench "
+                           "reads and writes")
+    if version != SCHEMA_VERSION:
+        return Stored(problem=f"schema_version {version!r}")
+    return Stored(record=data)
+
+
 def write_record(path: str | os.PathLike, record: dict[str, Any]) -> Path:
     """Write ``record`` to ``path`` atomically: a reader sees the old file or the new one, never half.
 
-    A record that is not ``ok`` never replaces an ``ok`` record of the same run: when two sweeps
-    share an output folder, a failed (or killed) attempt must not erase a finished result. The
-    check and the rename happen under a lock on the record's folder, so they cannot interleave
-    with another writer's.
+    The file gets the permissions ``open`` would give it (``0666`` less the umask), so a folder
+    shared by a group stays readable by the group. A record that is not ``ok`` never replaces an
+    ``ok`` record of the same run: when two sweeps share an output folder, a failed (or killed)
+    attempt must not erase a finished result. Nothing ever replaces a file this petlbench cannot
+    read or does not understand (another user's unreadable record, a newer schema version): a
+    warning says so and the file stays. The check and the rename happen under a lock on the
+    record's folder, so they cannot interleave with another writer's.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(record, fh, indent=2, sort_keys=False, default=str)
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
         with _folder_lock(path.parent):
-            if record.get("status") != "ok":
-                current = read_record(path)
-                if current is not None and current.get("status") == "ok" \
-                        and current.get("run_id") == record.get("run_id"):
-                    log.warning("kept the ok record %s; not replaced by this %s attempt", path, record.get("status"))
-                    Path(tmp).unlink(missing_ok=True)
-                    return path
+            current = inspect_record(path)
+            kept = None
+            if current.keep is not None:
+                kept = f"kept {path}: it {current.keep}; not replaced by this {record.get('status')} attempt"
+            elif record.get("status") != "ok" and current.record is not None \
+                    and current.record.get("status") == "ok" and current.record.get("run_id") == record.get("run_id"):
+                kept = f"kept the ok record {path}; not replaced by this {record.get('status')} attempt"
+            if kept is not None:
+                log.warning("%s", kept)
+                tmp.unlink(missing_ok=True)
+                return path
             os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
 
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``<folder>/.records.lock`` (best effort where locks are unsupported)."""
+    """An exclusive ``flock`` on ``<folder>/.records.lock`` (best effort where locks are unsupported).
+
+    The lock file is created like ``open`` creates files (``0666`` less the umask), so everyone
+    who shares the folder can lock it; one that is not writable for us is locked read-only
+    (``flock`` needs no write access on local disks).
+    """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
+    lock = folder / ".records.lock"
     try:
-        fd = os.open(folder / ".records.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:  # a folder we may replace files in but not create one: go on unlocked
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except PermissionError:
+        try:
+            fd = os.open(lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            fd = -1
+    except OSError:
+        fd = -1
+    if fd < 0:  # a folder we may replace files in but not create one: go on unlocked
         yield
         return
     try:
@@ -136,20 +208,22 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The record at ``path``, or None when it is missing, corrupt or of another schema version."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):  # RecursionError: `[[[[...`, corrupt like any other
-        return None
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        return None
-    return data
+    """The record at ``path``, or None when it is missing, unreadable, corrupt or of another schema version."""
+    return inspect_record(path).record
+
+
+def is_finished(record: dict[str, Any] | None) -> bool:
+    """Whether ``record`` (as :func:`read_record` returns it) is a result: an ``ok`` record that
+    ``petlbench report`` can show. One the report would skip (no ``metrics``, ``provenance`` not
+    an object, a number out of range) is not, so the sweep runs it again."""
+    from petlbench.report.loading import record_problem  # the report's rules (no pandas imported)
+
+    return record is not None and record.get("status") == "ok" and record_problem(record) is None
 
 
 def is_done(path: str | os.PathLike) -> bool:
-    """A finished run: a readable record of this schema whose status is ok."""
-    record = read_record(path)
-    return record is not None and record.get("status") == "ok"
+    """A finished run: the record at ``path`` is a result (:func:`is_finished`)."""
+    return is_finished(read_record(path))
 
 
 def check_output(output: str | os.PathLike, folders: Iterable[str | os.PathLike] = (), *,

@@ -83,8 +83,9 @@ def get_method(name: str) -> type[Method]:
     try:
         cls = ep.load()
     except Exception as exc:  # a plugin's import error is the plugin's problem, reported in one line
+        cause = (str(exc).splitlines() or [""])[0]
         raise PetlbenchError(
-            f"method {name!r}: could not import plugin {ep.value!r} ({type(exc).__name__}: {exc}). "
+            f"method {name!r}: could not import plugin {ep.value!r} ({type(exc).__name__}: {cause}). "
             "Fix: reinstall or repair the package that provides it."
         ) from exc
     if not (isinstance(cls, type) and issubclass(cls, Method)):

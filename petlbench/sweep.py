@@ -18,7 +18,7 @@ from typing import Any
 from petlbench.claims import CLAIMED
 from petlbench.config import load_config_file, resolve_train, split_overrides, suite_train_defaults
 from petlbench.errors import PetlbenchError
-from petlbench.records import is_done
+from petlbench.records import inspect_record, is_finished
 from petlbench.registry import get_method, method_code
 from petlbench.runner import check_protocol, default_protocol
 from petlbench.runspec import RunSpec
@@ -125,6 +125,46 @@ def check_backbone(arch: str, kwargs: Mapping[str, Any], image_size: int | None,
         ) from None
 
 
+#: Seeds are what numpy's legacy seeding takes (``np.random.seed``), and what every paper uses.
+MAX_SEED = 2**32 - 1
+
+
+def check_seeds(seeds: Sequence[int]) -> None:
+    """Every seed a whole number in 0..:data:`MAX_SEED`: ``--seeds 10**23`` is one line when the
+    sweep is planned, not an overflow inside the first run."""
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            text = repr(seed) if len(repr(seed)) <= 30 else repr(seed)[:30] + "..."
+            raise PetlbenchError(f"--seeds: {text} is not a seed; seeds are whole numbers from 0 to {MAX_SEED}. "
+                                 "Fix: e.g. --seeds 0,1,2")
+
+
+def check_method(arch: str, backbone_kwargs: Mapping[str, Any], method: str, hparams: Mapping[str, Any],
+                 classes: int, done: set[str] | None = None) -> None:
+    """Build ``method`` with ``hparams`` on ``arch`` on the meta device (shapes only, no memory, a
+    fraction of a second), so a hyperparameter the model cannot take (a rank wider than the
+    backbone, a method not defined on Swin) is one line when the sweep is planned rather than a
+    failed run hours later. ``done`` remembers the configurations already built.
+
+    Only the method's own refusals (:class:`PetlbenchError`) stop the plan; anything else a
+    meta-device build may trip over is left to the run, which reports it.
+    """
+    from petlbench.model import create_model
+    from petlbench.runspec import canonical_json
+
+    key = canonical_json({"method": method, "hparams": dict(hparams)})
+    if done is not None:
+        if key in done:
+            return
+        done.add(key)
+    try:
+        create_model(arch, method, classes, backbone_kwargs=dict(backbone_kwargs), device="meta", **hparams)
+    except PetlbenchError:
+        raise
+    except Exception:  # noqa: BLE001 - not a user error; the run itself will say what it is
+        return
+
+
 def plan(
     suite: str,
     methods: Sequence[str],
@@ -156,6 +196,7 @@ def plan(
     method_classes = [get_method(m) for m in dict.fromkeys(methods)]
     if not seeds:
         raise PetlbenchError("--seeds is empty. Fix: e.g. --seeds 0,1,2")
+    check_seeds(seeds)
     file_cfg = load_config_file(config_file) if config_file else {"set": {}, "methods": {}}
     for name in file_cfg["methods"]:
         get_method(name)
@@ -188,9 +229,11 @@ def plan(
 
     specs = []
     codes = {cls.name: method_code(cls.name) for cls in method_classes}
+    built: set[str] = set()
     for task in selected:
         for cls in method_classes:
             hparams, train = resolved[(task.name, cls.name)]
+            check_method(arch, bkw, cls.name, hparams, task.classes, built)
             for seed in seeds:
                 specs.append(RunSpec(
                     suite=the_suite.name, task=task.name, method=cls.name, seed=int(seed), protocol=protocol,
@@ -278,8 +321,27 @@ class Progress:
 
 
 def pending(plan_: Plan, force: bool = False) -> list[RunSpec]:
-    """The planned runs without a finished record (all of them with ``force``)."""
-    return [s for s in plan_.specs if force or not is_done(s.record_path)]
+    """The planned runs without a finished record (all of them with ``force``), except runs whose
+    record must stay as it is (:func:`kept`), which are never run, even with ``force``.
+
+    A finished record is an ``ok`` record that ``petlbench report`` can show: one it would skip
+    (no ``metrics``, a damaged field) is run again.
+    """
+    todo = []
+    for spec in plan_.specs:
+        stored = inspect_record(spec.record_path)
+        if stored.keep is None and (force or not is_finished(stored.record)):
+            todo.append(spec)
+    return todo
+
+
+def kept(plan_: Plan) -> list[tuple[RunSpec, str]]:
+    """Planned runs whose record this petlbench must not replace, with why: a file it cannot read
+    (another user's, without read permission for us), a record of a newer schema version (made by
+    a newer petlbench), a file too large to be a record, a folder. Rerunning them would overwrite
+    (or, for an unreadable file, possibly overwrite) a result: they are left alone."""
+    return [(spec, stored.keep) for spec in plan_.specs
+            if (stored := inspect_record(spec.record_path)).keep is not None]
 
 
 def _without_code(identity: Mapping[str, Any]) -> str:
@@ -297,9 +359,10 @@ def _code_text(code: Any) -> str:
 
 
 def resume_notes(plan_: Plan, force: bool = False) -> list[str]:
-    """What resuming this sweep keeps and redoes beyond the plain "already done", one line per method:
+    """What resuming this sweep keeps and redoes beyond the plain "already done", one line each:
 
-    runs whose only finished records were made by another version of the method's code are run
+    records this petlbench must leave alone (:func:`kept`: unreadable, newer schema), never run;
+    ``ok`` records the report cannot show (no ``metrics``, damaged fields), run again; runs whose only finished records were made by another version of the method's code are run
     again (the old records stay, and the report shows them as rows of their own); finished runs
     of the same version whose source file has changed since are kept, with a hint to --force; so
     are finished runs made on data at another path (the data path is not part of a run's
@@ -308,18 +371,27 @@ def resume_notes(plan_: Plan, force: bool = False) -> list[str]:
     """
     from petlbench.records import read_record
     from petlbench.registry import method_provenance
+    from petlbench.report.loading import record_problem
 
     rerun: dict[str, dict[str, None]] = {}
     edited: dict[str, int] = {}
     elsewhere: dict[str, dict[str, None]] = {}
     folders: dict[Path, list[dict[str, Any]]] = {}
     current_sha = {}
+    keep: dict[str, list[RunSpec]] = {}
+    unusable: list[tuple[RunSpec, str]] = []
     for spec in plan_.specs:
         if spec.method not in current_sha:
             current_sha[spec.method] = method_provenance(spec.method).get("source_sha256")
-        done = is_done(spec.record_path)
+        stored = inspect_record(spec.record_path)
+        if stored.keep is not None:
+            keep.setdefault(stored.keep, []).append(spec)
+            continue
+        record = stored.record
+        if record is not None and record.get("status") == "ok" and (problem := record_problem(record)) is not None:
+            unusable.append((spec, problem))
+        done = is_finished(record)
         if done and not force:
-            record = read_record(spec.record_path) or {}
             old = (record.get("provenance") or {}).get("method_code") or {}
             if old.get("source_sha256") and current_sha[spec.method] and \
                     old["source_sha256"] != current_sha[spec.method]:
@@ -339,6 +411,14 @@ def resume_notes(plan_: Plan, force: bool = False) -> list[str]:
                     and ident.get("method_code") != spec.method_code:
                 rerun.setdefault(spec.method, {})[_code_text(ident.get("method_code"))] = None
     notes = []
+    for why, specs in keep.items():
+        notes.append(f"{len(specs)} run(s) are left alone, not run{' even with --force' if force else ''}: the record "
+                     f"{specs[0].record_path}{' (and others)' if len(specs) > 1 else ''} {why}. "
+                     f"Fix: {_keep_fix(why)}")
+    if unusable and not force:
+        spec, problem = unusable[0]
+        notes.append(f"{len(unusable)} ok record(s) cannot be shown by `petlbench report` and are run again "
+                     f"(e.g. {spec.record_path}: {problem})")
     for method, olds in rerun.items():
         now = _code_text(next(s.method_code for s in plan_.specs if s.method == method))
         notes.append(f"method {method!r} is now {now}; its finished runs made by {', '.join(olds)} are run again "
@@ -351,6 +431,15 @@ def resume_notes(plan_: Plan, force: bool = False) -> list[str]:
                      "path is not part of a run's identity); if that data differs from this sweep's, pass --force "
                      "or another --output (`petlbench report` keeps runs of different data fingerprints apart)")
     return notes
+
+
+def _keep_fix(why: str) -> str:
+    if why.startswith("cannot be read"):
+        return ("ask the file's owner to make it readable to you (chmod g+r; records of this petlbench honour the "
+                "umask, e.g. umask 002 for a group folder), or pass another --output.")
+    if "newer than" in why:
+        return "report and resume it with the newer petlbench that wrote it, or pass another --output."
+    return "move it out of the results folder."
 
 
 def execute(plan_: Plan, todo: list[RunSpec], launcher: str = "inline", options: Any = None, *,
@@ -380,6 +469,64 @@ def execute(plan_: Plan, todo: list[RunSpec], launcher: str = "inline", options:
         return launch(todo, launcher, options, execute=run_fn, on_start=progress.start, on_done=progress.done)
     finally:
         progress.close()
+
+
+@dataclass
+class Outcome:
+    """How a sweep ended, counted by this sweep's own attempts (not by what is on disk: a failed
+    ``--force`` redo leaves the earlier ``ok`` record in place, and is still a failure)."""
+
+    ok: int = 0  #: finished: done before this sweep, or made ok by it
+    failed: int = 0  #: attempts of this sweep that failed
+    failed_kept_ok: int = 0  #: of those, runs whose earlier ok record stayed (the table shows it)
+    elsewhere: int = 0  #: running in another sweep
+    kept: int = 0  #: records left alone (unreadable, newer schema): neither run nor reportable here
+    missing: int = 0  #: neither done nor attempted (e.g. a lost Slurm job)
+
+    @property
+    def complete(self) -> bool:
+        return not (self.failed or self.elsewhere or self.kept or self.missing)
+
+    def line(self) -> str:
+        parts = [f"{self.ok} ok", f"{self.failed} failed"]
+        if self.failed_kept_ok:
+            parts[-1] += f" ({self.failed_kept_ok} kept an earlier ok record)"
+        parts.append(f"{self.missing} missing")
+        if self.elsewhere:
+            parts[-1] += f" ({self.elsewhere} running in another sweep)"
+        if self.kept:
+            parts.append(f"{self.kept} left alone (records this petlbench cannot read or replace)")
+        return ", ".join(parts)
+
+
+def outcome(plan_: Plan, todo: Sequence[RunSpec], ran: Sequence[Mapping[str, Any]]) -> Outcome:
+    """Count the sweep: runs it attempted by the records its launcher returned, the others by disk."""
+    attempted = {r.get("run_id"): r for r in ran}
+    todo_ids = {s.run_id for s in todo}
+    out = Outcome()
+    for spec in plan_.specs:
+        stored = inspect_record(spec.record_path)
+        if spec.run_id not in todo_ids:
+            if stored.keep is not None:
+                out.kept += 1
+            elif is_finished(stored.record):
+                out.ok += 1
+            else:
+                out.missing += 1
+            continue
+        record = attempted.get(spec.run_id)
+        status = record.get("status") if record is not None else None
+        if status == "ok":
+            out.ok += 1
+        elif status == CLAIMED:
+            out.elsewhere += 1
+        elif status is None:
+            out.missing += 1
+        else:
+            out.failed += 1
+            if is_finished(stored.record):
+                out.failed_kept_ok += 1
+    return out
 
 
 def collect(specs: Iterable[RunSpec]) -> list[dict[str, Any]]:

@@ -151,9 +151,17 @@ def plugin_site(tmp_path, monkeypatch):
 
 def _finish(spec) -> None:
     """Write the record a finished run leaves (the method's code in its provenance), without training."""
-    record = base_record(spec, "ok")
+    record = _ok_record(spec)
     record["provenance"]["method_code"] = registry.method_provenance(spec.method)
     write_record(spec.record_path, record)
+
+
+def _ok_record(spec) -> dict:
+    """An ok record with what `petlbench report` needs of one (else the sweep runs it again)."""
+    record = base_record(spec, "ok")
+    record["metrics"] = {"top1": 50.0}
+    record["params"] = {"trainable": 10}
+    return record
 
 
 def test_plugin_rerun_after_a_version_bump_is_rerun(plugin_site, tmp_path):
@@ -232,7 +240,7 @@ def test_runs_finished_on_data_at_another_path_are_kept_with_a_note(tmp_path):
     folder whose runs read data elsewhere says so instead of silently calling them done."""
     plan = sweep.plan("demo", ["lora"], ["digits"], [0], pretrained="none", output=str(tmp_path), sets=FAST)
     (spec,) = plan.specs
-    record = base_record(spec, "ok")
+    record = _ok_record(spec)
     record["provenance"]["method_code"] = registry.method_provenance("lora")
     record["provenance"]["data_root"] = spec.data_root
     write_record(spec.record_path, record)

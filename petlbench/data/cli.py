@@ -93,11 +93,13 @@ def check(
 @_user_errors
 def suites(name: str | None, suite_dirs: tuple[Path, ...]) -> None:
     """List suites, or the tasks (classes, aliases, split sizes) of one suite."""
-    from petlbench.data.suites import get_suite, load_suites
+    from petlbench.data.suites import broken_plugins, get_suite, load_suites
 
     if name is None:
         for s in load_suites(suite_dirs).values():
             click.echo(f"{s.name:<10} {len(s.tasks):>3} tasks  {s.layout:<9}  {s.image_size}px  {s.title}  ({s.path})")
+        for line in broken_plugins():
+            click.echo(f"warning: {line}", err=True)
         return
     s = get_suite(name, suite_dirs)
     click.echo(f"{s.name}: {s.title}; layout {s.layout}, {s.image_size}px, transform {s.transform}; roles {dict(s.roles)}")

@@ -442,19 +442,39 @@ def _env_dirs() -> list[str]:
     return [p for p in os.environ.get(SUITE_PATH_ENV, "").split(os.pathsep) if p.strip()]
 
 
+class SuitePluginError(PetlbenchError):
+    """A suite was asked for that is not registered, and a suite plugin failed to load: the
+    message names the plugin and its error (it may be the one that defines the suite)."""
+
+
+def broken_plugins() -> list[str]:
+    """One line per suite plugin (entry point of :data:`ENTRY_POINT_GROUP`) that fails to load,
+    naming it, its error and the fix; empty when all load."""
+    return [line for ep in _entry_points() if (line := _load_plugin(ep)[1]) is not None]
+
+
+def _load_plugin(ep: importlib.metadata.EntryPoint) -> tuple[list[Any], str | None]:
+    """(suite files, None) of a plugin, or ([], the line saying why it cannot be loaded)."""
+    try:
+        module = importlib.import_module(ep.value.split(":")[0].strip())
+        return _yaml_entries(importlib.resources.files(module)), None
+    except Exception as exc:  # noqa: BLE001 - a plugin's own bug; named, never a traceback
+        cause = (str(exc).splitlines() or [""])[0]
+        return [], (f"suite plugin {ep.name!r} ({ep.value}, entry point group {ENTRY_POINT_GROUP!r}) failed to load "
+                    f"({type(exc).__name__}: {cause}). Fix: repair or reinstall the package that provides it (its "
+                    "value must name an importable module or package holding *.yaml suite files)")
+
+
 def suite_sources(extra_dirs: Iterable[str | Path] = ()) -> list[tuple[str, Any]]:
-    """Every suite file petlbench would read, as (origin label, Path or Traversable)."""
+    """Every suite file petlbench would read, as (origin label, Path or Traversable).
+
+    A suite plugin that fails to load is left out (see :func:`broken_plugins`): the other suites
+    keep working, and asking for a suite that is not found names the broken plugin.
+    """
     found: list[tuple[str, Any]] = []
     found += [("built-in", e) for e in _yaml_entries(importlib.resources.files(BUILTIN_PACKAGE))]
     for ep in _entry_points():
-        try:
-            module = importlib.import_module(ep.value.split(":")[0].strip())
-            files = _yaml_entries(importlib.resources.files(module))
-        except Exception as exc:  # a broken plugin must say which plugin it is
-            raise PetlbenchError(
-                f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP!r} failed to load: {exc}. "
-                "Fix: its value must name an importable module or package holding *.yaml suite files."
-            ) from exc
+        files, _broken = _load_plugin(ep)
         found += [(f"entry point {ep.name}", e) for e in files]
     dirs = [(f"${SUITE_PATH_ENV}", d) for d in _env_dirs()] + [("extra dir", d) for d in extra_dirs]
     for origin, d in dirs:
@@ -505,4 +525,8 @@ def get_suite(name: str | Suite, extra_dirs: Iterable[str | Path] = ()) -> Suite
     for suite in suites.values():
         if key in {name_key(n) for n in (suite.name, *suite.aliases)}:
             return suite
-    raise PetlbenchError(did_you_mean(name, [n for s in suites.values() for n in (s.name, *s.aliases)], "suite"))
+    unknown = did_you_mean(name, [n for s in suites.values() for n in (s.name, *s.aliases)], "suite")
+    broken = broken_plugins()
+    if broken:  # the plugin that defines it may be the broken one: say so, not "install it"
+        raise SuitePluginError(f"{unknown} {'; '.join(broken)}.")
+    raise PetlbenchError(unknown)

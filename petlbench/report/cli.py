@@ -2,7 +2,9 @@
 
 Register on the main CLI with ``main.add_command(report)``. Fatal mistakes raise
 :class:`~petlbench.errors.PetlbenchError` (the main CLI prints ``error: ...`` and exits 2);
-skipped files and other surprises are printed as ``warning: ...`` lines on stderr.
+skipped files and other surprises are printed as ``warning: ...`` lines on stderr. Every output
+(``--out`` and each ``--plots`` figure) is written atomically: a reader, or a failed write,
+sees the previous file or the new one, never a truncated one.
 """
 
 from __future__ import annotations
@@ -77,8 +79,11 @@ def report(results: tuple[Path, ...], suite: str | None, fmt: str | None, out: P
       petlbench report --format csv --long --out runs.csv
       petlbench report --reference list
     """
-    from petlbench.report import build_report, list_reference_sets, load_records, render
-    from petlbench.report.render import format_for
+    from petlbench.report import build_report, list_reference_sets, load_records
+
+    # `render` from its module: once the submodule petlbench.report.render is imported (e.g. by
+    # markdown_table), the package attribute of that name is the module, not the function.
+    from petlbench.report.render import format_for, render
 
     if reference == "list":
         for name, desc in list_reference_sets().items():
@@ -93,6 +98,10 @@ def report(results: tuple[Path, ...], suite: str | None, fmt: str | None, out: P
         raise PetlbenchError("--long applies to --format csv only (one row per run).")
     if wide and fmt != "latex":
         raise PetlbenchError("--wide applies to --format latex only (table* floats for two-column papers).")
+    if out is not None:  # before reading and rendering: a report that cannot be written is one line up front
+        from petlbench.safeio import check_output_file
+
+        check_output_file(out, "--out")
     loaded = load_records(results or (Path("results"),), on_warning=_warn)
     method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     rep = build_report(loaded.records, suite=suite, reference=reference, delta=delta,
@@ -112,9 +121,12 @@ def report(results: tuple[Path, ...], suite: str | None, fmt: str | None, out: P
     if out is None:
         click.echo(text, nl=not text.endswith("\n"))
         return
-    try:
+    from petlbench.safeio import atomic_write
+
+    try:  # atomically: a failed write (disk full, quota) leaves the previous report as it was
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        atomic_write(out, text)
     except OSError as exc:
-        raise PetlbenchError(f"cannot write --out {str(out)!r} ({exc.strerror or exc}).") from None
+        raise PetlbenchError(f"cannot write --out {str(out)!r} ({exc.strerror or exc}); "
+                             "the previous file is unchanged.") from None
     click.echo(f"wrote {out} ({fmt}; {rep.n_ok} ok run(s), {len(rep.rows)} row(s))", err=True)

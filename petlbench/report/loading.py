@@ -1,8 +1,10 @@
 """Find and read run records for the reporter.
 
 A results folder is a tree of ``*.json`` run records (see :mod:`petlbench.records`). Files that
-cannot be used (corrupt or truncated JSON, another schema version, missing fields) are skipped
-with one warning naming each file: a table must never silently average a half-written record.
+cannot be used (corrupt or truncated JSON, another schema version, missing fields, numbers out of
+range, special files, files too large to be a record) are skipped with one warning naming each
+file: a table must never silently average a half-written record. Only regular files are opened,
+and never more than :data:`~petlbench.records.MAX_RECORD_BYTES` of one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from petlbench.errors import PetlbenchError
-from petlbench.records import REQUIRED, SCHEMA_VERSION
+from petlbench.records import MAX_RECORD_BYTES, REQUIRED, SCHEMA_VERSION
+from petlbench.safeio import TooLarge, read_bounded
 
 #: Key under which the reporter remembers where a record came from (not part of the schema).
 SOURCE_KEY = "_source"
@@ -50,8 +53,35 @@ def record_source(record: Mapping[str, Any]) -> str:
     return str(record.get(SOURCE_KEY) or record.get("label") or record.get("run_id") or "<record>")
 
 
+#: Every integer petlbench writes fits in 64 bits (byte counts, parameter counts, seeds, epochs); a
+#: larger one (``10**400``) is damage, and would overflow float conversions in the tables.
+MAX_INT = 2**63
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return -MAX_INT <= value < MAX_INT if isinstance(value, int) else math.isfinite(value)
+
+
+def _huge_int(data: Any) -> tuple[str, int] | None:
+    """(dotted path, digits) of an integer in ``data`` outside 64 bits, or None (iterative: a
+    record may be nested as deeply as the JSON parser allowed)."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(node))
+        elif isinstance(node, int) and not isinstance(node, bool) and not -MAX_INT <= node < MAX_INT:
+            return where, _digits(node)
+    return None
+
+
+def _digits(value: int) -> int:
+    """Decimal digits of ``value``, without ``str()`` (which refuses more than 4300 digits)."""
+    return int(abs(value).bit_length() * math.log10(2)) + 1
 
 
 def record_problem(data: Any) -> str | None:
@@ -65,7 +95,7 @@ def record_problem(data: Any) -> str | None:
         if isinstance(version, int) and version < SCHEMA_VERSION:
             return (f"schema_version {version} is older than the {SCHEMA_VERSION} this petlbench reads "
                     "(re-run it with this petlbench)")
-        return (f"schema_version {version!r} is not the {SCHEMA_VERSION} this petlbench reads "
+        return (f"schema_version {_short(version)} is not the {SCHEMA_VERSION} this petlbench reads "
                 "(upgrade petlbench to report it)")
     status = data.get("status")
     if status not in ("ok", "failed"):
@@ -73,13 +103,16 @@ def record_problem(data: Any) -> str | None:
     for key in ("suite", "task", "method"):
         if not isinstance(data.get(key), str) or not data[key]:
             return f"field {key!r} is missing or not a string"
+    huge = _huge_int(data)
+    if huge is not None:
+        return f"field {huge[0]!r} holds an integer of {huge[1]} digits, out of range (a damaged record?)"
     if status == "failed":
         return None
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         return f"field {missing[0]!r} is missing"
     if isinstance(data.get("seed"), bool) or not isinstance(data.get("seed"), int):
-        return f"field 'seed' must be an integer, got {data.get('seed')!r}"
+        return f"field 'seed' must be an integer, got {_short(data.get('seed'))}"
     for key in ("metrics", "params", "config", "efficiency", "provenance"):
         if not isinstance(data.get(key), dict):
             return f"field {key!r} must be an object"
@@ -88,11 +121,19 @@ def record_problem(data: Any) -> str | None:
             return f"field 'config.{key}' must be an object"
     top1 = data["metrics"].get("top1")
     if not _is_number(top1) or not 0.0 <= top1 <= 100.0:
-        return f"status is 'ok' but metrics.top1 is {top1!r}, not a percentage"
+        return f"status is 'ok' but metrics.top1 is {_short(top1)}, not a percentage"
     trainable = data["params"].get("trainable")
     if not _is_number(trainable) or trainable < 0:
-        return f"params.trainable is {trainable!r}, not a count"
+        return f"params.trainable is {_short(trainable)}, not a count"
     return None
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr`` of a value for a one-line message, cut to ``limit`` characters."""
+    if isinstance(value, int) and not isinstance(value, bool) and _digits(value) > limit:
+        return f"an integer of {_digits(value)} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def find_record_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -138,15 +179,21 @@ def load_records(paths: Iterable[str | os.PathLike],
     out = LoadedRecords(files=len(files))
     for path in files:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_bounded(path, MAX_RECORD_BYTES).decode("utf-8"))
         except UnicodeDecodeError:
             _skip(out, on_warning, str(path), "not UTF-8 text (corrupt file?)")
             continue
         except json.JSONDecodeError as exc:
             _skip(out, on_warning, str(path), f"invalid JSON, truncated or corrupt ({exc.msg} at line {exc.lineno})")
             continue
+        except ValueError:  # an integer literal longer than Python converts (4300 digits)
+            _skip(out, on_warning, str(path), "invalid JSON, corrupt (a number too long to read)")
+            continue
         except RecursionError:  # `[[[[...`: the parser's recursion limit, not a reason for a traceback
             _skip(out, on_warning, str(path), "invalid JSON, corrupt (nested too deeply)")
+            continue
+        except TooLarge as exc:
+            _skip(out, on_warning, str(path), f"not read: {exc}")
             continue
         except OSError as exc:
             _skip(out, on_warning, str(path), f"cannot be read ({exc.strerror or exc})")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from petlbench.report.table import Report, Row
+from petlbench.safeio import atomic_write
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
@@ -44,7 +45,7 @@ class Plot:
         out = []
         for fmt in EXPORT_FORMATS:
             path = folder / f"{stem or self.key}.{fmt}"
-            path.write_bytes(self.render(fmt))
+            atomic_write(path, self.render(fmt))  # a failed write keeps the previous figure
             out.append(path)
         return out
 

@@ -28,7 +28,7 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
 from petlbench.errors import PetlbenchError, read_user_text
-from petlbench.report.formats import FORMATS, SUFFIXES, TABLES
+from petlbench.report.formats import FORMATS, SUFFIXES, TABLES, csv_safe
 from petlbench.report.table import DIGITS, Efficiency, Note, Report, Row, Stat
 
 MISSING = "–"
@@ -737,7 +737,7 @@ def render_csv(report: Report, table: str = "accuracy", long: bool = False) -> s
     ``long``, one row per run instead (for your own statistics)."""
     if long:
         buf = io.StringIO()
-        long_frame(report).to_csv(buf, index=False, lineterminator="\n")
+        csv_safe(long_frame(report)).to_csv(buf, index=False, lineterminator="\n")
         return buf.getvalue()
     if table == "all":
         raise PetlbenchError("a CSV file holds one table. Fix: pass --table accuracy or --table efficiency.")
@@ -745,7 +745,7 @@ def render_csv(report: Report, table: str = "accuracy", long: bool = False) -> s
         raise PetlbenchError(f"--table {table!r} is not one of {', '.join(TABLES)}.")
     df = accuracy_frame(report) if table == "accuracy" else efficiency_frame(report)
     buf = io.StringIO()
-    df.to_csv(buf, index=False, lineterminator="\n")
+    csv_safe(df).to_csv(buf, index=False, lineterminator="\n")  # no cell a spreadsheet runs as a formula
     return buf.getvalue()
 
 

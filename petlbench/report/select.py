@@ -18,7 +18,7 @@ def resolve_suite(records: Sequence[Mapping[str, Any]], suite: Any,
                   on_warning: Callable[[str], None]) -> tuple[Any, list[dict[str, Any]]]:
     """The suite to report and the records that belong to it (canonical task names filled in)."""
     from petlbench.data import get_suite
-    from petlbench.data.suites import name_key
+    from petlbench.data.suites import SuitePluginError, name_key
 
     if suite is not None:
         the_suite = get_suite(suite)
@@ -39,6 +39,8 @@ def resolve_suite(records: Sequence[Mapping[str, Any]], suite: Any,
         for name in dict.fromkeys(str(r["suite"]) for r in records):
             try:
                 resolved[name] = get_suite(name)
+            except SuitePluginError:  # names the broken plugin and its error: more use than "install it"
+                raise
             except PetlbenchError:
                 raise PetlbenchError(
                     f"records are of suite {name!r}, which is not registered here. Fix: pass --suite with the "
@@ -95,7 +97,7 @@ def _matches(value: Any, wanted: str) -> bool:
             else yaml.safe_load(wanted)
     except ValueError:
         return False
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # RecursionError: a value nested thousands deep
         return str(value) == wanted
     if isinstance(value, bool) or isinstance(parsed, bool):
         return value is parsed or str(value).lower() == wanted.lower()
