@@ -25,8 +25,8 @@ output:
   Mergeable methods are evaluated merged (the eval batch is counted on the merged model).
 
 The workload comes from the suite and the method as a sweep would run them: every task's
-training-set size and test-set size, the method's ``train_presets`` (ARC trains VTAB at batch
-32 for 100 epochs) and the evaluation batch size.
+training-set size and test-set size, the method's paper recipe (``recipes``: ARC trains VTAB at
+batch 32 for 100 epochs) and the evaluation batch size.
 """
 
 from __future__ import annotations
@@ -306,10 +306,10 @@ def workload(suite_name: str, method_name: str, overrides: Mapping[str, Any] | N
     defaults = dict(getattr(suite, "train_defaults", {}) or {})
     loads = []
     for task in suite.tasks:
-        cfg = resolve_train(defaults, method, suite.name, task.name, overrides or {})
+        cfg = resolve_train(defaults, method, suite.name, task.name, overrides or {}, protocol="paper")
         loads.append(TaskLoad(
             task.name, task.classes, int(task.sizes[suite.split_for("train")]), int(task.sizes[suite.split_for("test")]),
-            int(cfg["epochs"]), int(cfg["batch_size"]), int(cfg["eval_batch_size"]), bool(cfg["drop_last"]),
+            int(cfg["epochs"]) + int(cfg["cooldown_epochs"]), int(cfg["batch_size"]), int(cfg["eval_batch_size"]), bool(cfg["drop_last"]),
         ))
     return loads
 
@@ -443,7 +443,7 @@ def _setup(method: str, backbone: str, suite: str, overrides: Mapping[str, Any] 
     kwargs = dict(backbone_kwargs or {})
     the_suite = get_suite(suite)
     cfg = resolve_train(dict(getattr(the_suite, "train_defaults", {}) or {}), petlbench.get_method(method), suite,
-                        loads[0].name, overrides or {})
+                        loads[0].name, overrides or {}, protocol="paper")
     return {"loads": loads, "batch": batches[0], "eval_batch": eval_batches[0], "kwargs": kwargs,
             "classes": round(sum(t.classes for t in loads) / len(loads)),
             "size": int(kwargs.get("img_size", the_suite.image_size)), "grad_clip": float(cfg["grad_clip"])}
@@ -649,7 +649,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"**Sweep estimate: {r['suite']} ({len(r['tasks'])} tasks) x {r['method']} x 1 seed, {r['backbone']} "
         f"{r['image_size']}px** (petlbench {r['petlbench']}, torch {r['torch']}, {r['date']})",
         "",
-        f"Workload (from the suite and the method's train_presets): batch {r['batch_size']}, epochs {r['epochs']}, "
+        f"Workload (from the suite and the method's paper recipe): batch {r['batch_size']}, epochs {r['epochs']}, "
         f"{r['train_steps']:,} train steps, {r['test_images']:,} test images in {r['eval_batches']:,} eval batches "
         f"of {r['eval_batch_size']}.",
         "",

@@ -27,6 +27,7 @@ import pandas as pd
 from petlbench.errors import PetlbenchError
 from petlbench.report.formats import ORDERS
 from petlbench.report.loading import record_problem, record_source, warn
+from petlbench.runner import TEST_SELECTED
 
 DIGITS = 1  # decimals of accuracies in tables; best/second are decided on the printed values
 LEGACY = "legacy-best-test"
@@ -317,7 +318,8 @@ def _config_view(record: Mapping[str, Any]) -> dict[str, str]:
         view.update({f"hp:{k}": _canon(v) for k, v in hparams.items()})
     train = _dig(record, "config", "train")
     if isinstance(train, Mapping):
-        skip = set(EXECUTION_KEYS) | (set(TUNED_KEYS) if record.get("protocol") == "tune" else set())
+        tuned = record.get("protocol") == "tune" or _dig(record, "metrics", "selection") == "tune"  # paper: a grid
+        skip = set(EXECUTION_KEYS) | (set(TUNED_KEYS) if tuned else set())
         view.update({f"train:{k}": _canon(v) for k, v in train.items() if k not in skip})
     resolved = _dig(record, "efficiency", "precision")
     if isinstance(resolved, Mapping) and "autocast" in resolved:
@@ -435,11 +437,11 @@ def _assign_rows(records: list[dict[str, Any]], names: str = "display"
     codes: dict[tuple, set[str]] = defaultdict(set)
     blocks = {k[2] for k in known}
     for method, protocol, bkey, code, _v in known:
-        if protocol != LEGACY:
+        if protocol not in TEST_SELECTED:
             protocols[method].add(protocol)
         codes[(method, bkey)].add(code)
     arch_of = _block_names(records)
-    ordered = sorted(known, key=lambda k: (_method_sort_key(k[0]), k[1] == LEGACY, k[1], k[2], k[3], repr(k[4])))
+    ordered = sorted(known, key=lambda k: (_method_sort_key(k[0]), k[1] in TEST_SELECTED, k[1], k[2], k[3], repr(k[4])))
     meta: dict[str, _RowKey] = {}
     rid_of: dict[tuple, str] = {}
     for i, key in enumerate(ordered):
@@ -450,10 +452,10 @@ def _assign_rows(records: list[dict[str, Any]], names: str = "display"
         if len(blocks) > 1:
             parts.append(arch_of.get(bkey, "?"))
         label = displays[method] + (" (" + ", ".join(parts) + ")" if parts else "")
-        if protocol != LEGACY and len(protocols[method]) > 1:
+        if protocol not in TEST_SELECTED and len(protocols[method]) > 1:
             label += f" [{protocol}]"
-        if protocol == LEGACY:
-            label += DAGGER
+        if protocol in TEST_SELECTED:
+            label += DAGGER if protocol == LEGACY else f" [{protocol}]{DAGGER}"
         rid_of[key] = f"r{i:04d}"
         meta[rid_of[key]] = _RowKey(method, protocol, bkey, code, var, label, displays[method])
     seen: dict[str, int] = defaultdict(int)
@@ -722,7 +724,7 @@ def build_report(records: Iterable[Mapping[str, Any]], suite: Any = None, refere
     rows: list[Row] = []
     for key, m in meta.items():
         row = Row(key=m.label, label=m.label, method=m.method, kind="reproduced", protocol=m.protocol,
-                  legacy=m.protocol == LEGACY, display=m.display, block=block_text.get(m.backbone, ""))
+                  legacy=m.protocol in TEST_SELECTED, display=m.display, block=block_text.get(m.backbone, ""))
         for task in the_suite.task_names:
             st = Stat(failed=int(fails.get((key, task), 0)))
             if (key, task) in stats.index:
@@ -995,13 +997,14 @@ def _notes(report: Report, suite: Any, recs: list[dict[str, Any]], row_label: Ma
         protocols[p].append(row_label[id(r)])
         if r.get("protocol_description"):
             descriptions.setdefault(p, str(r["protocol_description"]))
-    for p in sorted(protocols, key=lambda x: (x == LEGACY, x)):
+    for p in sorted(protocols, key=lambda x: (x in TEST_SELECTED, x)):
         desc = descriptions.get(p, "")
         rows_txt = f" (rows: {_rows_text(protocols[p])})" if len(protocols) > 1 else ""
-        if p == LEGACY:
+        if p in TEST_SELECTED:
+            origin = "the official ARC/RepAdapter scripts" if p == LEGACY else "each method's official script"
             notes.append(Note(
                 f"Protocol {p}: {desc or 'best test accuracy over epochs'}{rows_txt}. The epoch is selected on the "
-                "TEST set, as in the official ARC/RepAdapter scripts; these rows are not ranked against the others.",
+                f"TEST set, as in {origin}; these rows are not ranked against the others.",
                 DAGGER))
         else:
             notes.append(Note(f"Protocol {p}: {desc or 'see the run records'}{rows_txt}."))
