@@ -56,10 +56,11 @@ TRAIN_HPARAMS: dict[str, HParam] = {
                            "names ending in .bias and the backbone's own no_weight_decay() list), method (the "
                            "method's no_weight_decay), no_1d+method (both)",
                            choices=("all", "no_1d", "method", "no_1d+method")),
-    "schedule": HParam("iter", "iter: warm-up + cosine per iteration; timm_epoch: timm's CosineLRScheduler stepped "
-                       "step(epoch) after each epoch (RepAdapter/FacT/Convpass/NOAH scripts: epochs 0 and 1 at "
-                       "warmup_lr); timm_train: stepped step(epoch + 1) (timm's train.py: SSF, GPS)",
-                       choices=("iter", "timm_epoch", "timm_train")),
+    "schedule": HParam("iter", "iter: warm-up + cosine per iteration; epoch: the same curve held per epoch (epoch e "
+                       "at its value for e: VPT's WarmupCosineSchedule); timm_epoch: timm's CosineLRScheduler "
+                       "stepped step(epoch) after each epoch (RepAdapter/FacT/Convpass/NOAH scripts: epochs 0 and 1 "
+                       "at warmup_lr); timm_train: stepped step(epoch + 1) (timm's train.py: SSF, GPS)",
+                       choices=("iter", "epoch", "timm_epoch", "timm_train")),
     "cooldown_epochs": HParam(0, "epochs at min_lr trained after the `epochs` of the schedule (timm's cooldown)",
                               low=0),
     "mixup": HParam(0.0, "mixup alpha (0 = off); timm Mixup semantics, one lambda per batch", low=0.0),

@@ -306,19 +306,25 @@ def timm_cosine_lr(t: int, lr: float, epochs: int, warmup: int, warmup_lr: float
 def lr_schedule(cfg: Mapping[str, Any], steps_per_epoch: int) -> list[float]:
     """The learning rate of every iteration of the run (``total_epochs(cfg) * steps_per_epoch``).
 
-    ``schedule``: ``iter`` steps warm-up + cosine every iteration; ``timm_epoch`` holds the lr
-    for a whole epoch as the official RepAdapter/FacT/Convpass/NOAH loops do: the scheduler is
-    built before training (lr = its value at 0) and ``step(ep)`` runs after epoch ``ep``, so
-    epoch ``e`` trains at the value for ``max(0, e - 1)``; ``timm_train`` is timm's train.py
-    (``step(epoch + 1)`` after each epoch): epoch ``e`` trains at the value for ``e``.
+    ``schedule``: ``iter`` steps warm-up + cosine every iteration; ``epoch`` holds that curve's
+    value at ``e`` (in epochs) for the whole epoch ``e`` (a ``LambdaLR`` stepped after each epoch:
+    VPT's ``WarmupCosineSchedule``). ``timm_epoch`` holds timm's ``CosineLRScheduler`` for a whole
+    epoch as the official RepAdapter/FacT/Convpass/NOAH loops do: the scheduler is built before
+    training (lr = its value at 0) and ``step(ep)`` runs after epoch ``ep``, so epoch ``e`` trains at
+    the value for ``max(0, e - 1)``; ``timm_train`` is timm's train.py (``step(epoch + 1)`` after each
+    epoch): epoch ``e`` trains at the value for ``e``.
     """
     lr, epochs = peak_lr(cfg), cfg["epochs"]
     steps = max(1, steps_per_epoch)
     n = total_epochs(cfg) * steps_per_epoch
-    if cfg.get("schedule", "iter") == "iter":
+    schedule = cfg.get("schedule", "iter")
+    if schedule == "iter":
         total = max(1, epochs * steps_per_epoch)
         warmup = min(total, cfg["warmup_epochs"] * steps_per_epoch)
         return [lr_at(i, total, warmup, lr, cfg["warmup_lr"], cfg["min_lr"]) for i in range(n)]
+    if schedule == "epoch":
+        warmup = min(epochs, cfg["warmup_epochs"])
+        return [lr_at(i // steps, max(1, epochs), warmup, lr, cfg["warmup_lr"], cfg["min_lr"]) for i in range(n)]
     lag = 1 if cfg["schedule"] == "timm_epoch" else 0
     return [timm_cosine_lr(max(0, i // steps - lag), lr, epochs, cfg["warmup_epochs"], cfg["warmup_lr"], cfg["min_lr"])
             for i in range(n)]

@@ -88,6 +88,17 @@ def test_timm_epoch_schedule_by_hand() -> None:
     assert per_iter / sum(lrs) == pytest.approx(1.18, abs=0.005)
 
 
+def test_epoch_schedule_is_the_curve_held_per_epoch() -> None:
+    """VPT's WarmupCosineSchedule, a LambdaLR stepped after every epoch: epoch e trains at
+    lr * e / W during the warm-up (0 in epoch 0), then lr * (1 + cos(pi (e - W) / (E - W))) / 2."""
+    lrs = engine.lr_schedule(_vtab_cfg(schedule="epoch", lr=0.5, warmup_lr=0.0, min_lr=0.0), 4)
+    at = {e: lrs[4 * e] for e in range(100)}
+    assert all(lrs[4 * e + i] == at[e] for e in range(100) for i in range(4))
+    assert at[0] == 0.0 and at[5] == pytest.approx(0.25) and at[10] == pytest.approx(0.5)
+    assert at[55] == pytest.approx(0.25)
+    assert at[99] == pytest.approx(0.25 * (1 + math.cos(math.pi * 89 / 90)))
+
+
 def test_cooldown_trains_extra_epochs_at_min_lr() -> None:
     """GPS: 100 epochs of cosine + 10 cooldown epochs = 110 (timm's train.py loop)."""
     cfg = _vtab_cfg(schedule="timm_train", cooldown_epochs=10)
