@@ -143,6 +143,9 @@ class Method:
       reproduce, and why"}``, shown and recorded likewise.
     - ``train_presets``: the old name of ``recipes``. A plugin that still declares it gets it read
       as its paper recipe (``--dry-run`` says so); new code declares ``recipes``.
+    - :meth:`no_weight_decay` (a method, not an attribute): the parameters the official optimiser
+      exempts from weight decay, used when the recipe says ``decay_groups: method`` (or
+      ``no_1d+method``); the default exempts nothing.
     - ``families``: backbone families supported (``"vit"``, ``"swin"``).
     - ``mergeable``: True when :meth:`merge` folds the method into the plain backbone exactly.
     - ``frozen_features``: True when only the head trains and the backbone's features never

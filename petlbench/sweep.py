@@ -331,9 +331,10 @@ def describe(plan_: Plan, spec: RunSpec) -> str:
           for k, v in spec.method_hparams.items()] if spec.method_hparams else ["(none)"]
     suite_defaults = dict(getattr(plan_.suite, "train_defaults", {}) or {})
     layers = train_layers(suite_defaults, cls, spec.suite, spec.task, plan_.train_overrides, protocol=spec.protocol)
+    stated = {k for _name, layer in layers for k in layer}  # a recipe's item is listed even at the engine default
     shown = [k for k in ("epochs", "batch_size", "lr", "weight_decay") if k in spec.train]
     shown += [k for k, v in spec.train.items() if k not in shown and k in TRAIN_HPARAMS
-              and v != TRAIN_HPARAMS[k].default]
+              and (v != TRAIN_HPARAMS[k].default or k in stated)]
     train = [tag(k, spec.train[k], TRAIN_HPARAMS[k].default if k in TRAIN_HPARAMS else None, layers[::-1])
              for k in shown]
     if spec.train.get("lr_base_batch"):

@@ -419,7 +419,7 @@ class _Recipe(Method):
     name = "recipe_probe"
     hparams = {"k": HParam(1, "an unused knob", low=1)}
     recipes = {"demo": {"*": {"optimizer": "sgd", "lr": 0.05, "schedule": "timm_epoch", "decay_groups": "method",
-                              "selection": "best-test", "eval_every": 1, "published_runs": 3},
+                              "selection": "best-test", "eval_every": 1, "published_runs": 3, "label_smoothing": 0.0},
                         "digits": {"lr": 0.02}}}
     recipe_source = {"demo": "example/recipe-probe: train.py (SGD, timm CosineLRScheduler stepped per epoch)"}
     recipe_differences = {"demo": "none: the demo suite has no official script"}
@@ -505,7 +505,8 @@ def test_dry_run_lists_the_recipe_its_source_and_what_it_changes(recipe_method, 
     assert "recipe lora on demo: the method declares no paper recipe for demo; these runs use the harmonised" in out
     line = next(x for x in out.splitlines() if "optimizer=sgd" in x)
     for tagged in ("epochs=2 [set]", "batch_size=32 [suite]", "lr=0.02 [recipe]", "optimizer=sgd [recipe]",
-                   "schedule=timm_epoch [recipe]", "selection=best-test [recipe]", "selects: final epoch"):
+                   "schedule=timm_epoch [recipe]", "selection=best-test [recipe]", "selects: final epoch",
+                   "label_smoothing=0.0 [recipe]"):  # stated by the recipe: listed even at the engine default
         assert tagged in line, (tagged, line)
 
 
