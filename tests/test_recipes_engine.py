@@ -27,7 +27,7 @@ from petlbench.packing import pack_problem, train_packed
 from petlbench.runner import execute_spec, pack_key, seed_everything, selection_mode
 from petlbench.sweep import describe, plan, recipe_notes
 from tests.conftest import TINY_VIT
-from tests.test_compile_once import ImageLoader, _cfg
+from tests.test_compile_once import ImageLoader, _cfg, fresh_dynamo  # noqa: F401 (a fixture)
 
 CPU = torch.device("cpu")
 FAST = {"epochs": 2, "warmup_epochs": 1, "limit_train": 32, "limit_eval": 32, "batch_size": 16}
@@ -308,20 +308,8 @@ def _tiny(method="lora", classes=4, seed=0, **hp):
     return create_model(arch, method, classes, backbone_kwargs=kw, reuse_backbone=True, **hp)
 
 
-@pytest.fixture
-def fresh_dynamo(monkeypatch):
-    from torch._dynamo.utils import counters
-
-    monkeypatch.setenv("PETLBENCH_COMPILE_BACKEND", "eager")
-    torch._dynamo.reset()
-    engine.FEATURE_COMPILER.clear()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    engine.FEATURE_COMPILER.clear()
-
-
-def test_mixup_on_the_compiled_padded_step_equals_eager(fresh_dynamo) -> None:
+@pytest.mark.usefixtures("fresh_dynamo")  # tests/test_compile_once.py: eager backend, clean dynamo state
+def test_mixup_on_the_compiled_padded_step_equals_eager() -> None:
     x, y = torch.randn(10, 3, 32, 32), torch.randint(0, 4, (10,))  # batch 4: the last batch (2) is padded
     losses = []
     for compile_ in (False, True):
