@@ -301,7 +301,9 @@ def _saved_estimates(path: str) -> list[dict[str, Any]]:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a training setting or method hyperparameter (repeatable).")
 @click.option("--config", "config_file", default=None, help="YAML file of settings (and `methods:` overrides).")
-@click.option("--protocol", default=None, help="vtab1k | tune | fgvc | legacy-best-test [default: by suite].")
+@click.option("--protocol", default=None,
+              help="Harmonised (one recipe for all methods): vtab1k | tune | fgvc | legacy-best-test [default: by "
+                   "suite]. Paper (each method's official recipe, docs/recipes.md): paper | paper-best-test.")
 @click.option("--launcher", type=click.Choice(["inline", "local", "slurm"]), default="inline", show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="local: parallel runs (default: GPUs).")
 @click.option("--device", default="auto", show_default=True,
@@ -353,7 +355,7 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
     plan = sweep.plan(suite, split_list([methods]), split_list(tasks), _seeds(seeds),
                       backbone=backbone, backbone_kwargs=parse_backbone_args(backbone_args), pretrained=pretrained,
                       data_root=data_root, output=output, protocol=protocol, sets=parse_sets(sets),
-                      config_file=config_file, log=lambda line: click.echo(line, err=True))
+                      config_file=config_file, log=lambda line: click.echo(line, err=True), dry_run=dry_run)
     todo = sweep.pending(plan, force)
     if not quiet or dry_run:
         n = len(plan.specs)
@@ -363,6 +365,8 @@ def run_cmd(suite: str, methods: str, tasks: tuple[str, ...], seeds: str, backbo
     for note in sweep.resume_notes(plan, force):
         click.echo(f"note: {note}", err=True)
     if dry_run:
+        for note in sweep.recipe_notes(plan, pack):
+            click.echo(note)
         for spec in plan.specs:
             click.echo(f"{'done' if spec not in todo else 'todo'}  {spec.label}  {spec.record_path}")
             click.echo(f"      {sweep.describe(plan, spec)}")

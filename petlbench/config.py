@@ -1,8 +1,14 @@
 """Training configuration: every setting the engine reads, with defaults, and how they resolve.
 
-Resolution, lowest to highest priority: the defaults below < the suite's ``train_defaults``
-(YAML) < the method's published ``train_presets`` for the suite (``"*"``, then the task) < a
-user config file < ``--set key=value``. The resolved values are part of each run's identity.
+Two recipes, never mixed (docs/recipes.md). Resolution, lowest to highest priority:
+
+- harmonised (protocols ``vtab1k``, ``tune``, ``fgvc``, ``legacy-best-test``): the defaults below <
+  the suite's ``train_defaults`` (YAML) < a user config file < ``--set key=value``. One recipe for
+  every method, so a comparison measures the methods, not their training recipes.
+- paper (protocols ``paper``, ``paper-best-test``): the defaults < the suite's ``train_defaults`` <
+  the method's ``recipes[suite]["*"]`` < ``recipes[suite][task]`` < config file < ``--set``.
+
+The resolved values, with the protocol, are part of each run's identity.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ TRAIN_HPARAMS: dict[str, HParam] = {
     "epochs": HParam(100, "training epochs", low=1),
     "batch_size": HParam(64, "training batch size", low=1),
     "eval_batch_size": HParam(256, "evaluation batch size", low=1),
-    "lr": HParam(1e-3, "peak learning rate (AdamW)", low=0.0, low_exclusive=True),
-    "weight_decay": HParam(1e-4, "AdamW weight decay (applied to every trainable tensor, as the papers do)", low=0.0),
-    "warmup_epochs": HParam(10, "linear warm-up epochs (stepped per iteration)", low=0),
+    "lr": HParam(1e-3, "peak learning rate (times batch_size / lr_base_batch when lr_base_batch > 0)", low=0.0,
+                 low_exclusive=True),
+    "weight_decay": HParam(1e-4, "weight decay of the tensors `decay_groups` decays (AdamW: decoupled; SGD: L2)",
+                           low=0.0),
+    "warmup_epochs": HParam(10, "linear warm-up epochs (stepped as `schedule` says)", low=0),
     "warmup_lr": HParam(1e-6, "learning rate at the start of warm-up", low=0.0),
     "min_lr": HParam(1e-5, "learning rate at the end of the cosine decay", low=0.0),
     "grad_clip": HParam(0.0, "global gradient-norm clip (0 = off)", low=0.0),
@@ -38,10 +46,45 @@ TRAIN_HPARAMS: dict[str, HParam] = {
                         choices=("timm", "zeros", "vpt")),
     "compile": HParam(False, "torch.compile the model (falls back to eager mode if compilation fails)"),
     "eval_every": HParam(0, "evaluate every N epochs for the learning curve (0 = only at the end)", low=0),
+    # Optimiser, parameter groups, schedule stepping, mixing, EMA and selection: what the paper
+    # recipes of the methods need (docs/recipes.md). The defaults are the harmonised recipe.
+    "optimizer": HParam("adamw", "adamw, or sgd (torch.optim.SGD with `momentum`, weight decay as L2)",
+                        choices=("adamw", "sgd")),
+    "momentum": HParam(0.9, "SGD momentum (optimizer=sgd only)", low=0.0, high=0.999),
+    "lr_base_batch": HParam(0, "0 = off; N > 0: the peak lr used is lr * batch_size / N (the 'base lr' of "
+                            "VPT and MAE-style scripts; the record shows both)", low=0),
+    "decay_groups": HParam("all", "tensors without weight decay: all (none exempt), no_1d (timm's rule: ndim <= 1, "
+                           "names ending in .bias and the backbone's own no_weight_decay() list), method (the "
+                           "method's no_weight_decay), no_1d+method (both)",
+                           choices=("all", "no_1d", "method", "no_1d+method")),
+    "schedule": HParam("iter", "iter: warm-up + cosine per iteration; epoch: the same curve held per epoch (epoch e "
+                       "at its value for e: VPT's WarmupCosineSchedule); timm_epoch: timm's CosineLRScheduler "
+                       "stepped step(epoch) after each epoch (RepAdapter/FacT/Convpass/NOAH scripts: epochs 0 and 1 "
+                       "at warmup_lr); timm_train: stepped step(epoch + 1) (timm's train.py: SSF, GPS)",
+                       choices=("iter", "epoch", "timm_epoch", "timm_train")),
+    "cooldown_epochs": HParam(0, "epochs at min_lr trained after the `epochs` of the schedule (timm's cooldown)",
+                              low=0),
+    "mixup": HParam(0.0, "mixup alpha (0 = off); timm Mixup semantics, one lambda per batch", low=0.0),
+    "cutmix": HParam(0.0, "cutmix alpha (0 = off); timm Mixup semantics, one box per batch", low=0.0),
+    "mixup_prob": HParam(1.0, "probability that a batch is mixed (mixup or cutmix on)", low=0.0, high=1.0),
+    "mixup_switch_prob": HParam(0.5, "with mixup and cutmix both on: probability that a mixed batch uses cutmix",
+                                low=0.0, high=1.0),
+    "ema_decay": HParam(0.0, "0 = off; d > 0: an exponential moving average of the trainable tensors, updated after "
+                        "every step, is what is evaluated, selected and kept (timm's model EMA)", low=0.0,
+                        high=0.999999),
+    "selection": HParam("protocol", "what the official script selects, read by the paper protocols: protocol (the "
+                        "suite's honest default), final, val, tune (grid tune_lr x tune_weight_decay), best-test "
+                        "(paper-best-test only; final epoch under paper)",
+                        choices=("protocol", "final", "val", "tune", "best-test")),
     "tune_lr": HParam("1e-3,1e-2", "learning rates tried by the `tune` protocol (comma-separated)"),
     "tune_weight_decay": HParam("1e-4,1e-3", "weight decays tried by the `tune` protocol (comma-separated)"),
     "limit_train": HParam(0, "use only the first N training images (0 = all; smoke tests only)", low=0),
     "limit_eval": HParam(0, "use only the first N evaluation images (0 = all; smoke tests only)", low=0),
+}
+
+#: Values a recipe may state that are not training settings: facts about the published number.
+RECIPE_ONLY: dict[str, HParam] = {
+    "published_runs": HParam(1, "how many runs (seeds) the published number averages", low=1),
 }
 
 _WHERE = "training setting"
@@ -88,22 +131,74 @@ def suite_train_defaults(suite: Any) -> dict[str, Any]:
                   f"suite file {getattr(suite, 'path', '') or suite.name}: train_defaults")
 
 
+def train_defaults() -> dict[str, Any]:
+    """Every training setting at its engine default."""
+    return {k: h.default for k, h in TRAIN_HPARAMS.items()}
+
+
+def recipe_settings(method: type[Method], suite: str, task: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The method's paper recipe for ``suite``/``task``, checked: (training settings, recipe-only
+    values such as ``published_runs``). Both empty when it declares none for ``suite``."""
+    raw = method.recipe(suite, task)
+    where = f"method {method.name!r} {method.recipe_origin(suite) or 'recipes'}[{suite!r}]"
+    extras = {k: RECIPE_ONLY[k].coerce(method.name, k, v, where=f"{where}: {k!r}")
+              for k, v in raw.items() if k in RECIPE_ONLY}
+    return _check({k: v for k, v in raw.items() if k not in RECIPE_ONLY}, where), extras
+
+
+def train_layers(
+    suite_defaults: Mapping[str, Any],
+    method: type[Method],
+    suite: str,
+    task: str,
+    user: Mapping[str, Any],
+    *,
+    protocol: str,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The checked layers above the engine defaults, lowest first: ``("suite", ...)``, ``("recipe",
+    ...)`` (the method's paper recipe; empty under the harmonised protocols) and ``("set", ...)``
+    (config file and ``--set``). ``--dry-run`` tags every value with the layer it came from.
+
+    Under the protocols that select on the test set the suite's ``eval_every`` (a learning-curve
+    cadence) is dropped: their cadence is the official one, the recipe's or every epoch.
+    """
+    from petlbench.runner import PAPER_PROTOCOLS, TEST_SELECTED
+
+    suite_layer = _check(suite_defaults, f"suite {suite!r} train_defaults")
+    recipe = recipe_settings(method, suite, task)[0] if protocol in PAPER_PROTOCOLS else {}
+    user_layer = _check(user, "--set")
+    if protocol in TEST_SELECTED and "eval_every" not in recipe and "eval_every" not in user_layer:
+        suite_layer.pop("eval_every", None)
+    return [("suite", suite_layer), ("recipe", recipe), ("set", user_layer)]
+
+
 def resolve_train(
     suite_defaults: Mapping[str, Any],
     method: type[Method],
     suite: str,
     task: str,
     user: Mapping[str, Any],
+    *,
+    protocol: str,
 ) -> dict[str, Any]:
-    """The fully resolved training configuration of one run."""
-    out = {k: h.default for k, h in TRAIN_HPARAMS.items()}
-    out.update(_check(suite_defaults, f"suite {suite!r} train_defaults"))
-    table = method.train_presets.get(suite, {})
-    out.update(_check(table.get("*", {}), f"method {method.name!r} train_presets"))
-    out.update(_check(table.get(task, {}), f"method {method.name!r} train_presets"))
-    out.update(_check(user, "--set"))
+    """The fully resolved training configuration of one run under ``protocol`` (see the module
+    docstring for the order)."""
+    from petlbench.runner import PAPER_PROTOCOLS
+
+    out = train_defaults()
+    layers = train_layers(suite_defaults, method, suite, task, user, protocol=protocol)
+    for _name, layer in layers:
+        out.update(layer)
     for key in ("tune_lr", "tune_weight_decay"):
         parse_floats(out[key], key)
+    if protocol not in PAPER_PROTOCOLS and out["selection"] != "protocol":
+        source = next(f"suite {suite!r} train_defaults" if name == "suite" else "--set"
+                      for name, layer in reversed(layers) if "selection" in layer)
+        raise PetlbenchError(
+            f"{source}: training setting 'selection' is read by the paper protocols only; under --protocol "
+            f"{protocol} the protocol decides what is selected. Fix: --protocol paper (or paper-best-test), or drop "
+            "`selection`."
+        )
     return out
 
 

@@ -1,8 +1,16 @@
-"""The training engine: AdamW, per-iteration warm-up + cosine, bf16 autocast on GPU, evaluation.
+"""The training engine: optimiser, learning-rate schedule, bf16 autocast on GPU, evaluation.
 
 It knows nothing about suites or files: it gets a model, loaders and a resolved training
 configuration, and returns curves and timings. Linear probing trains on features extracted once
 (one backbone forward per image) instead of 100 epochs of forwards.
+
+The harmonised default is AdamW over every trainable tensor with a per-iteration warm-up +
+cosine. What the paper recipes need is here too, written once (docs/recipes.md): SGD with
+momentum, ``lr_base_batch`` scaling, weight-decay parameter groups (``decay_groups``), timm's
+per-epoch ``CosineLRScheduler`` stepping (``schedule``) with ``cooldown_epochs``, mixup/cutmix
+with label smoothing, and an EMA of the trainable tensors (``ema_decay``). None of them adds
+work to a step that does not use it: the learning rates of the whole run are computed once, and
+the loss of an unmixed batch is the same single cross-entropy as before.
 """
 
 from __future__ import annotations
@@ -213,9 +221,13 @@ def pad_batch(x: torch.Tensor, y: torch.Tensor, size: int) -> tuple[torch.Tensor
     short = size - x.shape[0]
     if short <= 0:
         return x, y
-    x = torch.cat([x, x.new_zeros((short, *x.shape[1:]))])
-    y = torch.cat([y, y.new_full((short,), _PAD_LABEL)])
-    return x, y
+    return torch.cat([x, x.new_zeros((short, *x.shape[1:]))]), pad_labels(y, size)
+
+
+def pad_labels(y: torch.Tensor, size: int) -> torch.Tensor:
+    """``y`` padded to ``size`` rows with the ignored label (as :func:`pad_batch` pads it)."""
+    short = size - y.shape[0]
+    return torch.cat([y, y.new_full((short,), _PAD_LABEL)]) if short > 0 else y
 
 
 NOT_COMPILED = {"compiled": False, "compile_error": None}  # the compile_info of a run that did not ask
@@ -236,6 +248,9 @@ class TrainResult:
     compile_info: dict[str, Any] = field(default_factory=dict)
     precision: dict[str, Any] = field(default_factory=dict)
     evaluated_merged: bool = False
+    steps_per_epoch: int = 0
+    #: A linear probe trained on features extracted once (False: on images, e.g. with mixup).
+    probe_on_features: bool = False
 
     @property
     def compiled(self) -> bool | None:
@@ -246,13 +261,206 @@ class TrainResult:
         return self.compile_info.get("compile_error")
 
 
-def lr_at(step: int, total: int, warmup: int, cfg: Mapping[str, Any]) -> float:
-    """Linear warm-up from ``warmup_lr`` to ``lr``, then cosine to ``min_lr`` (per iteration)."""
-    lr, start, end = cfg["lr"], cfg["warmup_lr"], cfg["min_lr"]
+def complete(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` with every setting it leaves out at its engine default (a caller of :func:`train`
+    may pass only the settings it cares about)."""
+    from petlbench.config import train_defaults
+
+    return {**train_defaults(), **cfg}
+
+
+def peak_lr(cfg: Mapping[str, Any]) -> float:
+    """The peak learning rate actually used: ``lr``, or ``lr * batch_size / lr_base_batch`` when
+    the recipe states a base lr for a reference batch (VPT, MAE-style scripts)."""
+    base = cfg.get("lr_base_batch", 0)
+    return cfg["lr"] * cfg["batch_size"] / base if base else cfg["lr"]
+
+
+def total_epochs(cfg: Mapping[str, Any]) -> int:
+    """Epochs trained: the schedule's ``epochs`` plus ``cooldown_epochs`` at ``min_lr``."""
+    return cfg["epochs"] + cfg.get("cooldown_epochs", 0)
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, start: float, end: float) -> float:
+    """Linear warm-up from ``start`` to ``lr`` over ``warmup`` iterations, then cosine to ``end``
+    at iteration ``total`` (and ``end`` after it: the cooldown)."""
     if step < warmup:
         return start + (lr - start) * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return end + 0.5 * (lr - end) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def timm_cosine_lr(t: int, lr: float, epochs: int, warmup: int, warmup_lr: float, min_lr: float) -> float:
+    """The value timm's ``CosineLRScheduler(t_initial=epochs, lr_min=min_lr, warmup_t=warmup,
+    warmup_lr_init=warmup_lr, cycle_limit=1)`` gives at ``t`` (epochs): a linear warm-up from
+    ``warmup_lr`` that never reaches ``lr`` (it stops one step short), then the cosine of the WHOLE
+    ``t / epochs`` (not shifted by the warm-up, so it starts at 0.976 x lr for 10 of 100 epochs), then
+    ``min_lr`` once the single cycle is over."""
+    if t < warmup:
+        return warmup_lr + t * ((lr - warmup_lr) / warmup)
+    if t >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / epochs))
+
+
+def lr_schedule(cfg: Mapping[str, Any], steps_per_epoch: int) -> list[float]:
+    """The learning rate of every iteration of the run (``total_epochs(cfg) * steps_per_epoch``).
+
+    ``schedule``: ``iter`` steps warm-up + cosine every iteration; ``epoch`` holds that curve's
+    value at ``e`` (in epochs) for the whole epoch ``e`` (a ``LambdaLR`` stepped after each epoch:
+    VPT's ``WarmupCosineSchedule``). ``timm_epoch`` holds timm's ``CosineLRScheduler`` for a whole
+    epoch as the official RepAdapter/FacT/Convpass/NOAH loops do: the scheduler is built before
+    training (lr = its value at 0) and ``step(ep)`` runs after epoch ``ep``, so epoch ``e`` trains at
+    the value for ``max(0, e - 1)``; ``timm_train`` is timm's train.py (``step(epoch + 1)`` after each
+    epoch): epoch ``e`` trains at the value for ``e``.
+    """
+    lr, epochs = peak_lr(cfg), cfg["epochs"]
+    steps = max(1, steps_per_epoch)
+    n = total_epochs(cfg) * steps_per_epoch
+    schedule = cfg.get("schedule", "iter")
+    if schedule == "iter":
+        total = max(1, epochs * steps_per_epoch)
+        warmup = min(total, cfg["warmup_epochs"] * steps_per_epoch)
+        return [lr_at(i, total, warmup, lr, cfg["warmup_lr"], cfg["min_lr"]) for i in range(n)]
+    if schedule == "epoch":
+        warmup = min(epochs, cfg["warmup_epochs"])
+        return [lr_at(i // steps, max(1, epochs), warmup, lr, cfg["warmup_lr"], cfg["min_lr"]) for i in range(n)]
+    lag = 1 if cfg["schedule"] == "timm_epoch" else 0
+    return [timm_cosine_lr(max(0, i // steps - lag), lr, epochs, cfg["warmup_epochs"], cfg["warmup_lr"], cfg["min_lr"])
+            for i in range(n)]
+
+
+def decay_groups(model: Any, params: list[nn.Parameter], cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Optimiser parameter groups of the trainable ``params`` (order kept): one group with
+    ``weight_decay`` for ``decay_groups="all"``; otherwise the exempt tensors in a second group
+    with weight decay 0. ``no_1d`` is timm's rule (``param_groups_weight_decay``): ndim <= 1, a name
+    ending in ``.bias``, or a name in the backbone's own ``no_weight_decay()`` list (ViT: pos_embed,
+    cls_token); ``method`` is :meth:`petlbench.Method.no_weight_decay`."""
+    rule, wd = cfg.get("decay_groups", "all"), cfg["weight_decay"]
+    if rule == "all":
+        return [{"params": list(params), "weight_decay": wd}]
+    exempt: set[int] = set()
+    if rule in ("no_1d", "no_1d+method"):
+        exempt |= {id(p) for p in _timm_no_decay(model)}
+    if rule in ("method", "no_1d+method"):
+        exempt |= {id(p) for p in model.method.no_weight_decay(model.backbone, model.petl)}
+    groups = [{"params": [p for p in params if id(p) not in exempt], "weight_decay": wd},
+              {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _timm_no_decay(model: Any) -> list[nn.Parameter]:
+    """The parameters timm's rule exempts from weight decay: ndim <= 1, ``*.bias``, and the names
+    (glob patterns) the timm model lists in ``no_weight_decay()``, relative to the timm model."""
+    import fnmatch
+
+    net = getattr(model, "net", model)
+    listed = set(net.no_weight_decay()) if hasattr(net, "no_weight_decay") else set()
+    prefix = "net." if net is not model else ""
+    out = []
+    for name, p in model.named_parameters():
+        inner = name[len(prefix):] if prefix and name.startswith(prefix) else None
+        if p.ndim <= 1 or name.endswith(".bias") or (
+                inner is not None and any(fnmatch.fnmatch(inner, pattern) for pattern in listed)):
+            out.append(p)
+    return out
+
+
+def build_optimizer(model: Any, params: list[nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The run's optimiser over ``params`` (``optimizer``, ``momentum``, ``decay_groups``), at the
+    peak learning rate (the schedule sets each step's)."""
+    groups = decay_groups(model, params, cfg)
+    if cfg.get("optimizer", "adamw") == "sgd":
+        return torch.optim.SGD(groups, lr=peak_lr(cfg), momentum=cfg["momentum"])
+    return torch.optim.AdamW(groups, lr=peak_lr(cfg))
+
+
+def mixing(cfg: Mapping[str, Any]) -> bool:
+    """True when the recipe mixes batches (mixup or cutmix)."""
+    return bool(cfg.get("mixup", 0.0) > 0 or cfg.get("cutmix", 0.0) > 0)
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, cfg: Mapping[str, Any], seed: int, epoch: int, step: int
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup/cutmix of one batch with timm's ``Mixup(mode="batch")`` semantics.
+
+    With probability ``mixup_prob`` the batch is mixed: cutmix with probability
+    ``mixup_switch_prob`` when both alphas are on (only the one that is on otherwise), lambda ~
+    Beta(alpha, alpha) of the chosen kind. Mixup: ``lam * x + (1 - lam) * x.flip(0)``. Cutmix: a
+    box of side ``int(S * sqrt(1 - lam))`` centred uniformly (clipped at the borders) is pasted from
+    ``x.flip(0)`` and lambda becomes the uncovered fraction. Returns ``(x, y.flip(0), lam)``; the
+    target is ``lam * smooth(y) + (1 - lam) * smooth(y.flip(0))``, which :func:`train_step` applies
+    as the same mix of two label-smoothed cross-entropies (equal, by linearity, to timm's
+    soft-target cross-entropy). The random numbers come from a CPU generator seeded by
+    ``(seed, epoch, step)``, so a seed mixes the same way on every device and in every process.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([seed % 2**64, epoch, step])  # SeedSequence takes non-negative words
+    if rng.random() >= cfg["mixup_prob"]:
+        return x, y, 1.0
+    alpha_mix, alpha_cut = cfg["mixup"], cfg["cutmix"]
+    cut = alpha_cut > 0 and (alpha_mix <= 0 or rng.random() < cfg["mixup_switch_prob"])
+    alpha = alpha_cut if cut else alpha_mix
+    lam = float(rng.beta(alpha, alpha))
+    flipped = x.flip(0)
+    if not cut:
+        return x * lam + flipped * (1.0 - lam), y.flip(0), lam
+    h, w = x.shape[-2:]
+    side = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(h * side), int(w * side)
+    cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+    top, bottom = min(max(cy - cut_h // 2, 0), h), min(max(cy + (cut_h + 1) // 2, 0), h)
+    left, right = min(max(cx - cut_w // 2, 0), w), min(max(cx + (cut_w + 1) // 2, 0), w)
+    x = x.clone()
+    x[..., top:bottom, left:right] = flipped[..., top:bottom, left:right]
+    return x, y.flip(0), 1.0 - (bottom - top) * (right - left) / float(h * w)
+
+
+class WeightEMA:
+    """An exponential moving average of the trainable tensors (timm's ``ModelEmaV2`` restricted to
+    what trains: frozen tensors never change, so their average is themselves).
+
+    :meth:`update` after every optimiser step: ``ema = decay * ema + (1 - decay) * p``, one fused
+    multi-tensor op. Evaluation runs inside :meth:`applied` (the averaged weights in the model,
+    the trained ones back afterwards); :meth:`finalize` leaves the averaged weights in the model
+    for good: the EMA model is the one evaluated, selected, merged and recorded.
+    """
+
+    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
+        self.params, self.decay = list(params), float(decay)
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_([p.detach() for p in self.params], self.shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in self.params], trained)
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        torch._foreach_copy_([p.detach() for p in self.params], self.shadow)
+
+
+def effective_settings(cfg: Mapping[str, Any], result: TrainResult | None = None) -> dict[str, Any]:
+    """What a record says the engine really did with ``cfg``: the peak lr used (after
+    ``lr_base_batch`` scaling), epochs trained (cooldown included), iterations per epoch, whether
+    the EMA weights were evaluated and whether a linear probe trained on cached features."""
+    cfg = complete(cfg)
+    out: dict[str, Any] = {"lr": peak_lr(cfg), "epochs_trained": total_epochs(cfg),
+                           "evaluated": "ema" if cfg["ema_decay"] > 0 else "trained"}
+    if result is not None:
+        out.update(steps_per_epoch=result.steps_per_epoch, probe_on_features=result.probe_on_features)
+    return out
 
 
 def _plan(device: torch.device, precision: str | Precision) -> Precision:
@@ -335,18 +543,24 @@ def deployable(model: Any) -> tuple[Any, bool]:
 def train_step(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
                params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor, device: torch.device,
                precision: str | Precision, label_smoothing: float = 0.0, grad_clip: float = 0.0,
-               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+               scaler: torch.amp.GradScaler | None = None,
+               mixed: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """One optimisation step; returns the loss without a host sync.
 
     Gradients are freed *before* the forward, so last step's gradients never sit in memory
     beside this step's activations (for full fine-tuning that is a whole model's worth).
     Labels equal to -100 are padding (see :func:`pad_batch`): they count for nothing. With an
     fp16 ``scaler`` the loss is scaled for the backward and steps with inf/NaN gradients skip.
+    ``mixed = (y2, lam)`` (a mixed batch, :func:`mix_batch`): the loss is
+    ``lam * CE(logits, y) + (1 - lam) * CE(logits, y2)``, both label-smoothed.
     """
     optimizer.zero_grad(set_to_none=True)
     with _plan(device, precision).context(device):
         logits = forward(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, ignore_index=_PAD_LABEL)
+    if mixed is not None and mixed[1] != 1.0:
+        other = F.cross_entropy(logits.float(), mixed[0], label_smoothing=label_smoothing, ignore_index=_PAD_LABEL)
+        loss = mixed[1] * loss + (1.0 - mixed[1]) * other
     if scaler is None:
         loss.backward()
         if grad_clip > 0:
@@ -394,16 +608,20 @@ def train(
 
 def _train(model, train_loader, eval_loaders, cfg, device, *, select_on, eval_every, seed, on_epoch, peaks,
            merge_for_eval) -> TrainResult:
+    cfg = complete(cfg)
     result = TrainResult()
     plan = resolve_precision(cfg["precision"], device)
     apply_matmul_precision(plan, device)
     result.precision = plan.as_dict()
     scaler = plan.scaler(device)
-    epochs = cfg["epochs"]
+    epochs = total_epochs(cfg)
     phase = peaks.phase if peaks is not None else (lambda _name: _no_phase())
     params = [p for p in model.parameters() if p.requires_grad]
+    mix = mixing(cfg)
     # Linear probing on fixed inputs (no augmentation): features once, then only the head per step.
-    probe = model.method.frozen_features and not train_loader.random_crop and not train_loader.flip
+    # Mixed images have no cached features: a probe with mixup/cutmix trains on images.
+    probe = model.method.frozen_features and not train_loader.random_crop and not train_loader.flip and not mix
+    result.probe_on_features = bool(probe)
     head = model.backbone.head
     features: MaybeCompiled | None = None
     pad_to = 0
@@ -435,10 +653,11 @@ def _train(model, train_loader, eval_loaders, cfg, device, *, select_on, eval_ev
             forward_train = model
         forward_eval = model
 
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = build_optimizer(model, params, cfg)
     steps_per_epoch = len(train_iter)
-    total = max(1, epochs * steps_per_epoch)
-    warmup = min(total, cfg["warmup_epochs"] * steps_per_epoch)
+    result.steps_per_epoch = steps_per_epoch
+    lrs = lr_schedule(cfg, steps_per_epoch)  # every iteration's lr, computed once
+    ema = WeightEMA(params, cfg["ema_decay"]) if cfg["ema_decay"] > 0 else None
     step = 0
     best = -1.0
     for epoch in range(epochs):
@@ -448,13 +667,20 @@ def _train(model, train_loader, eval_loaders, cfg, device, *, select_on, eval_ev
         running, batches = torch.zeros((), device=device), 0
         with phase("train"):
             for x, y in train_iter:
+                lr = lrs[step]
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, warmup, cfg)
+                    group["lr"] = lr
                 n = int(y.shape[0])
+                mixed = None
+                if mix:  # before padding: padded rows must not be mixed into real ones
+                    x, y2, lam = mix_batch(x, y, cfg, seed, epoch, batches)
+                    mixed = (pad_labels(y2, pad_to), lam)
                 if pad_to:
                     x, y = pad_batch(x, y, pad_to)
                 running += train_step(forward_train, optimizer, params, x, y, device, plan,
-                                      cfg["label_smoothing"], cfg["grad_clip"], scaler)
+                                      cfg["label_smoothing"], cfg["grad_clip"], scaler, mixed)
+                if ema is not None:
+                    ema.update()
                 batches += 1
                 step += 1
                 result.train_images += n
@@ -467,7 +693,7 @@ def _train(model, train_loader, eval_loaders, cfg, device, *, select_on, eval_ev
         if last or (eval_every and (epoch + 1) % eval_every == 0):
             t1 = time.perf_counter()
             model.eval()
-            with phase("eval"):
+            with phase("eval"), (ema.applied() if ema is not None else contextlib.nullcontext()):
                 evaluated, merged = (deployable(model) if merge_for_eval and not probe else (forward_eval, False))
                 result.evaluated_merged = merged
                 for name, loader in eval_sets.items():
@@ -481,6 +707,8 @@ def _train(model, train_loader, eval_loaders, cfg, device, *, select_on, eval_ev
             result.eval_time_s += time.perf_counter() - t1
         if on_epoch is not None:
             on_epoch(epoch + 1, epochs, mean_loss)
+    if ema is not None:
+        ema.finalize()  # the EMA model is the run's model (saved, merged, timed)
     if features is not None:
         result.compile_info = features.summary()
     elif not cfg["compile"]:

@@ -1,7 +1,8 @@
 """The method plugin API.
 
 A PETL method is a subclass of :class:`Method` in one file. It declares its name, its
-hyperparameters (:class:`HParam`), optional per-suite/per-task presets, the backbone families it
+hyperparameters (:class:`HParam`), optional per-suite/per-task presets, the training recipe of its
+official script (``recipes``, used by the paper protocols only), the backbone families it
 supports and whether it merges; it implements :meth:`Method.apply` (add modules to ``petl`` and
 attach hooks through the :class:`~petlbench.backbone.Backbone` roles), optionally
 :meth:`Method.trainable` and, for linear methods, :meth:`Method.merge`.
@@ -129,8 +130,22 @@ class Method:
     - ``presets``: ``{suite: {task or "*": {hparam: value}}}`` for values the paper publishes
       per suite/task; applied under user overrides. Override :meth:`preset` when a preset depends
       on another hyperparameter.
-    - ``train_presets``: the same shape, for training settings the papers publish (lr,
-      weight_decay, batch_size, epochs, ...); consumed by the runner, not by the model.
+    - ``recipes``: ``{suite: {task or "*": {training setting: value}}}``, the training recipe of
+      the official script behind the published numbers (optimiser, lr, parameter groups, schedule
+      stepping, augmentation, selection, ...; keys of :data:`petlbench.config.TRAIN_HPARAMS`, plus
+      the recipe-only ``published_runs``: how many runs the published number averages). Applied
+      only under ``--protocol paper`` / ``paper-best-test``: the harmonised protocols train every
+      method with one recipe, so a comparison measures the methods, not their recipes. Override
+      :meth:`recipe` when a value depends on something else.
+    - ``recipe_source``: ``{suite: "owner/repo: script(s) read, what they set"}``, shown by
+      ``petlbench run --dry-run`` and recorded with every paper-protocol run.
+    - ``recipe_differences``: ``{suite: "items of the official recipe petlbench deliberately does not
+      reproduce, and why"}``, shown and recorded likewise.
+    - ``train_presets``: the old name of ``recipes``. A plugin that still declares it gets it read
+      as its paper recipe (``--dry-run`` says so); new code declares ``recipes``.
+    - :meth:`no_weight_decay` (a method, not an attribute): the parameters the official optimiser
+      exempts from weight decay, used when the recipe says ``decay_groups: method`` (or
+      ``no_1d+method``); the default exempts nothing.
     - ``families``: backbone families supported (``"vit"``, ``"swin"``).
     - ``mergeable``: True when :meth:`merge` folds the method into the plain backbone exactly.
     - ``frozen_features``: True when only the head trains and the backbone's features never
@@ -155,7 +170,10 @@ class Method:
     paper: ClassVar[str] = ""
     hparams: ClassVar[Mapping[str, HParam]] = {}
     presets: ClassVar[Mapping[str, Mapping[str, Mapping[str, Any]]]] = {}
-    train_presets: ClassVar[Mapping[str, Mapping[str, Mapping[str, Any]]]] = {}
+    recipes: ClassVar[Mapping[str, Mapping[str, Mapping[str, Any]]]] = {}
+    recipe_source: ClassVar[Mapping[str, str]] = {}
+    recipe_differences: ClassVar[Mapping[str, str]] = {}
+    train_presets: ClassVar[Mapping[str, Mapping[str, Mapping[str, Any]]]] = {}  # old name of ``recipes``
     families: ClassVar[frozenset[str]] = frozenset({"vit", "swin"})
     mergeable: ClassVar[bool] = False
     frozen_features: ClassVar[bool] = False
@@ -214,6 +232,31 @@ class Method:
         preset = cls.validate(cls.preset(suite, task, current))
         return {**current, **{k: v for k, v in preset.items() if k not in user}}
 
+    @classmethod
+    def recipe_origin(cls, suite: str) -> str | None:
+        """Which attribute declares the paper recipe for ``suite``: ``"recipes"``, ``"train_presets"``
+        (the old name, still read for plugins written before ``recipes`` existed) or None."""
+        if suite in cls.recipes:
+            return "recipes"
+        if suite in cls.train_presets:
+            return "train_presets"
+        return None
+
+    @classmethod
+    def recipe(cls, suite: str, task: str | None) -> dict[str, Any]:
+        """The official training recipe for ``suite``/``task`` (canonical names): the suite-wide
+        ``"*"`` entry updated by the task's, from ``recipes`` (or, for an older plugin, from
+        ``train_presets``). Empty when the method declares none for ``suite``; then the paper
+        protocols train it with the harmonised settings. Values are checked by the caller."""
+        origin = cls.recipe_origin(suite)
+        if origin is None:
+            return {}
+        table = getattr(cls, origin)[suite]
+        out = dict(table.get("*", {}))
+        if task is not None:
+            out.update(table.get(task, {}))
+        return out
+
     # ------------------------------------------------------------------ behaviour
     def check_backbone(self, backbone: Backbone) -> None:
         """Raise a PetlbenchError when this method is not defined on ``backbone``."""
@@ -269,6 +312,13 @@ class Method:
                 )
             with torch.no_grad():
                 current[key].copy_(value)
+
+    def no_weight_decay(self, backbone: Backbone, petl: nn.ModuleDict) -> Iterable[nn.Parameter]:
+        """Parameters the official optimiser exempts from weight decay, read when the training setting
+        ``decay_groups`` is ``"method"`` or ``"no_1d+method"`` (e.g. SSF's scales and shifts, DTL's
+        head bias). Default: none. Yield the parameter objects themselves (from ``petl`` or
+        ``backbone``), never names: the engine builds its optimiser groups by identity."""
+        return ()
 
     def trainable_count(self, backbone: Backbone, petl: nn.ModuleDict) -> int | None:
         """Scalars that really train, head excluded, when that is not every scalar of the parameters

@@ -7,17 +7,18 @@ heads) with the frozen parameters shared, so every frozen linear sees R x the ro
 matmul, the per-run modules are batched over R, and one backward serves all R runs.
 
 What stays per run is exactly what a run owns: its initialisation, its data order and
-augmentation (its own loader), its AdamW optimiser and learning rate (its own
-``torch.optim.AdamW`` over its own parameters, stepped as in the unpacked engine), its gradient
-clipping and its evaluation. The loss is the sum of the runs' mean losses, so run r's
+augmentation (its own loader), its optimiser, parameter groups and learning rates (built and
+stepped by the unpacked engine's own functions: :func:`petlbench.engine.build_optimizer`,
+:func:`petlbench.engine.lr_schedule`), its gradient clipping and its evaluation. The loss is the sum of the runs' mean losses, so run r's
 gradients are those of its own loss alone. The numbers therefore equal those of the same runs
 trained one by one up to floating-point summation order in the batched kernels (tested);
 dropout/drop-path draw from one stream for the pack, so with those on a packed run is an
 equally valid, not an identical, draw.
 
 Not packed (the caller trains them alone): fp16 with a gradient scaler (one scaler would
-couple the runs), linear probing (already one backbone pass per image) and runs whose frozen
-tensors differ.
+couple the runs), linear probing (already one backbone pass per image), runs whose frozen
+tensors differ, and runs with mixup/cutmix or a weight EMA (``runner.UNPACKABLE``: a packed step
+has one batch layout and no per-run averaged weights; those runs are never grouped).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from petlbench import engine
 from petlbench.memory import PhasePeaks
 from petlbench.precision import apply_matmul_precision, resolve_precision
 
-_SAME_KEYS = ("epochs", "batch_size", "eval_batch_size", "warmup_epochs", "precision", "drop_last", "label_smoothing",
-              "compile")
+_SAME_KEYS = ("epochs", "cooldown_epochs", "batch_size", "eval_batch_size", "warmup_epochs", "precision", "drop_last",
+              "label_smoothing", "compile")
 
 
 def pack_problem(models: Sequence[Any], cfgs: Sequence[Mapping[str, Any]], loaders: Sequence[Any],
@@ -51,6 +52,9 @@ def pack_problem(models: Sequence[Any], cfgs: Sequence[Mapping[str, Any]], loade
         return "the runs use different methods or hyperparameters"
     if any(c.get(k) != cfgs[0].get(k) for c in cfgs for k in _SAME_KEYS):
         return f"the runs differ in a setting packing shares ({', '.join(_SAME_KEYS)})"
+    unpackable = [k for k in ("mixup", "cutmix", "ema_decay") if any(c.get(k) for c in cfgs)]
+    if unpackable:
+        return f"packing has no per-run batch mixing or weight EMA ({', '.join(unpackable)} set)"
     if base.method.needs_calibration:
         return "the method chooses what trains from each run's own data (calibration); runs differ in their masks"
     if base.method.frozen_features:
@@ -190,22 +194,23 @@ def train_packed(
 
 def _train_packed(models, train_loaders, eval_loaders, cfgs, device, select_on, eval_every, peaks, on_epoch):
     R = len(models)
+    cfgs = [engine.complete(c) for c in cfgs]
     cfg0 = cfgs[0]
     plan = resolve_precision(cfg0["precision"], device)
     apply_matmul_precision(plan, device)
     phase = peaks.phase if peaks is not None else (lambda _name: engine._no_phase())
     share_frozen(models)
-    results = [engine.TrainResult(precision=plan.as_dict()) for _ in range(R)]
+    results = [engine.TrainResult(precision=plan.as_dict(), steps_per_epoch=len(train_loaders[0]))
+               for _ in range(R)]
     params = [[p for p in m.parameters() if p.requires_grad] for m in models]
-    opts = [torch.optim.AdamW(ps, lr=c["lr"], weight_decay=c["weight_decay"]) for ps, c in zip(params, cfgs, strict=True)]
+    opts = [engine.build_optimizer(m, ps, c) for m, ps, c in zip(models, params, cfgs, strict=True)]
     pad_to = cfg0["batch_size"] if cfg0["compile"] else 0  # fixed shapes for the compiled graph
     size = getattr(train_loaders[0], "output_size", None)
     forward = PackedForward(models, compile=bool(cfg0["compile"]),
                             batch_shape=(pad_to, 3, *size) if size else (pad_to,))
-    epochs = cfg0["epochs"]
+    epochs = engine.total_epochs(cfg0)
     steps_per_epoch = len(train_loaders[0])
-    total = max(1, epochs * steps_per_epoch)
-    warmup = min(total, cfg0["warmup_epochs"] * steps_per_epoch)
+    lrs = [engine.lr_schedule(c, steps_per_epoch) for c in cfgs]  # run r's lr at every iteration
     best = [-1.0] * R
     step = 0
     for epoch in range(epochs):
@@ -217,9 +222,9 @@ def _train_packed(models, train_loaders, eval_loaders, cfgs, device, select_on, 
         batches = 0
         with phase("train"):
             for batch in zip(*train_loaders, strict=True):
-                for opt, c in zip(opts, cfgs, strict=True):
+                for opt, run_lrs in zip(opts, lrs, strict=True):
                     for group in opt.param_groups:
-                        group["lr"] = engine.lr_at(step, total, warmup, c)
+                        group["lr"] = run_lrs[step]
                 n = int(batch[0][1].shape[0])
                 if pad_to:
                     batch = [engine.pad_batch(x, y, pad_to) for x, y in batch]

@@ -10,14 +10,20 @@ Schema (``schema_version`` 1); every record has these top-level keys:
 - ``status``: ``"ok"`` or ``"failed"``; ``error``: null, or ``{type, message, traceback}``.
 - ``metrics``: ``top1`` (percent, the protocol's reported number: final-epoch test accuracy for
   ``vtab1k``/``tune``, test at the best-validation epoch for ``fgvc``, best test epoch for
-  ``legacy-best-test``), ``top1_final`` (test at the last epoch), ``selected_epoch``,
+  ``legacy-best-test``; under ``paper``/``paper-best-test`` what the recipe selects),
+  ``selection`` (``final`` | ``val`` | ``tune`` | ``best-test``, what was selected),
+  ``selected_on`` (``val`` or ``test`` when an epoch was selected), ``top1_final`` (test at the last epoch), ``selected_epoch``,
   ``curve`` (list of ``{epoch, split, top1}``), ``train_loss`` (mean loss per epoch), and for
   ``tune`` the grid in ``tuning``.
 - ``params``: the parameter accounting (:class:`petlbench.ParamCounts`).
 - ``config``: ``method_hparams``, ``train`` (fully resolved), ``protocol``, ``backbone``,
   ``backbone_kwargs``, ``pretrained``, ``method_code`` (``{distribution, version}``, or ``{module,
   source_sha256}`` for a method registered from a script), ``normalization``, ``splits``
-  (train/eval split names and sizes).
+  (train/eval split names and sizes), ``recipe`` (``{name: harmonised | paper, source,
+  differences}``: which training recipe ran; see docs/recipes.md) and ``effective`` (what the
+  engine did with ``train``: the peak ``lr`` used after ``lr_base_batch`` scaling,
+  ``epochs_trained`` with the cooldown, ``steps_per_epoch``, ``evaluated``: ``ema`` or ``trained``
+  weights, ``probe_on_features``).
 - ``efficiency``: ``train_time_s``, ``train_images_per_s``, ``eval_time_s``, ``peak_gpu_mem_allocated``,
   ``peak_gpu_mem_reserved`` (bytes, training steps only; null on CPU), ``eval_peak_gpu_mem_allocated``,
   ``eval_peak_gpu_mem_reserved`` (the evaluations', measured apart), ``trainable_state_bytes``,

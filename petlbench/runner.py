@@ -9,8 +9,17 @@ Protocols (named, and recorded with every number):
   the final epoch.
 - ``fgvc`` (default for FGVC): train on ``train``, keep the epoch with the best ``tune_val``
   accuracy (evaluated every ``eval_every`` epochs, every epoch by default), report test there.
-- ``legacy-best-test``: what the official ARC/RepAdapter scripts do: the best test accuracy
-  over evaluations every ``eval_every`` epochs (default 1). Selected on test; always labelled.
+- ``legacy-best-test``: what the official ARC scripts do: the best test accuracy over
+  evaluations every ``eval_every`` epochs (every epoch unless the user sets it; a suite's
+  ``train_defaults`` cadence does not apply). Selected on test; always labelled.
+
+The four above are *harmonised*: one training recipe for every method. The *paper* protocols train
+each method with its official recipe (``Method.recipes``, docs/recipes.md):
+
+- ``paper``: the recipe's ``selection`` (``final``, ``val``, ``tune``), except that a test-set
+  selection (``best-test``) becomes the final epoch: honest numbers with the official recipe.
+- ``paper-best-test``: the official selection exactly, best-of-N on the TEST set at the recipe's
+  ``eval_every`` cadence (every epoch by default) included. Labelled like ``legacy-best-test``.
 
 A run never raises: any failure (bad data, non-finite loss, out of memory, a plugin's
 exception) becomes a record with ``status: "failed"`` and the reason.
@@ -36,29 +45,32 @@ import torch
 from petlbench.config import parse_floats
 from petlbench.engine import on_device
 from petlbench.errors import PetlbenchError
+from petlbench.protocols import (  # noqa: F401  (re-exported: protocols are defined torch-free for the report)
+    PAPER_PROTOCOLS,
+    PROTOCOLS,
+    SELECTION_ROLES,
+    TEST_SELECTED,
+    check_protocol,
+    default_protocol,
+    selection_mode,
+)
 from petlbench.records import base_record, write_record
 from petlbench.runspec import RunSpec
 
-PROTOCOLS: dict[str, str] = {
-    "vtab1k": "train on train800val200; test accuracy after the final epoch (no selection on test)",
-    "tune": "lr x wd grid trained on train800 and scored on val200; best retrained on train800val200; "
-            "final-epoch test accuracy",
-    "fgvc": "train on train; epoch selected on val; test accuracy at that epoch",
-    "legacy-best-test": "best test accuracy over epochs (the official scripts' selection on the TEST set; "
-                        "not comparable with honest protocols)",
-}
 
+def recipe_info(method: str, suite: str, task: str | None, protocol: str) -> dict[str, Any]:
+    """``config.recipe`` of a record: which recipe trained the run, where it comes from and what it
+    deliberately does not reproduce. ``harmonised`` whenever the protocol is harmonised or the
+    method declares no paper recipe for ``suite``."""
+    from petlbench.config import recipe_settings
+    from petlbench.registry import get_method
 
-def default_protocol(layout: str) -> str:
-    return "fgvc" if layout == "fgvc_json" else "vtab1k"
-
-
-def check_protocol(name: str) -> str:
-    if name not in PROTOCOLS:
-        from petlbench.errors import did_you_mean
-
-        raise PetlbenchError("--protocol: " + did_you_mean(name, PROTOCOLS, "protocol", label="Known"))
-    return name
+    cls = get_method(method)
+    if protocol not in PAPER_PROTOCOLS or cls.recipe_origin(suite) is None:
+        return {"name": "harmonised", "source": None, "differences": None}
+    return {"name": "paper", "source": cls.recipe_source.get(suite), "differences": cls.recipe_differences.get(suite),
+            "declared_as": cls.recipe_origin(suite),
+            "published_runs": recipe_settings(cls, suite, task)[1].get("published_runs")}
 
 
 def seed_everything(seed: int) -> None:
@@ -226,10 +238,10 @@ def _prepare(spec: RunSpec, device: torch.device, data: _Data | None = None, pac
     cfg = dict(spec.train)
     data = data if data is not None else _Data(spec)
     classes = data.task.classes
-    protocol = spec.protocol
+    mode = selection_mode(spec.protocol, cfg, data.suite.layout)
     metrics: dict[str, Any] = {}
 
-    if protocol == "tune":
+    if mode == "tune":
         grid = []
         trials = [(lr, wd) for lr in parse_floats(cfg["tune_lr"], "tune_lr")
                   for wd in parse_floats(cfg["tune_weight_decay"], "tune_weight_decay")]
@@ -255,19 +267,22 @@ def _prepare(spec: RunSpec, device: torch.device, data: _Data | None = None, pac
     seed_everything(spec.seed)
     model = _build(spec, cfg, classes, device)
     norm = _normalization(model, cfg)
-    train_loader = data.loader("train", True, cfg, norm, spec.seed, device)
+    # Selection on val never trains on val: train800 (VTAB) or train (FGVC) then.
+    train_role = "tune_train" if mode == "val" else "train"
+    train_loader = data.loader(train_role, True, cfg, norm, spec.seed, device)
     calibration = calibrate(model, train_loader, device)  # gradient-based selection (SPT, GPS) sees train only
-    if protocol == "fgvc":
+    if mode == "val":
         evals, select, every = {"val": data.loader("tune_val", False, cfg, norm, spec.seed, device)}, "val", \
             cfg["eval_every"] or 1
-    elif protocol == "legacy-best-test":
+    elif mode == "best-test":  # the official cadence: the recipe's (or the user's) eval_every, else every epoch
         evals, select, every = {"test": data.loader("test", False, cfg, norm, spec.seed, device)}, "test", \
             cfg["eval_every"] or 1
     else:
         evals, select, every = {"test": data.loader("test", False, cfg, norm, spec.seed, device)}, None, \
             cfg["eval_every"]
     return _Prepared(cfg=cfg, data=data, metrics=metrics, model=model, norm=norm, train_loader=train_loader,
-                     evals=evals, select=select, every=every, calibration=calibration)
+                     evals=evals, select=select, every=every, calibration=calibration, mode=mode,
+                     train_role=train_role)
 
 
 def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.device,
@@ -275,25 +290,27 @@ def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.
     """The protocol's number from a trained run, and its record."""
     from petlbench.accounting import count_params
     from petlbench.bench import deployed_latency
-    from petlbench.engine import deployable, evaluate
+    from petlbench.engine import deployable, effective_settings, evaluate
     from petlbench.precision import Precision
 
     cfg, data, metrics, model, norm, evals = prep.cfg, prep.data, prep.metrics, prep.model, prep.norm, prep.evals
-    protocol = spec.protocol
+    mode = prep.mode
     test_curve = [c for c in res.curve if c["split"] == "test"]
-    if protocol == "fgvc":
+    if mode == "val":
         model.load_trainable_state_dict(res.best_state, source="best-validation state")
         model.eval()
         with peaks.phase("eval"):
             top1 = evaluate(deployable(model)[0], data.loader("test", False, cfg, norm, spec.seed, device), device,
                             Precision(**res.precision))  # the plan training resolved and recorded
-        metrics.update(top1=top1, top1_final=None, selected_epoch=res.best_epoch, val_top1=res.best_val)
-    elif protocol == "legacy-best-test":
+        metrics.update(top1=top1, top1_final=None, selected_epoch=res.best_epoch, val_top1=res.best_val,
+                       selected_on="val")
+    elif mode == "best-test":
         metrics.update(top1=res.best_val, top1_final=test_curve[-1]["top1"], selected_epoch=res.best_epoch,
                        selected_on="test")
     else:
-        metrics.update(top1=test_curve[-1]["top1"], top1_final=test_curve[-1]["top1"], selected_epoch=cfg["epochs"])
-    metrics.update(curve=res.curve, train_loss=res.train_loss)
+        metrics.update(top1=test_curve[-1]["top1"], top1_final=test_curve[-1]["top1"],
+                       selected_epoch=len(res.train_loss))
+    metrics.update(selection=mode, curve=res.curve, train_loss=res.train_loss)
 
     counts = count_params(model)
     record["metrics"] = metrics
@@ -302,8 +319,9 @@ def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.
         train=cfg,
         normalization=norm.as_dict(),
         pooling=model.pooling,
-        splits={"train": data.suite.split_for("train"), "eval": sorted(evals), "sizes": data.sizes},
+        splits={"train": data.suite.split_for(prep.train_role), "eval": sorted(evals), "sizes": data.sizes},
         calibration=prep.calibration,
+        effective=effective_settings(cfg, res),
     )
     record["efficiency"] = {
         "train_time_s": round(res.train_time_s, 3),
@@ -357,6 +375,7 @@ def _start_record(spec: RunSpec) -> dict[str, Any]:
         from petlbench.registry import method_provenance
 
         record["provenance"]["method_code"] = method_provenance(spec.method)
+        record["config"]["recipe"] = recipe_info(spec.method, spec.suite, spec.task, spec.protocol)
     except PetlbenchError:  # an unknown method fails later, with its own message
         pass
     return record
@@ -389,7 +408,8 @@ def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int
 
 
 # ------------------------------------------------------------------ several runs per step
-PACK_PROTOCOLS = ("vtab1k", "fgvc", "legacy-best-test")
+#: Settings a packed step cannot honour per run: such runs train alone (see packing.pack_problem).
+UNPACKABLE = ("mixup", "cutmix", "ema_decay")
 
 
 def _method_packs(name: str) -> bool:
@@ -407,8 +427,12 @@ def _method_packs(name: str) -> bool:
 
 def pack_key(spec: RunSpec) -> tuple | None:
     """Specs with equal keys differ only in their seed and can train packed (None: never packed)."""
-    if spec.protocol not in PACK_PROTOCOLS or not _method_packs(spec.method):
+    if not _method_packs(spec.method) or any(spec.train.get(k) for k in UNPACKABLE):
         return None
+    from petlbench.data import get_suite
+
+    if selection_mode(spec.protocol, spec.train, get_suite(spec.suite).layout) == "tune":
+        return None  # a tune run trains a grid first (its trials may pack among themselves: --pack-tune)
     from petlbench.runspec import canonical_json
 
     ident = {**spec.identity(), "seed": None, "pretrained": spec.pretrained, "data_root": spec.data_root}

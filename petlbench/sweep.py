@@ -16,11 +16,24 @@ from pathlib import Path
 from typing import Any
 
 from petlbench.claims import CLAIMED
-from petlbench.config import load_config_file, resolve_train, split_overrides, suite_train_defaults
+from petlbench.config import (
+    load_config_file,
+    recipe_settings,
+    resolve_train,
+    split_overrides,
+    suite_train_defaults,
+    train_layers,
+)
 from petlbench.errors import PetlbenchError
 from petlbench.records import inspect_record, is_finished
 from petlbench.registry import get_method, method_code
-from petlbench.runner import check_protocol, default_protocol
+from petlbench.runner import (
+    PAPER_PROTOCOLS,
+    SELECTION_ROLES,
+    check_protocol,
+    default_protocol,
+    selection_mode,
+)
 from petlbench.runspec import RunSpec
 
 DEFAULT_BACKBONE = "vit_base_patch16_224"
@@ -31,7 +44,7 @@ PAPER_WEIGHTS_TAG = "vit_base_patch16_224.orig_in21k"
 class Plan:
     specs: list[RunSpec]
     suite: Any
-    data_root: Path
+    data_root: Path | None  # None only in a --dry-run on a machine without the data
     protocol: str
     backbone: str
     pretrained: str | None
@@ -180,10 +193,14 @@ def plan(
     sets: Mapping[str, Any] | None = None,
     config_file: str | None = None,
     log: Callable[[str], None] | None = None,
+    dry_run: bool = False,
 ) -> Plan:
     """Validate everything a sweep needs and return its runs; raises PetlbenchError on bad input.
 
     ``log`` hears about slow first-use work (building the demo data).
+    ``dry_run``: data or weights that are not on this machine are a note (through ``log``), not an
+    error, so the runs and their recipes can be listed anywhere; their data is then not checked
+    and, without the weights' hash, their run ids are not those of the real runs.
     """
     from petlbench import data as D
     from petlbench.model import create_model
@@ -204,28 +221,45 @@ def plan(
     protocol = check_protocol(protocol or default_protocol(the_suite.layout))
     # Every setting of every run, resolved (and so checked) before any slow work: a typo in --set
     # must not wait for the backbone check or a first-use build of the demo data.
+    if protocol in PAPER_PROTOCOLS:
+        for cls in method_classes:
+            check_recipe_tasks(cls, the_suite)
     resolved = {(task.name, cls.name): (
         cls.resolve({**file_cfg["methods"].get(cls.name, {}), **per_method[cls.name]},
                     suite=the_suite.name, task=task.name),
-        resolve_train(suite_defaults, cls, the_suite.name, task.name, train_user),
+        resolve_train(suite_defaults, cls, the_suite.name, task.name, train_user, protocol=protocol),
     ) for task in selected for cls in method_classes}
+    trains = {key: train for key, (_, train) in resolved.items()}
 
     log = log or _quiet
     arch, bkw, weights = _resolve_weights(the_suite, backbone, pretrained, dict(backbone_kwargs or {}))
     check_backbone(arch, bkw, the_suite.image_size)
-    probe = create_model(arch, "linear", selected[0].classes, pretrained=weights, backbone_kwargs=bkw)
-    sha = probe.weights.sha256 if probe.weights else None
-    del probe
+    try:
+        probe = create_model(arch, "linear", selected[0].classes, pretrained=weights, backbone_kwargs=bkw)
+        sha = probe.weights.sha256 if probe.weights else None
+        del probe
+    except PetlbenchError as exc:
+        if not dry_run:
+            raise
+        log(f"note: {exc} (--dry-run goes on without the weights' sha256: the run ids shown are not the real ones)")
+        sha = None
 
+    root: Path | None = None
     if the_suite.generator == "demo" and data_root is None:
         root = _demo_data(the_suite, log)
     else:
-        root = D.resolve_data_root(the_suite, data_root)
-    roles = {"train", "test"} | ({"tune_train", "tune_val"} if protocol == "tune" else set()) \
-        | ({"tune_val"} if protocol == "fgvc" else set())
-    report = D.check_suite(the_suite, root, [t.name for t in selected],
-                           splits=sorted({the_suite.split_for(r) for r in roles}), decode=False)
-    report.raise_for_errors()
+        try:
+            root = D.resolve_data_root(the_suite, data_root)
+        except PetlbenchError as exc:
+            if not dry_run:
+                raise
+            log(f"note: {exc} (--dry-run lists the runs without checking their data)")
+    if root is not None:
+        roles = {role for train in trains.values()
+                 for role in SELECTION_ROLES[selection_mode(protocol, train, the_suite.layout)]}
+        report = D.check_suite(the_suite, root, [t.name for t in selected],
+                               splits=sorted({the_suite.split_for(r) for r in roles}), decode=False)
+        report.raise_for_errors()
 
     specs = []
     codes = {cls.name: method_code(cls.name) for cls in method_classes}
@@ -237,8 +271,9 @@ def plan(
             for seed in seeds:
                 specs.append(RunSpec(
                     suite=the_suite.name, task=task.name, method=cls.name, seed=int(seed), protocol=protocol,
-                    backbone=arch, method_hparams=hparams, train=train, backbone_kwargs=bkw, pretrained=weights,
-                    weights_sha256=sha, data_root=str(root), output=str(output), method_code=codes[cls.name],
+                    backbone=arch, method_hparams=hparams, train=train, backbone_kwargs=bkw,
+                    pretrained=weights, weights_sha256=sha, data_root=str(root) if root else None, output=str(output),
+                    method_code=codes[cls.name],
                 ))
     return Plan(specs, the_suite, root, protocol, arch, weights, sha,
                 method_overrides={cls.name: {**file_cfg["methods"].get(cls.name, {}), **per_method[cls.name]}
@@ -246,10 +281,78 @@ def plan(
                 train_overrides=dict(train_user))
 
 
+def check_recipe_tasks(cls: type, suite: Any) -> None:
+    """A recipe keyed by a task its suite does not define would silently never apply: one line."""
+    origin = cls.recipe_origin(suite.name)
+    if origin is None:
+        return
+    unknown = sorted(set(getattr(cls, origin)[suite.name]) - set(suite.task_names) - {"*"})
+    if unknown:
+        raise PetlbenchError(
+            f"method {cls.name!r}: {origin}[{suite.name!r}] names {', '.join(map(repr, unknown))}, not a task of suite "
+            f"{suite.name!r}. Fix: key the recipe by the suite's task names ({', '.join(suite.task_names[:4])}, ...) "
+            "or '*'."
+        )
+
+
+def recipe_notes(plan_: Plan, pack: int = 1) -> list[str]:
+    """What ``--dry-run`` says once per method about its training recipe under this protocol: under
+    the paper protocols the recipe's source and deliberate differences, what is selected (a test-set
+    selection turned into the final epoch under ``paper``), how many runs the published number
+    averages against the seeds requested, or that no recipe is declared (the harmonised settings
+    then apply); under the harmonised protocols that a declared recipe is not used; under every
+    protocol what a path cannot do as asked (a linear probe with mixup trains on images, mixed or
+    averaged runs do not pack)."""
+    from petlbench.runner import UNPACKABLE, _method_packs
+
+    notes: list[str] = []
+    suite = plan_.suite.name
+    by_method: dict[str, list[RunSpec]] = {}
+    for spec in plan_.specs:
+        by_method.setdefault(spec.method, []).append(spec)
+    for name, specs in by_method.items():
+        cls = get_method(name)
+        if plan_.protocol in PAPER_PROTOCOLS:
+            origin = cls.recipe_origin(suite)
+            if origin is None:
+                notes.append(f"recipe {name} on {suite}: the method declares no paper recipe for {suite}; these runs "
+                             "use the harmonised settings (recorded as recipe 'harmonised')")
+            else:
+                notes.append(f"recipe {name} on {suite}: paper; source: {cls.recipe_source.get(suite) or 'not declared'}")
+                notes.append(f"recipe {name} on {suite}: differences: "
+                             f"{cls.recipe_differences.get(suite) or 'none declared'}")
+                if origin == "train_presets":
+                    notes.append(f"recipe {name} on {suite}: declared as `train_presets` (the old name of `recipes`): "
+                                 "read as its paper recipe, applied under the paper protocols only")
+            declared = {s.train.get("selection", "protocol") for s in specs}
+            if "best-test" in declared and plan_.protocol == "paper":
+                notes.append(f"recipe {name} on {suite}: the official script selects the best TEST epoch; --protocol "
+                             "paper reports the final epoch instead (--protocol paper-best-test reproduces the "
+                             "official selection, labelled test-selected)")
+            wanted = max((recipe_settings(cls, suite, s.task)[1].get("published_runs", 1) for s in specs), default=1)
+            seeds = len({s.seed for s in specs})
+            if wanted > seeds:
+                notes.append(f"recipe {name} on {suite}: the published number is a mean of {wanted} runs; this sweep "
+                             f"requests {seeds} seed{'' if seeds == 1 else 's'} per task. Fix: e.g. --seeds "
+                             f"{','.join(str(i) for i in range(wanted))} for the same count")
+        elif cls.recipe_origin(suite) is not None:
+            notes.append(f"recipe {name} on {suite}: harmonised (protocol {plan_.protocol}: one recipe for every "
+                         "method); its paper recipe applies under --protocol paper / paper-best-test only")
+        unpackable = sorted({k for s in specs for k in UNPACKABLE if s.train.get(k)})
+        if pack > 1 and unpackable and _method_packs(name):
+            notes.append(f"{name}: runs with {', '.join(unpackable)} train alone (a packed step has one batch layout "
+                         "and no per-run weight average)")
+        if cls.frozen_features and any(s.train.get("mixup") or s.train.get("cutmix") for s in specs):
+            notes.append(f"{name}: linear probing with mixup/cutmix trains on (mixed) images, not on features "
+                         "extracted once: mixing is not defined on cached features")
+    return notes
+
+
 def describe(plan_: Plan, spec: RunSpec) -> str:
     """The resolved hyperparameters and training settings of ``spec``, each non-default value tagged
-    with where it came from: ``[preset]`` (the method's published values), ``[suite]`` (the suite's
-    train_defaults) or ``[set]`` (--set / --config)."""
+    with where it came from: ``[preset]`` (the method's published hyperparameters), ``[recipe]``
+    (its paper training recipe, paper protocols only), ``[suite]`` (the suite's train_defaults) or
+    ``[set]`` (--set / --config); then what the run selects."""
     from petlbench.config import TRAIN_HPARAMS
 
     cls = get_method(spec.method)
@@ -267,15 +370,23 @@ def describe(plan_: Plan, spec: RunSpec) -> str:
     hp = [tag(k, v, cls.hparams[k].default, [("set", user), ("preset", preset)])
           for k, v in spec.method_hparams.items()] if spec.method_hparams else ["(none)"]
     suite_defaults = dict(getattr(plan_.suite, "train_defaults", {}) or {})
-    table = cls.train_presets.get(spec.suite, {})
-    train_preset = {**table.get("*", {}), **table.get(spec.task, {})}
+    layers = train_layers(suite_defaults, cls, spec.suite, spec.task, plan_.train_overrides, protocol=spec.protocol)
+    stated = {k for _name, layer in layers for k in layer}  # a recipe's item is listed even at the engine default
     shown = [k for k in ("epochs", "batch_size", "lr", "weight_decay") if k in spec.train]
     shown += [k for k, v in spec.train.items() if k not in shown and k in TRAIN_HPARAMS
-              and v != TRAIN_HPARAMS[k].default]
-    train = [tag(k, spec.train[k], TRAIN_HPARAMS[k].default if k in TRAIN_HPARAMS else None,
-                 [("set", plan_.train_overrides), ("preset", train_preset), ("suite", suite_defaults)])
+              and (v != TRAIN_HPARAMS[k].default or k in stated)]
+    train = [tag(k, spec.train[k], TRAIN_HPARAMS[k].default if k in TRAIN_HPARAMS else None, layers[::-1])
              for k in shown]
-    return f"method: {', '.join(hp)}; train: {', '.join(train)}"
+    if spec.train.get("lr_base_batch"):
+        from petlbench.engine import peak_lr
+
+        train.append(f"peak lr used={peak_lr(spec.train):g} (lr x batch_size / lr_base_batch)")
+    mode = selection_mode(spec.protocol, spec.train, plan_.suite.layout)
+    return f"method: {', '.join(hp)}; train: {', '.join(train)}; selects: {_SELECTS[mode]}"
+
+
+_SELECTS = {"final": "final epoch", "val": "best validation epoch", "tune": "lr x wd grid on validation, then final",
+            "best-test": "best TEST epoch"}
 
 
 class Progress:

@@ -166,6 +166,9 @@ def test_head_init_schemes() -> None:
     arc = petlbench.get_method("arc")
     from petlbench.config import resolve_train
 
-    assert resolve_train({}, arc, "vtab", "cifar", {})["head_init"] == "zeros"
-    assert resolve_train({}, petlbench.get_method("vpt_deep"), "fgvc", "NABirds", {})["head_init"] == "vpt"
-    assert resolve_train({}, petlbench.get_method("lora"), "vtab", "cifar", {})["head_init"] == "timm"
+    # The official heads are part of the methods' paper recipes; the harmonised protocols use one head for all.
+    assert resolve_train({}, arc, "vtab", "cifar", {}, protocol="paper")["head_init"] == "zeros"
+    assert resolve_train({}, petlbench.get_method("vpt_deep"), "fgvc", "NABirds", {},
+                         protocol="paper")["head_init"] == "vpt"
+    assert resolve_train({}, petlbench.get_method("lora"), "vtab", "cifar", {}, protocol="paper")["head_init"] == "timm"
+    assert resolve_train({}, arc, "vtab", "cifar", {}, protocol="vtab1k")["head_init"] == "timm"

@@ -255,7 +255,7 @@ def test_presets_name_real_tasks() -> None:
 
     for name in petlbench.list_methods():
         cls = petlbench.get_method(name)
-        for table in (cls.presets, cls.train_presets):
+        for table in (cls.presets, cls.recipes, cls.train_presets):
             for suite, per_task in table.items():
                 tasks = set(get_suite(suite).task_names) | {"*"}
                 assert set(per_task) <= tasks, f"{name}: {sorted(set(per_task) - tasks)} are not {suite} tasks"

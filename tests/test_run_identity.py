@@ -224,11 +224,19 @@ def test_dry_run_names_presets(tmp_path):
 
     register_method(Presetted)
     try:
+        # A plugin's old `train_presets` is its paper recipe: applied under --protocol paper only.
         plan = sweep.plan("demo", ["presetted_probe"], ["digits", "faces"], [0], pretrained="none",
-                          output=str(tmp_path), sets={"epochs": 2})
+                          output=str(tmp_path), sets={"epochs": 2}, protocol="paper")
         digits, faces = (sweep.describe(plan, s) for s in plan.specs)
-        assert digits.startswith("method: k=3 [preset]; train: epochs=2 [set], batch_size=32 [suite], lr=0.01 [preset]")
+        assert digits.startswith("method: k=3 [preset]; train: epochs=2 [set], batch_size=32 [suite], lr=0.01 [recipe]")
         assert faces.startswith("method: k=1; train:")  # no preset for faces: the default, untagged
+        assert any("declared as `train_presets`" in note for note in sweep.recipe_notes(plan))
+        harmonised = sweep.plan("demo", ["presetted_probe"], ["digits"], [0], pretrained="none",
+                                output=str(tmp_path), sets={"epochs": 2})
+        (spec,) = harmonised.specs
+        assert spec.train["lr"] == 0.005  # the suite's: one recipe for every method
+        assert sweep.describe(harmonised, spec).startswith(
+            "method: k=3 [preset]; train: epochs=2 [set], batch_size=32 [suite], lr=0.005 [suite]")
         code = registry.method_code("presetted_probe")  # registered from a test module: no distribution
         assert code["distribution"] is None and code["module"] == __name__ and len(code["source_sha256"]) == 64
     finally:

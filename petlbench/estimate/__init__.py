@@ -25,8 +25,8 @@ output:
   Mergeable methods are evaluated merged (the eval batch is counted on the merged model).
 
 The workload comes from the suite and the method as a sweep would run them: every task's
-training-set size and test-set size, the method's ``train_presets`` (ARC trains VTAB at batch
-32 for 100 epochs) and the evaluation batch size.
+training-set size and test-set size, the method's paper recipe (``recipes``: ARC trains VTAB at
+batch 32 for 100 epochs) and the evaluation batch size.
 
 Modules: :mod:`~petlbench.estimate.workload` (what a sweep runs), :mod:`~petlbench.estimate.counting`
 (counted), :mod:`~petlbench.estimate.measure` (measured), :mod:`~petlbench.estimate.gpumodel`

@@ -34,7 +34,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"**Sweep estimate: {r['suite']} ({len(r['tasks'])} tasks) x {r['method']} x 1 seed, {r['backbone']} "
         f"{r['image_size']}px** (petlbench {r['petlbench']}, torch {r['torch']}, {r['date']})",
         "",
-        f"Workload (from the suite and the method's train_presets): batch {r['batch_size']}, epochs {r['epochs']}, "
+        f"Workload (from the suite and the method's paper recipe): batch {r['batch_size']}, epochs {r['epochs']}, "
         f"{r['train_steps']:,} train steps, {r['test_images']:,} test images in {r['eval_batches']:,} eval batches "
         f"of {r['eval_batch_size']}.",
         "",

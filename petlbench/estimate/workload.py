@@ -1,5 +1,5 @@
 """The workload of a sweep as it would run: every task's training-set and test-set size, the
-method's ``train_presets`` (epochs, batch sizes) and the size of the decode cache it writes.
+method's paper recipe (``recipes``: epochs, batch sizes) and the size of the decode cache it writes.
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ def workload(suite_name: str, method_name: str, overrides: Mapping[str, Any] | N
     defaults = dict(getattr(suite, "train_defaults", {}) or {})
     loads = []
     for task in suite.tasks:
-        cfg = resolve_train(defaults, method, suite.name, task.name, overrides or {})
+        cfg = resolve_train(defaults, method, suite.name, task.name, overrides or {}, protocol="paper")
         loads.append(TaskLoad(
             task.name, task.classes, int(task.sizes[suite.split_for("train")]), int(task.sizes[suite.split_for("test")]),
-            int(cfg["epochs"]), int(cfg["batch_size"]), int(cfg["eval_batch_size"]), bool(cfg["drop_last"]),
+            int(cfg["epochs"]) + int(cfg["cooldown_epochs"]), int(cfg["batch_size"]), int(cfg["eval_batch_size"]),
+            bool(cfg["drop_last"]),
         ))
     return loads
 
@@ -84,7 +85,7 @@ def _setup(method: str, backbone: str, suite: str, overrides: Mapping[str, Any] 
     kwargs = dict(backbone_kwargs or {})
     the_suite = get_suite(suite)
     cfg = resolve_train(dict(getattr(the_suite, "train_defaults", {}) or {}), petlbench.get_method(method), suite,
-                        loads[0].name, overrides or {})
+                        loads[0].name, overrides or {}, protocol="paper")
     return {"loads": loads, "batch": batches[0], "eval_batch": eval_batches[0], "kwargs": kwargs,
             "classes": round(sum(t.classes for t in loads) / len(loads)),
             "size": int(kwargs.get("img_size", the_suite.image_size)), "grad_clip": float(cfg["grad_clip"])}

@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from petlbench.errors import PetlbenchError
+from petlbench.protocols import TEST_SELECTED
 from petlbench.report.formats import ORDERS
 from petlbench.report.loading import record_problem, record_source, warn
 from petlbench.report.notes import _efficiency_notes, _notes, _published_notes
@@ -32,7 +33,6 @@ from petlbench.report.rows import _assign_rows, _frame, _run_view, backbone_of
 from petlbench.report.select import _parse_names, filter_where, resolve_suite
 from petlbench.report.stats import _add_means, _efficiency, _order_rows, _rank, _series_mean
 from petlbench.report.table import (
-    LEGACY,
     METHOD_ORDER,
     PAPER_ARCH,
     Column,
@@ -198,7 +198,7 @@ def _reproduced_rows(meta: Mapping[str, Any], ok: pd.DataFrame, failed: pd.DataF
     rows: list[Row] = []
     for key, m in meta.items():
         row = Row(key=m.label, label=m.label, method=m.method, kind="reproduced", protocol=m.protocol,
-                  legacy=m.protocol == LEGACY, display=m.display, block=block_text.get(m.backbone, ""))
+                  legacy=m.protocol in TEST_SELECTED, display=m.display, block=block_text.get(m.backbone, ""))
         for task in suite.task_names:
             st = Stat(failed=int(fails.get((key, task), 0)))
             if (key, task) in stats.index:

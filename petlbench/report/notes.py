@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from petlbench.protocols import TEST_SELECTED
 from petlbench.report.rows import backbone_of
 from petlbench.report.table import (
     DAGGER,
@@ -56,13 +57,14 @@ def _notes(report: Report, suite: Any, recs: list[dict[str, Any]], row_label: Ma
         protocols[p].append(row_label[id(r)])
         if r.get("protocol_description"):
             descriptions.setdefault(p, str(r["protocol_description"]))
-    for p in sorted(protocols, key=lambda x: (x == LEGACY, x)):
+    for p in sorted(protocols, key=lambda x: (x in TEST_SELECTED, x)):
         desc = descriptions.get(p, "")
         rows_txt = f" (rows: {_rows_text(protocols[p])})" if len(protocols) > 1 else ""
-        if p == LEGACY:
+        if p in TEST_SELECTED:
+            origin = "the official ARC/RepAdapter scripts" if p == LEGACY else "each method's official script"
             notes.append(Note(
                 f"Protocol {p}: {desc or 'best test accuracy over epochs'}{rows_txt}. The epoch is selected on the "
-                "TEST set, as in the official ARC/RepAdapter scripts; these rows are not ranked against the others.",
+                f"TEST set, as in {origin}; these rows are not ranked against the others.",
                 DAGGER))
         else:
             notes.append(Note(f"Protocol {p}: {desc or 'see the run records'}{rows_txt}."))

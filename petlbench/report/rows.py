@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from petlbench.protocols import TEST_SELECTED
 from petlbench.report.loading import record_source
 from petlbench.report.table import (
     DAGGER,
@@ -86,7 +87,8 @@ def _config_view(record: Mapping[str, Any]) -> dict[str, str]:
         view.update({f"hp:{k}": _canon(v) for k, v in hparams.items()})
     train = _dig(record, "config", "train")
     if isinstance(train, Mapping):
-        skip = set(EXECUTION_KEYS) | (set(TUNED_KEYS) if record.get("protocol") == "tune" else set())
+        tuned = record.get("protocol") == "tune" or _dig(record, "metrics", "selection") == "tune"  # paper: a grid
+        skip = set(EXECUTION_KEYS) | (set(TUNED_KEYS) if tuned else set())
         view.update({f"train:{k}": _canon(v) for k, v in train.items() if k not in skip})
     resolved = _dig(record, "efficiency", "precision")
     if isinstance(resolved, Mapping) and "autocast" in resolved:
@@ -204,11 +206,11 @@ def _assign_rows(records: list[dict[str, Any]], names: str = "display"
     codes: dict[tuple, set[str]] = defaultdict(set)
     blocks = {k[2] for k in known}
     for method, protocol, bkey, code, _v in known:
-        if protocol != LEGACY:
+        if protocol not in TEST_SELECTED:
             protocols[method].add(protocol)
         codes[(method, bkey)].add(code)
     arch_of = _block_names(records)
-    ordered = sorted(known, key=lambda k: (_method_sort_key(k[0]), k[1] == LEGACY, k[1], k[2], k[3], repr(k[4])))
+    ordered = sorted(known, key=lambda k: (_method_sort_key(k[0]), k[1] in TEST_SELECTED, k[1], k[2], k[3], repr(k[4])))
     meta: dict[str, _RowKey] = {}
     rid_of: dict[tuple, str] = {}
     for i, key in enumerate(ordered):
@@ -219,10 +221,10 @@ def _assign_rows(records: list[dict[str, Any]], names: str = "display"
         if len(blocks) > 1:
             parts.append(arch_of.get(bkey, "?"))
         label = displays[method] + (" (" + ", ".join(parts) + ")" if parts else "")
-        if protocol != LEGACY and len(protocols[method]) > 1:
+        if protocol not in TEST_SELECTED and len(protocols[method]) > 1:
             label += f" [{protocol}]"
-        if protocol == LEGACY:
-            label += DAGGER
+        if protocol in TEST_SELECTED:
+            label += DAGGER if protocol == LEGACY else f" [{protocol}]{DAGGER}"
         rid_of[key] = f"r{i:04d}"
         meta[rid_of[key]] = _RowKey(method, protocol, bkey, code, var, label, displays[method])
     seen: dict[str, int] = defaultdict(int)
