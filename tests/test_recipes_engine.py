@@ -563,7 +563,8 @@ def test_fewer_seeds_than_published_runs_is_said(recipe_method, tmp_path) -> Non
 
 
 def test_report_rows_never_mix_protocols_and_label_test_selection() -> None:
-    from petlbench.report.aggregate import DAGGER, build_report
+    from petlbench.report.aggregate import build_report
+    from petlbench.report.table import DAGGER
     from tests.report.factory import make_record
 
     recs = [make_record("arc", "cifar", 0, 70.0, protocol=p) for p in ("vtab1k", "paper", "paper-best-test",
