@@ -20,7 +20,7 @@ from petlbench.config import load_config_file, resolve_train, split_overrides
 from petlbench.errors import PetlbenchError
 from petlbench.records import is_done
 from petlbench.registry import get_method, method_code
-from petlbench.runner import check_protocol, default_protocol
+from petlbench.runner import check_input, check_protocol, default_protocol
 from petlbench.runspec import RunSpec
 
 DEFAULT_BACKBONE = "vit_base_patch16_224"
@@ -186,8 +186,8 @@ def plan(
         root = D.resolve_data_root(the_suite, data_root)
     roles = {"train", "test"} | ({"tune_train", "tune_val"} if protocol == "tune" else set()) \
         | ({"tune_val"} if protocol == "fgvc" else set())
-    report = D.check_suite(the_suite, root, [t.name for t in selected],
-                           splits=sorted({the_suite.split_for(r) for r in roles}), decode=False)
+    checked = {the_suite.split_for(r) for r in roles}
+    report = D.check_suite(the_suite, root, [t.name for t in selected], splits=sorted(checked), decode=False)
     report.raise_for_errors()
 
     specs = []
@@ -198,6 +198,11 @@ def plan(
             hparams = cls.resolve({**file_cfg["methods"].get(cls.name, {}), **per_method[cls.name]},
                                   suite=the_suite.name, task=task.name)
             train = resolve_train(suite_defaults, cls, the_suite.name, task.name, train_user)
+            check_input(the_suite, protocol, train)
+            val = the_suite.split_for("tune_val")
+            if train["train_split"] == "train+val" and val not in checked:  # val is trained on: check it too
+                checked.add(val)
+                D.check_suite(the_suite, root, [t.name for t in selected], splits=[val], decode=False).raise_for_errors()
             for seed in seeds:
                 specs.append(RunSpec(
                     suite=the_suite.name, task=task.name, method=cls.name, seed=int(seed), protocol=protocol,
