@@ -493,16 +493,21 @@ class DeviceLoader:
                      y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop + flip of whole images, one gather: output pixel (i, j) of a sample is slot pixel
         (a + i, b + j') (j' = j, or S-1-j when flipped), or (a + j', b + i) for an image stored
-        transposed."""
+        transposed, i.e. pixel ``base + i * step_i + j' * step_j`` of the flat store, with the two
+        steps (row length, 1) swapped for transposed images."""
         assert self.crop is not None
         s, dev = self.crop, source.device
-        a, b, flip, tr = p[_A][:, None], p[_B][:, None], p[_FLIP][:, None].bool(), p[_T][:, None, None].bool()
+        width = int(source.shape[2])
+        slot = rows if rows is not None else torch.arange(int(p.shape[1]), device=dev)
+        tr = p[_T].bool()
+        base = (slot * int(source.shape[1]) + p[_A]) * width + p[_B]
+        step_i = torch.where(tr, 1, width)[:, None]
+        step_j = torch.where(tr, width, 1)[:, None]
         ar = torch.arange(s, device=dev)[None, :]
-        xs = torch.where(flip, s - 1 - ar, ar)  # B x S: the image column each output column reads
-        along_rows = torch.where(tr, (a + xs)[:, None, :], (a + ar)[:, :, None])  # B x S x S
-        along_cols = torch.where(tr, (b + ar)[:, :, None], (b + xs)[:, None, :])
-        slot = (rows if rows is not None else torch.arange(int(p.shape[1]), device=dev))[:, None, None]
-        return self._to_input(source[slot, along_rows, along_cols]), y
+        xs = torch.where(p[_FLIP][:, None].bool(), s - 1 - ar, ar)  # B x S: the image column each output column reads
+        index = (base[:, None] + ar * step_i)[:, :, None] + (xs * step_j)[:, None, :]  # B x S x S
+        x = source.reshape(-1, 3).index_select(0, index.view(-1)).view(-1, s, s, 3)
+        return self._to_input(x), y
 
     def _finish_resized(self, source: torch.Tensor, rows: torch.Tensor | None, p: torch.Tensor,
                         y: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -513,10 +518,11 @@ class DeviceLoader:
         s = self.crop
         slots = source[rows] if rows is not None else source
         bicubic = p[_R_BIC].bool()
-        along_rows = box_weights(p[_R_A0], p[_R_A1], p[_R_ALIM], s, bicubic, self.layout.slot_height)
-        along_cols = box_weights(p[_R_B0], p[_R_B1], p[_R_BLIM], s, bicubic, self.layout.slot_width)
+        height, width = self.layout.slot_height, self.layout.slot_width
+        along_rows = box_weights(p[_R_A0], p[_R_A1], p[_R_ALIM], s, bicubic, height)
+        along_cols = box_weights(p[_R_B0], p[_R_B1], p[_R_BLIM], s, bicubic, width, extent=self.layout.overlap)
         order = p[_R_ORDER].long()
-        out = torch.empty((int(p.shape[1]), s, s, 3), dtype=torch.float64, device=source.device)
+        out = torch.empty((int(p.shape[1]), s, s, 3), dtype=torch.float32, device=source.device)
         for transposed, sel in ((False, order[:first]), (True, order[first:])):
             if int(sel.shape[0]):
                 out[sel] = resample(slots[sel], along_rows[sel], along_cols[sel], transposed)

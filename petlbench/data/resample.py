@@ -11,7 +11,8 @@ torchvision to each PIL image in DataLoader workers. Here a whole batch is done 
   coefficients along one axis (``precompute_coeffs`` + ``normalize_coeffs_8bpc``: support scaled
   by the downscaling factor, clipped to the crop, normalised in double precision, rounded to 22
   fractional bits), and :func:`resample` applies them as PIL does: the horizontal pass first,
-  each pass accumulated exactly (float64 holds every integer sum) and rounded, clipped to 0..255.
+  each pass accumulated exactly (three float32 products of 8-bit digits, :func:`_chunks`) and
+  rounded, clipped to 0..255.
   With the original pixels cached, a box is therefore resampled bit-equal to torchvision's
   ``resized_crop`` (crop, then PIL ``resize``) for either filter; tests/data/test_data_recipes.py
   checks it against PIL.
@@ -24,6 +25,7 @@ resampling the original (docs/data-recipes.md).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -91,22 +93,29 @@ def _bicubic(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
 
 
-def max_taps(length: int, out: int) -> int:
-    """A bound on PIL's taps per output pixel when any box inside ``length`` pixels is resampled
+def max_taps(extent: int, out: int) -> int:
+    """A bound on PIL's taps per output pixel when a box of at most ``extent`` pixels is resampled
     to ``out`` (support 2 x max(scale, 1) each side, + 2 for the rounding at both ends)."""
-    return math.ceil(4 * max(length / out, 1.0)) + 2
+    return math.ceil(4 * max(extent / out, 1.0)) + 2
+
+
+#: Above this many taps a float32 sum of 8-bit pixel x 8-bit digit products could exceed 2^24.
+EXACT_TAPS = (1 << 24) // (255 * 255)
 
 
 def box_weights(
     start: torch.Tensor, stop: torch.Tensor, limit: torch.Tensor, out: int, bicubic: torch.Tensor, length: int,
+    extent: int | None = None,
 ) -> torch.Tensor:
     """PIL's 8-bit coefficients for resampling ``[start, stop)`` of an axis to ``out`` pixels, per
     sample, as a dense (B, out, length) float64 matrix of integers (22 fractional bits).
 
     ``start``/``stop`` (B,) are the box in stored pixel coordinates (integers when the original is
     stored: then this is exactly PIL resizing the cropped image); ``limit`` (B,) the stored extent
-    of that axis; ``bicubic`` (B,) bool, else bilinear. The crop's frame starts at ``floor(start)``,
-    so the filter never reaches outside the box, as with torchvision's crop-then-resize.
+    of that axis; ``bicubic`` (B,) bool, else bilinear; ``length`` the matrix width and ``extent``
+    a bound on the boxes' length (default ``length``), which bounds the taps computed. The crop's
+    frame starts at ``floor(start)``, so the filter never reaches outside the box, as with
+    torchvision's crop-then-resize.
     """
     dev = start.device
     start, stop = start.to(torch.float64), stop.to(torch.float64)
@@ -120,7 +129,10 @@ def box_weights(
     center = (torch.arange(out, device=dev, dtype=torch.float64)[None, :] + 0.5) * scale + frac
     xmin = torch.clamp(torch.floor(center - support + 0.5), min=0.0)
     count = torch.minimum(torch.floor(center + support + 0.5), in_size) - xmin
-    taps = max_taps(length, out)
+    taps = max_taps(min(length, extent or length) + 2, out)
+    if taps > EXACT_TAPS:
+        raise ValueError(f"boxes up to {extent or length} pixels resampled to {out} need {taps} taps; "
+                         f"exact sums allow {EXACT_TAPS}")
     t = torch.arange(taps, device=dev, dtype=torch.float64)
     d = ((xmin[..., None] + t) - center[..., None] + 0.5) * ss[..., None]  # PIL: (x + xmin - center + 0.5) * ss
     k = torch.where(bicubic[:, None, None], _bicubic(d), _bilinear(d))
@@ -142,19 +154,50 @@ def _round8(acc: torch.Tensor) -> torch.Tensor:
     return torch.floor((acc + _HALF) * (1.0 / _ONE)).clamp_(0.0, 255.0)
 
 
-def resample(source: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, transposed: bool) -> torch.Tensor:
+def _chunks(weights: torch.Tensor) -> list[torch.Tensor]:
+    """Integer coefficients split into 8-bit digits, ``w = d0 + 256 d1 + 65536 d2`` (d0, d1 in
+    0..255, d2 signed and small), each float32: a matrix product of 8-bit pixels with 8-bit digits
+    sums integers below 2^24 (taps x 255 x 255), exact in float32 accumulation and unchanged by
+    TF32's 10-bit inputs, so three float32 products give PIL's integer sums on any GPU."""
+    low = torch.remainder(weights, 256.0)
+    rest = (weights - low) / 256.0
+    mid = torch.remainder(rest, 256.0)
+    return [low.float(), mid.float(), ((rest - mid) / 256.0).float()]
+
+
+def _apply(x: torch.Tensor, weights: torch.Tensor, left: bool, digits: bool) -> torch.Tensor:
+    """``weights @ x`` (``left``) or ``x @ weights^T`` with exact integer sums, then PIL's rounding:
+    in float64 (one product; CPUs), or in float32 8-bit digits (``digits``: three products that
+    use the GPU's float32/TF32 units instead of its far slower float64 ones). Equal results."""
+    def product(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(w[:, None], v) if left else torch.matmul(v, w.transpose(1, 2)[:, None])
+
+    if not digits:
+        return _round8(product(weights, x.to(torch.float64))).float()
+    total: torch.Tensor | None = None
+    for scale, digit in zip((1.0, 256.0, 65536.0), _chunks(weights), strict=True):
+        part = product(digit, x).to(torch.float64) * scale
+        total = part if total is None else total + part
+    assert total is not None
+    return _round8(total).float()
+
+
+def resample(source: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, transposed: bool,
+             digits: bool | None = None) -> torch.Tensor:
     """Resample each ``H x L x 3`` uint8 slot of ``source`` (B, H, L, 3) with ``rows`` (B, S, H)
-    along its rows and ``cols`` (B, S, L) along its columns: (B, S, S, 3) float64 of 0..255 in the
+    along its rows and ``cols`` (B, S, L) along its columns: (B, S, S, 3) float32 of 0..255 in the
     image's own orientation.
 
     ``transposed``: the slots hold portrait images transposed (their x along the slot's rows).
     Either way the image's horizontal pass comes first, as in PIL, each pass rounded to 8 bits.
+    ``digits``: the float32 digit products of :func:`_chunks` (default: on CUDA).
     """
-    x = source.permute(0, 3, 1, 2).to(torch.float64)  # B, 3, H, L
-    if not transposed:  # image x along the slot's columns
-        x = _round8(torch.matmul(x, cols.transpose(1, 2)[:, None]))  # B, 3, H, S
-        x = _round8(torch.matmul(rows[:, None], x))  # B, 3, S(y), S(x)
-    else:  # image x along the slot's rows
-        x = _round8(torch.matmul(rows[:, None], x))  # B, 3, S(x), L
-        x = _round8(torch.matmul(x, cols.transpose(1, 2)[:, None])).transpose(2, 3)  # B, 3, S(y), S(x)
+    digits = source.device.type == "cuda" if digits is None else digits
+    x = source.permute(0, 3, 1, 2).float()  # B, 3, H, L
+    manual = x.device.type in ("cuda", "cpu")  # autocast off (it has no meaning on e.g. meta)
+    with torch.autocast(x.device.type, enabled=False) if manual else contextlib.nullcontext():
+        if not transposed:  # image x along the slot's columns
+            x = _apply(_apply(x, cols, False, digits), rows, True, digits)  # B, 3, S(y), S(x)
+        else:  # image x along the slot's rows
+            x = _apply(_apply(x, rows, True, digits), cols, False, digits).transpose(2, 3)
     return x.permute(0, 2, 3, 1)

@@ -171,3 +171,15 @@ def plan_layout(stored: np.ndarray, original: np.ndarray, overlap: int, min_widt
     first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if n else np.zeros(0, np.int64)
     table = np.stack([first, counts, transposed, stored[:, 0], stored[:, 1], original[:, 0], original[:, 1]], axis=1)
     return SlotLayout(table.astype(np.int64).reshape(n, len(COLUMNS)), height, width, overlap)
+
+
+def pack_images(stored: list[np.ndarray], original: np.ndarray, overlap: int) -> tuple[np.ndarray, SlotLayout]:
+    """Images already prepared as stored (``height x width x 3`` uint8 each) in the slot layout,
+    in memory: the pixel array and its layout (the cache does the same in chunks, on disk)."""
+    shapes = np.asarray([img.shape[:2] for img in stored], dtype=np.int64).reshape(-1, 2)
+    layout = plan_layout(shapes, original, overlap)
+    out = np.zeros(layout.shape, dtype=np.uint8)
+    for i, img in enumerate(stored):
+        first, count = int(layout.table[i, FIRST]), int(layout.table[i, COUNT])
+        layout.put(out[first:first + count], i, img)
+    return out, layout

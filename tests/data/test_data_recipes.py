@@ -257,6 +257,25 @@ def test_rrc_is_bit_equal_to_resized_crop_of_the_original(tmp_path: Path, photo:
     assert seen_bicubic == ({False, True} if interpolation == "random" else {interpolation == "bicubic"})
 
 
+def test_gpu_digit_products_equal_the_float64_sums() -> None:
+    """The CUDA path sums 8-bit pixel x 8-bit digit products in float32 (exact below 2^24, and
+    TF32 keeps 8-bit values exact); it must give the float64 result, negative bicubic lobes too."""
+    from petlbench.data.resample import box_weights, resample
+
+    gen = torch.Generator().manual_seed(5)
+    src = torch.randint(0, 256, (6, 40, 90, 3), generator=gen, dtype=torch.uint8)
+    start = torch.tensor([0.0, 3.0, 10.5, 1.25, 0.0, 7.0])
+    stop = start + torch.tensor([40.0, 9.0, 20.0, 30.0, 13.0, 33.0])
+    bicubic = torch.tensor([True, True, False, True, False, True])
+    rows = box_weights(start / 2, stop / 2 + 10, torch.full((6,), 40), 24, bicubic, 40)
+    cols = box_weights(start, stop, torch.full((6,), 90), 24, bicubic, 90)
+    assert (rows < 0).any()  # negative coefficients are exercised
+    for transposed in (False, True):
+        r, c = (rows, cols) if not transposed else (box_weights(start, stop, torch.full((6,), 40), 24, bicubic, 40),
+                                                    box_weights(start, stop, torch.full((6,), 90), 24, bicubic, 90))
+        assert torch.equal(resample(src, r, c, transposed, digits=True), resample(src, r, c, transposed, digits=False))
+
+
 def test_rrc_from_a_shrunk_source_stays_close_to_the_original(tmp_path: Path, photo: np.ndarray) -> None:
     """An original larger than the cap (shorter side 150 > 64) is stored shrunk; its boxes differ
     from resampling the original by a few levels on average (the documented approximation)."""
@@ -403,3 +422,69 @@ def test_streamed_whole_images_equal_resident_ones(tmp_path: Path, photo: np.nda
     assert len(got) == len(expected) == 3
     for (x, y), (xe, ye) in zip(got, expected, strict=True):
         assert torch.equal(x, xe) and torch.equal(y, ye)
+
+
+# ----------------------------------------------------------------------------- end to end: a recipe reaches the run
+
+TINY_FGVC = """
+name: fgvc_tiny
+title: FGVC (tiny)
+layout: fgvc_json
+image_size: 32
+transform: fgvc_crop
+splits: [train, val, test]
+groups:
+  FGVC:
+    - name: CUB_200_2011
+      classes: 3
+      image_roots: [images]
+"""
+
+
+def test_recipe_settings_reach_the_loaders_and_the_record(tmp_path: Path, fgvc_root: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """normalization, train_crop, interpolation, eval_resize and train_split from the settings are
+    what the run's loaders apply and what its record says; selection on val is refused at plan time."""
+    from petlbench.runner import _Data, execute_spec
+    from petlbench.sweep import plan
+    from tests.conftest import TINY_VIT
+
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "fgvc_tiny.yaml").write_text(TINY_FGVC)
+    monkeypatch.setenv("PETLBENCH_SUITE_PATH", str(tmp_path / "suites"))
+    sets = {"epochs": 1, "warmup_epochs": 0, "batch_size": 4, "eval_batch_size": 4, "normalization": "imagenet",
+            "train_crop": "random_resized", "interpolation": "random", "eval_resize": 36, "train_split": "train+val"}
+    common = dict(backbone=TINY_VIT[0], backbone_kwargs=TINY_VIT[1], pretrained="none", data_root=str(fgvc_root),
+                  output=str(tmp_path / "res"), sets=sets)
+    with pytest.raises(PetlbenchError, match="selects on val"):
+        plan("fgvc_tiny", ["linear"], seeds=[0], protocol="fgvc", **common)
+    spec = plan("fgvc_tiny", ["linear"], seeds=[0], protocol="vtab1k", **common).specs[0]
+
+    data = _Data(spec)
+    loader = data.loader("train", True, spec.train, "imagenet", 0, torch.device("cpu"))
+    assert loader.random_resized == "random" and loader.num_samples == 6 + 2  # train + val
+    test = data.loader("test", False, spec.train, "imagenet", 0, torch.device("cpu"))
+    assert test.crop is None and tuple(test.images.shape[1:]) == (32, 32, 3)  # stored as Resize(36) + centre 32
+
+    record = execute_spec(spec)
+    assert record["status"] == "ok", record.get("error")
+    config = record["config"]
+    assert config["normalization"]["name"] == "imagenet" and config["train"]["normalization"] == "imagenet"
+    assert config["splits"]["train"] == "train+val" and config["splits"]["sizes"] == {"train": 6, "val": 2, "test": 3}
+    described = config["input"]["transform"]
+    assert (described["train_crop"], described["interpolation"], described["eval_size"]) == ("random_resized", "random", 36)
+    assert set(config["input"]["stored"]) == {"train+val (train)", "test (eval)"}
+    assert set(record["provenance"]["data_fingerprint"]) == {"train", "val", "test"}
+
+
+def test_recipe_keys_are_training_settings() -> None:
+    import petlbench
+    from petlbench.config import TRAIN_HPARAMS, resolve_train
+
+    defaults = {k: TRAIN_HPARAMS[k].default for k in ("train_crop", "eval_resize", "interpolation", "train_split")}
+    assert defaults == {"train_crop": "protocol", "eval_resize": 0, "interpolation": "protocol", "train_split": "protocol"}
+    linear = petlbench.get_method("linear")
+    got = resolve_train({}, linear, "fgvc", "cub", {"train_crop": "random_resized", "eval_resize": "248"})
+    assert (got["train_crop"], got["eval_resize"]) == ("random_resized", 248)
+    with pytest.raises(PetlbenchError, match="train_crop' must be one of"):
+        resolve_train({}, linear, "fgvc", "cub", {"train_crop": "rrc"})
