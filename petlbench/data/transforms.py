@@ -49,7 +49,7 @@ from petlbench.errors import PetlbenchError, did_you_mean
 _FGVC_RESIZE = 256 / 224
 #: A random-resized-crop source keeps its original pixels up to a shorter side of this many times
 #: the model's input (448 at 224); larger originals are shrunk to it. Measured on photographs,
-#: boxes resampled from a 448 source differ from boxes resampled from the original by 0.4 of 255
+#: boxes resampled from a 448 source differ from boxes resampled from the original by 0.45 of 255
 #: levels per pixel on average (docs/data-recipes.md); the cost is about 0.8 MB per 4:3 image.
 RRC_SOURCE_FACTOR = 2
 #: torchvision's (and timm's) RandomResizedCrop defaults, which every official script keeps.
