@@ -55,7 +55,6 @@ RRC_SOURCE_FACTOR = 2
 #: torchvision's (and timm's) RandomResizedCrop defaults, which every official script keeps.
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-INTERPOLATIONS = ("bilinear", "bicubic")
 #: Values of the recipe settings (petlbench.config.TRAIN_HPARAMS uses them as its choices).
 TRAIN_CROPS = ("protocol", "random_resized")
 INTERPOLATION_SETTINGS = ("protocol", "bilinear", "bicubic", "random")
@@ -174,7 +173,7 @@ class Storage:
 
     def describe(self) -> dict[str, Any]:
         """The layout, in words and numbers, for records and docs."""
-        out: dict[str, Any] = {"layout": self.kind, **asdict(self)}
+        out: dict[str, Any] = asdict(self)
         if self.kind == "square":
             out["bytes_per_image"] = self.size * self.size * 3
             out["note"] = f"{self.size}x{self.size} ({self.interpolation}), aspect ratio not kept"
@@ -185,8 +184,9 @@ class Storage:
         else:
             how = (f"shorter side {self.size}" if self.enlarge
                    else f"original pixels, shrunk to a shorter side of {self.size} only when larger")
-            out["bytes_per_image"] = f"about shorter x longer side x 3 ({self.size}x{math.ceil(self.size * 4 / 3)}x3 " \
-                                     f"= {self.size * math.ceil(self.size * 4 / 3) * 3} for a 4:3 photo)"
+            longer = int(self.size * 4 / 3)
+            out["bytes_per_image"] = (f"about shorter x longer side x 3 ({self.size}x{longer}x3 = "
+                                      f"{self.size * longer * 3} for a 4:3 photo)")
             out["note"] = (f"every image whole ({how}, {self.interpolation}), portrait ones transposed, in "
                            f"fixed-size slots; an image longer than a slot spans overlapping slots "
                            f"(overlap {self.overlap}), so every crop lies in one slot")
