@@ -41,9 +41,9 @@ TRAIN_HPARAMS: dict[str, HParam] = {
     "tune_lr": HParam("1e-3,1e-2", "learning rates tried by the `tune` protocol (comma-separated)"),
     "tune_weight_decay": HParam("1e-4,1e-3", "weight decays tried by the `tune` protocol (comma-separated)"),
     # Input pipeline (petlbench/data/transforms.py; docs/data-recipes.md).
-    "train_crop": HParam("protocol", "training crop: protocol (the suite's transform) or random_resized "
-                         "(torchvision RandomResizedCrop(S), scale (0.08, 1), ratio (3/4, 4/3), + horizontal flip)",
-                         choices=TRAIN_CROPS),
+    "train_crop": HParam("protocol", "training crop: protocol (the suite's transform), random_resized "
+                         "(torchvision RandomResizedCrop(S), scale (0.08, 1), ratio (3/4, 4/3), + horizontal flip) "
+                         "or center (the evaluation input, no augmentation)", choices=TRAIN_CROPS),
     "eval_resize": HParam(0, "evaluation: resize the shorter side to this, then centre-crop S (0 = the protocol's)",
                           low=0),
     "interpolation": HParam("protocol", "resampling filter of the resizes: protocol (the suite's), bilinear, bicubic, "

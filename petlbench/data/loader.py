@@ -184,6 +184,7 @@ class DeviceLoader:
                 layout=cached.layout, random_resized=spec.interpolation if rrc else None, **kwargs,
             )
         mode = spec.crop_mode(train) if needed.kind == "square" else "none"  # a centre crop is stored cropped
+        mode = "none" if mode == "center" and needed.kind == "square" else mode  # a square store is the input
         return cls(
             cached.images, cached.labels, batch_size=batch_size, normalization=normalization,
             crop=spec.image_size if mode != "none" else None, random_crop=mode == "random",

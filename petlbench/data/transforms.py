@@ -22,6 +22,9 @@ The published protocols (methods.md §3.4), and the recipe settings that change 
   Dogs), else shrunk to that (bicubic, antialiased); the device resamples every box to ``S x S``
   with PIL's own filter arithmetic (:mod:`petlbench.data.resample`), bit-equal to torchvision's
   ``resized_crop`` on PIL where the original is kept.
+* ``train_crop: center``: training sees exactly the evaluation input, no augmentation: the
+  ``--no-aug --direct-resize`` of the SSF and GPS VTAB scripts, ``Resize(224)`` (shorter side)
+  + ``CenterCrop(224)`` for both (with ``eval_resize: 224``), one stored split for both roles.
 * ``eval_resize: R'`` / ``interpolation``: evaluation ``Resize(R')`` + ``CenterCrop(S)`` with
   the given filter (SSF and GPS: 248 bicubic; Adapter+: 256 bicubic). ``interpolation: random``
   is timm's ``--train-interpolation random`` (each training crop bilinear or bicubic, p=0.5)
@@ -56,7 +59,7 @@ RRC_SOURCE_FACTOR = 2
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 #: Values of the recipe settings (petlbench.config.TRAIN_HPARAMS uses them as its choices).
-TRAIN_CROPS = ("protocol", "random_resized")
+TRAIN_CROPS = ("protocol", "random_resized", "center")
 INTERPOLATION_SETTINGS = ("protocol", "bilinear", "bicubic", "random")
 TRAIN_SPLITS = ("protocol", "train+val")
 
@@ -218,7 +221,7 @@ class TransformSpec:
     stored_size: int  # training resize: the square side, the shorter side R, or the RRC source cap
     interpolation: str  # training resampling: "bilinear" | "bicubic" | "random" (RRC only)
     resize: str  # training resize: "square" | "short_side"
-    train_crop: str  # "none" | "random" | "random_resized"
+    train_crop: str  # "none" | "random" | "random_resized" | "center" (the evaluation input)
     train_flip: bool
     eval_crop: str  # "none" | "center"
     eval_resize: str = "square"  # "square" | "short_side"
@@ -252,6 +255,8 @@ class TransformSpec:
     def storage(self, train: bool) -> Storage:
         """What the cache holds for a split used for training (``train``) or evaluation."""
         if train:
+            if self.train_crop == "center":
+                return self.storage(False)
             if self.train_crop == "none":
                 return Storage("square", self.image_size, self.interpolation)
             if self.train_crop == "random":
@@ -304,6 +309,8 @@ def transform_spec(
     if interpolation != "protocol":
         changes["interpolation"] = interpolation
         changes["eval_interpolation"] = "bicubic" if interpolation == "random" else interpolation
+    if train_crop == "center":
+        changes.update(train_crop="center", train_flip=False)
     if train_crop == "random_resized":
         changes.update(train_crop="random_resized", train_flip=True, resize="short_side",
                        stored_size=RRC_SOURCE_FACTOR * s)
@@ -387,7 +394,7 @@ def reference_transform(spec: TransformSpec, train: bool, normalization: Normali
     modes = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
     steps: list[Any] = [T.Lambda(lambda im: im.convert("RGB"))]
     s = spec.image_size
-    if train:
+    if train and spec.train_crop != "center":
         if spec.train_crop == "none":
             steps.append(T.Resize((s, s), interpolation=modes[spec.interpolation]))
         elif spec.train_crop == "random":

@@ -164,6 +164,28 @@ def test_eval_is_bit_equal_and_the_input_tensor_is_torchvision_normalize(tmp_pat
         torch.testing.assert_close(x[i], normalize(F.to_tensor(ref)), atol=2e-6, rtol=0)
 
 
+def test_center_train_crop_is_the_ssf_vtab_direct_resize(vtab_root: Path, tmp_path: Path) -> None:
+    """SSF's and GPS's VTAB scripts (``--no-aug --direct-resize``): ``Resize(S)`` (shorter side,
+    bicubic) + ``CenterCrop(S)`` for training and evaluation alike, not the square resize; one
+    stored split serves both roles."""
+    index = read_split("vtab", "cifar", "train800val200", vtab_root)  # crops of varied, non-square sizes
+    spec = transform_spec("vtab_resize", 32, train_crop="center", eval_resize=32)
+    train = load_images(index, spec, train=True, cache_dir=tmp_path)
+    evaluation = load_images(index, spec, train=False, cache_dir=tmp_path)
+    assert evaluation.hit and evaluation.key == train.key
+    x_train, _ = next(iter(DeviceLoader.for_split(train, train=True, batch_size=9, normalization="none", shuffle=False)))
+    x_eval, _ = next(iter(DeviceLoader.for_split(evaluation, train=False, batch_size=9, normalization="none")))
+    assert torch.equal(x_train, x_eval)
+    differs_from_square = 0
+    for i, path in enumerate(index.paths):
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+        ref = F.center_crop(classic_resize(img, torchvision_size(img, 32), "bicubic"), [32, 32])
+        assert np.array_equal(pixels(x_train)[i], np.asarray(ref)), i
+        differs_from_square += not np.array_equal(np.asarray(ref), np.asarray(img.resize((32, 32), FILTERS["bicubic"])))
+    assert differs_from_square >= 5  # non-square images: not the protocol's square resize
+
+
 def test_recipe_settings_are_checked_in_one_line() -> None:
     with pytest.raises(PetlbenchError, match="eval_resize"):
         transform_spec("fgvc_crop", 224, eval_resize=200)  # smaller than the input
