@@ -3,7 +3,8 @@
 Measures, at the same batch size and on the same device:
 
 1. the device loader alone: uint8 cache -> batch on device, random crop + flip + normalise
-   (the FGVC train recipe, the most work any protocol does), images/s;
+   (the FGVC train recipe: whole images, each crop drawn in its own image's range) or, with
+   ``--train-crop random_resized``, random resized crops resampled on the device, images/s;
 2. a training step of a timm model (forward + backward + SGD step) on ready batches, images/s;
 3. both together, end to end;
 4. optionally (``--baseline``) the conventional path: JPEG files decoded by PIL and transformed
@@ -14,6 +15,7 @@ scikit-image's photographs, so nothing is downloaded. This is a benchmark, not a
 
     python benchmarks/bench_input_pipeline.py --quick                 # seconds, on CPU
     python benchmarks/bench_input_pipeline.py --device cuda --model vit_base_patch16_224 --batch-size 64
+    python benchmarks/bench_input_pipeline.py --pipeline-only --train-crop random_resized
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from PIL import Image
 
 from petlbench.data.loader import DeviceLoader
+from petlbench.data.slots import pack_images
 from petlbench.data.transforms import NORMALIZATIONS, prepare_image, reference_transform, transform_spec
 
 
@@ -176,6 +179,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--protocol", default="fgvc_crop", choices=["fgvc_crop", "vtab_resize"])
+    ap.add_argument("--train-crop", default="protocol", choices=["protocol", "random_resized"])
+    ap.add_argument("--interpolation", default="protocol", choices=["protocol", "bilinear", "bicubic", "random"])
+    ap.add_argument("--pipeline-only", action="store_true", help="time the loader alone (no model)")
     ap.add_argument("--images", type=int, default=1024, help="images in the uint8 cache")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
@@ -192,18 +198,34 @@ def main() -> None:
     import timm
 
     device = torch.device(args.device)
-    spec = transform_spec(args.protocol, args.image_size)
+    spec = transform_spec(args.protocol, args.image_size, train_crop=args.train_crop, interpolation=args.interpolation)
+    storage = spec.storage(True)
     t0 = time.perf_counter()
     pil_images = real_crops(args.images)
-    cache = torch.from_numpy(np.stack([np.asarray(prepare_image(im, spec)) for im in pil_images]))
+    stored = [np.asarray(prepare_image(im, storage)) for im in pil_images]
     labels = torch.randint(0, 100, (args.images,), generator=torch.Generator().manual_seed(0))
-    decode_s = time.perf_counter() - t0
     mode = spec.crop_mode(True)
-    loader = DeviceLoader(
-        cache, labels, batch_size=args.batch_size, normalization="imagenet",
-        crop=spec.image_size if mode != "none" else None, random_crop=mode == "random", flip=spec.flip(True),
-        shuffle=True, drop_last=True, seed=0, device=device, channels_last=args.channels_last,
-    )
+    common = dict(batch_size=args.batch_size, normalization="imagenet", shuffle=True, drop_last=True, seed=0,
+                  device=device, channels_last=args.channels_last)
+    if storage.kind == "short_side":  # whole images in slots, as the cache stores a training split
+        original = np.asarray([(im.height, im.width) for im in pil_images], dtype=np.int64)
+        packed, layout = pack_images(stored, original, storage.overlap)
+        cache = torch.from_numpy(packed)
+        rrc = spec.interpolation if mode == "random_resized" else None
+        loader = DeviceLoader(cache, labels, crop=spec.image_size, random_crop=rrc is None, flip=spec.flip(True),
+                              layout=layout, random_resized=rrc, **common)
+    else:
+        cache = torch.from_numpy(np.stack(stored))
+        loader = DeviceLoader(cache, labels, crop=spec.image_size if mode != "none" else None,
+                              random_crop=mode == "random", flip=spec.flip(True), **common)
+    decode_s = time.perf_counter() - t0
+    if args.pipeline_only:
+        pipe = images_per_s(loader, args.steps, args.warmup, device)
+        print(f"device        : {device_name(device)}")
+        print(f"setup         : {args.images} images in a {tuple(cache.shape)} uint8 cache ({cache.numel() / 1e6:.1f} MB) "
+              f"in {decode_s:.1f}s; protocol {spec.name}, train crop {mode}, interpolation {spec.interpolation}")
+        print(f"pipeline      : {pipe:12.1f} images/s (batch {args.batch_size} at {args.image_size}px)")
+        return
     model = timm.create_model(args.model, num_classes=100, img_size=args.image_size).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from petlbench.data.transforms import INTERPOLATION_SETTINGS, TRAIN_CROPS, TRAIN_SPLITS
 from petlbench.errors import PetlbenchError, did_you_mean, read_user_text
 from petlbench.method import HParam, Method
 
@@ -78,6 +79,17 @@ TRAIN_HPARAMS: dict[str, HParam] = {
                         choices=("protocol", "final", "val", "tune", "best-test")),
     "tune_lr": HParam("1e-3,1e-2", "learning rates tried by the `tune` protocol (comma-separated)"),
     "tune_weight_decay": HParam("1e-4,1e-3", "weight decays tried by the `tune` protocol (comma-separated)"),
+    # Input pipeline (petlbench/data/transforms.py; docs/data-recipes.md).
+    "train_crop": HParam("protocol", "training crop: protocol (the suite's transform), random_resized "
+                         "(torchvision RandomResizedCrop(S), scale (0.08, 1), ratio (3/4, 4/3), + horizontal flip) "
+                         "or center (the evaluation input, no augmentation)", choices=TRAIN_CROPS),
+    "eval_resize": HParam(0, "evaluation: resize the shorter side to this, then centre-crop S (0 = the protocol's)",
+                          low=0),
+    "interpolation": HParam("protocol", "resampling filter of the resizes: protocol (the suite's), bilinear, bicubic, "
+                            "or random (timm's: each random resized crop bilinear or bicubic; evaluation bicubic)",
+                            choices=INTERPOLATION_SETTINGS),
+    "train_split": HParam("protocol", "training split: protocol, or train+val (FGVC: train and val together; "
+                          "then nothing may be selected on val)", choices=TRAIN_SPLITS),
     "limit_train": HParam(0, "use only the first N training images (0 = all; smoke tests only)", low=0),
     "limit_eval": HParam(0, "use only the first N evaluation images (0 = all; smoke tests only)", low=0),
 }

@@ -124,6 +124,28 @@ def _parallel_runs() -> int:
         return 1
 
 
+def selects_on_val(protocol: str, cfg: dict[str, Any], layout: str) -> bool:
+    """Whether a run picks what it reports by accuracy on the val split (``tune_val``) of the model
+    it trains (the ``tune`` grid trains on ``tune_train`` only, so it is not such a selection)."""
+    return selection_mode(protocol, cfg, layout) == "val"
+
+
+def check_input(suite: Any, protocol: str, cfg: dict[str, Any]) -> None:
+    """The input recipe of a run (``train_crop``, ``eval_resize``, ``interpolation``,
+    ``train_split``) is valid for its suite and protocol; one line at plan time otherwise."""
+    from petlbench import data as D
+
+    D.input_spec(suite, cfg)
+    if cfg.get("train_split", "protocol") == "train+val":
+        D.train_val_splits(suite)
+        if selects_on_val(protocol, cfg, suite.layout):
+            raise PetlbenchError(
+                f"training setting 'train_split': train+val trains on the val split, and protocol {protocol!r} "
+                "selects on val. Fix: select without val (--protocol vtab1k, final epoch; or a recipe's "
+                "selection: final) or drop train_split."
+            )
+
+
 class _Data:
     """The splits of one task, decoded once and shared by every model a run trains."""
 
@@ -133,28 +155,56 @@ class _Data:
         self.suite = D.get_suite(spec.suite)
         self.task = self.suite.resolve_task(spec.task)
         self.root = D.resolve_data_root(self.suite, spec.data_root)
-        self.tspec = D.transform_spec(self.suite.transform, self.suite.image_size)
-        self._cached: dict[str, Any] = {}
+        self.tspec = D.input_spec(self.suite, spec.train)
+        self.union = spec.train.get("train_split", "protocol") == "train+val"
+        self._cached: dict[tuple[tuple[str, ...], bool], Any] = {}
         self.fingerprints: dict[str, str] = {}
         self.sizes: dict[str, int] = {}
 
-    def split(self, role: str, limit: int) -> Any:
+    def split_names(self, role: str) -> tuple[str, ...]:
+        """The split(s) that play ``role``: train and val for the ``train`` role under train+val."""
         from petlbench import data as D
 
-        name = self.suite.split_for(role)
-        if name not in self._cached:
-            index = D.read_split(self.suite, self.task, name, self.root)
-            if limit:
+        if role == "train" and self.union:
+            return D.train_val_splits(self.suite)
+        return (self.suite.split_for(role),)
+
+    def refuse_val_selection(self) -> None:
+        """Selection on val is meaningless when val is part of training."""
+        if self.union:
+            raise PetlbenchError("train_split train+val trains on val: nothing can be selected on val.")
+
+    def split(self, role: str, limit: int, train: bool = True) -> Any:
+        """The role's split(s), stored for the training or the evaluation recipe."""
+        from petlbench import data as D
+
+        names = self.split_names(role)
+        if (names, train) not in self._cached:
+            parts = []
+            for name in names:
+                index = D.read_split(self.suite, self.task, name, self.root)
+                if limit and len(names) == 1:
+                    index = index.take(min(limit, len(index)))
+                self.fingerprints[name] = D.cached_fingerprint(index)
+                self.sizes[name] = len(index)
+                parts.append(index)
+            index = parts[0] if len(parts) == 1 else D.concat_splits(*parts)
+            if limit and len(parts) > 1:
                 index = index.take(min(limit, len(index)))
-            self.fingerprints[name] = D.cached_fingerprint(index)
-            self._cached[name] = D.load_images(index, self.tspec)
-            self.sizes[name] = len(index)
-        return self._cached[name]
+                self.sizes["+".join(names)] = len(index)
+            self._cached[(names, train)] = D.load_images(index, self.tspec, train=train)
+        return self._cached[(names, train)]
+
+    def describe(self) -> dict[str, Any]:
+        """The input recipe and what is stored for each split, for the record."""
+        return {"transform": self.tspec.describe(), "train_split": "+".join(self.split_names("train")),
+                "stored": {"+".join(names) + (" (train)" if train else " (eval)"): cached.describe()
+                           for (names, train), cached in self._cached.items()}}
 
     def loader(self, role: str, train: bool, cfg: dict[str, Any], norm: Any, seed: int, device: torch.device) -> Any:
         from petlbench.data import DeviceLoader
 
-        cached = self.split(role, cfg["limit_train"] if train else cfg["limit_eval"])
+        cached = self.split(role, cfg["limit_train"] if train else cfg["limit_eval"], train)
         return DeviceLoader.for_split(
             cached, train=train, batch_size=cfg["batch_size"] if train else cfg["eval_batch_size"],
             normalization=norm, seed=seed, device=device, drop_last=cfg["drop_last"] if train else False,
@@ -272,6 +322,7 @@ def _prepare(spec: RunSpec, device: torch.device, data: _Data | None = None, pac
     train_loader = data.loader(train_role, True, cfg, norm, spec.seed, device)
     calibration = calibrate(model, train_loader, device)  # gradient-based selection (SPT, GPS) sees train only
     if mode == "val":
+        data.refuse_val_selection()
         evals, select, every = {"val": data.loader("tune_val", False, cfg, norm, spec.seed, device)}, "val", \
             cfg["eval_every"] or 1
     elif mode == "best-test":  # the official cadence: the recipe's (or the user's) eval_every, else every epoch
@@ -319,7 +370,8 @@ def _finish(spec: RunSpec, prep: _Prepared, res: Any, peaks: Any, device: torch.
         train=cfg,
         normalization=norm.as_dict(),
         pooling=model.pooling,
-        splits={"train": data.suite.split_for(prep.train_role), "eval": sorted(evals), "sizes": data.sizes},
+        splits={"train": "+".join(data.split_names(prep.train_role)), "eval": sorted(evals), "sizes": data.sizes},
+        input=data.describe(),
         calibration=prep.calibration,
         effective=effective_settings(cfg, res),
     )

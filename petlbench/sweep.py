@@ -30,6 +30,7 @@ from petlbench.registry import get_method, method_code
 from petlbench.runner import (
     PAPER_PROTOCOLS,
     SELECTION_ROLES,
+    check_input,
     check_protocol,
     default_protocol,
     selection_mode,
@@ -230,6 +231,8 @@ def plan(
         resolve_train(suite_defaults, cls, the_suite.name, task.name, train_user, protocol=protocol),
     ) for task in selected for cls in method_classes}
     trains = {key: train for key, (_, train) in resolved.items()}
+    for train in trains.values():
+        check_input(the_suite, protocol, train)  # crops, resizes and train+val against suite and selection
 
     log = log or _quiet
     arch, bkw, weights = _resolve_weights(the_suite, backbone, pretrained, dict(backbone_kwargs or {}))
@@ -257,6 +260,8 @@ def plan(
     if root is not None:
         roles = {role for train in trains.values()
                  for role in SELECTION_ROLES[selection_mode(protocol, train, the_suite.layout)]}
+        if any(train["train_split"] == "train+val" for train in trains.values()):
+            roles.add("tune_val")  # val is trained on: check it too
         report = D.check_suite(the_suite, root, [t.name for t in selected],
                                splits=sorted({the_suite.split_for(r) for r in roles}), decode=False)
         report.raise_for_errors()

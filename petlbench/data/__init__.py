@@ -38,11 +38,12 @@ _EXPORTS: dict[str, str] = {
     "DataError": "problems", "Problem": "problems",
     # readers
     "SplitIndex": "readers", "read_split": "readers", "collect_split": "readers",
-    "find_task_dir": "readers", "resolve_data_root": "roots",
+    "find_task_dir": "readers", "resolve_data_root": "roots", "concat_splits": "readers",
+    "train_val_splits": "readers",
     # transforms
     "Normalization": "transforms", "NORMALIZATIONS": "transforms", "resolve_normalization": "transforms",
     "TransformSpec": "transforms", "transform_spec": "transforms", "reference_transform": "transforms",
-    "decode_image": "transforms",
+    "decode_image": "transforms", "input_spec": "transforms", "Storage": "transforms",
     # cache + loader (torch)
     "CachedSplit": "cache", "load_images": "cache", "load_split": "cache", "cache_key": "cache",
     "cache_root": "paths", "CACHE_ENV": "paths", "DeviceLoader": "loader",
@@ -57,12 +58,12 @@ _EXPORTS: dict[str, str] = {
 # Listed out (not derived from _EXPORTS) so linters and IDEs can check the names.
 __all__ = [
     "CACHE_ENV", "CachedSplit", "CheckReport", "DataError", "DeviceLoader", "ENTRY_POINT_GROUP",
-    "NORMALIZATIONS", "Normalization", "Problem", "SUITE_PATH_ENV", "SplitIndex", "Suite", "Task",
+    "NORMALIZATIONS", "Normalization", "Problem", "SUITE_PATH_ENV", "SplitIndex", "Storage", "Suite", "Task",
     "TransformSpec", "cache_key", "cache_root", "check_suite", "collect_split", "combine_fingerprints",
-    "cached_fingerprint", "decode_image", "demo_backbone", "demo_weights", "find_task_dir", "fingerprint_split",
-    "fingerprint_task", "get_suite", "list_suites", "load_images", "load_split", "load_suite_file",
-    "load_suites", "materialize_demo", "read_split", "reference_transform", "resolve_data_root",
-    "resolve_normalization", "transform_spec",
+    "cached_fingerprint", "concat_splits", "decode_image", "demo_backbone", "demo_weights", "find_task_dir",
+    "fingerprint_split", "fingerprint_task", "get_suite", "input_spec", "list_suites", "load_images", "load_split",
+    "load_suite_file", "load_suites", "materialize_demo", "read_split", "reference_transform", "resolve_data_root",
+    "resolve_normalization", "train_val_splits", "transform_spec",
 ]
 
 
@@ -82,7 +83,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from petlbench.data.loader import DeviceLoader
     from petlbench.data.paths import CACHE_ENV, cache_root
     from petlbench.data.problems import DataError, Problem
-    from petlbench.data.readers import SplitIndex, collect_split, find_task_dir, read_split
+    from petlbench.data.readers import (
+        SplitIndex,
+        collect_split,
+        concat_splits,
+        find_task_dir,
+        read_split,
+        train_val_splits,
+    )
     from petlbench.data.roots import resolve_data_root
     from petlbench.data.suites import (
         ENTRY_POINT_GROUP,
@@ -97,8 +105,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from petlbench.data.transforms import (
         NORMALIZATIONS,
         Normalization,
+        Storage,
         TransformSpec,
         decode_image,
+        input_spec,
         reference_transform,
         resolve_normalization,
         transform_spec,

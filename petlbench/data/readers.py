@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import posixpath
 from collections import Counter
 from collections.abc import Sequence
@@ -53,9 +54,16 @@ class SplitIndex:
     lines: tuple[int | None, ...]
     class_ids: tuple[int, ...] | None = None
     warnings: tuple[Problem, ...] = field(default=())
+    #: For a union of splits (:func:`concat_splits`): each part's split file and entry count.
+    parts: tuple[tuple[Path, int], ...] = field(default=())
 
     def __len__(self) -> int:
         return len(self.relpaths)
+
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        """The split file(s) this index was read from (several for a union)."""
+        return tuple(p for p, _ in self.parts) if self.parts else (self.source,)
 
     @property
     def paths(self) -> list[Path]:
@@ -68,14 +76,62 @@ class SplitIndex:
 
     def location(self, i: int) -> tuple[str, int | None]:
         """Where entry ``i`` is listed, for ``path:line`` messages."""
+        start = 0
+        for source, count in self.parts:
+            if i < start + count:
+                return str(source), self.lines[i]
+            start += count
         return str(self.source), self.lines[i]
 
     def take(self, n: int) -> SplitIndex:
         """The first ``n`` entries (for quick smoke runs)."""
+        parts, left = [], n
+        for source, count in self.parts:
+            if left > 0:
+                parts.append((source, min(count, left)))
+            left -= count
         return replace(
             self, relpaths=self.relpaths[:n], labels=self.labels[:n],
-            raw_labels=self.raw_labels[:n], lines=self.lines[:n],
+            raw_labels=self.raw_labels[:n], lines=self.lines[:n], parts=tuple(parts),
         )
+
+
+def concat_splits(first: SplitIndex, second: SplitIndex) -> SplitIndex:
+    """Two splits of one task as one training set (FGVC ``train+val``), ``first``'s entries first.
+
+    Both use the label map of the task's train split already (readers map every split with it), so
+    the labels agree. If the two were found under different image roots of the task, the paths are
+    made relative to the task folder."""
+    if (first.suite, first.task, first.layout) != (second.suite, second.task, second.layout):
+        raise ValueError(f"cannot join splits of different tasks ({first.task}, {second.task})")
+    root, rel_a, rel_b = first.image_root, first.relpaths, second.relpaths
+    if second.image_root != root:
+        root = first.task_dir
+
+        def rebase(index: SplitIndex) -> tuple[str, ...]:
+            return tuple(posixpath.normpath(posixpath.join(
+                Path(os.path.relpath(index.image_root, root)).as_posix(), p)) for p in index.relpaths)
+
+        rel_a, rel_b = rebase(first), rebase(second)
+    return replace(
+        first, split=f"{first.split}+{second.split}", image_root=root, relpaths=rel_a + rel_b,
+        labels=first.labels + second.labels, raw_labels=first.raw_labels + second.raw_labels,
+        lines=first.lines + second.lines, warnings=first.warnings + second.warnings,
+        parts=((first.source, len(first)), (second.source, len(second))),
+    )
+
+
+def train_val_splits(suite: Suite) -> tuple[str, str]:
+    """The splits a ``train_split: train+val`` run trains on, or a one-line error where the suite
+    has no separate validation split to add (VTAB-1k's train split already is train800val200)."""
+    train, val = suite.split_for("train"), suite.split_for("tune_val")
+    if suite.layout != "fgvc_json" or train == val:
+        raise PetlbenchError(
+            f"training setting 'train_split': train+val applies to FGVC-layout suites, whose train and val "
+            f"splits are separate; suite {suite.name!r} trains on {train!r} already. Fix: drop train_split "
+            "(or set it to protocol)."
+        )
+    return train, val
 
 
 # ---------------------------------------------------------------------------- folders
@@ -404,5 +460,6 @@ def read_split(
 
 __all__ = [
     "SplitIndex", "check_data_root", "climbs_out", "collect_split", "find_task_dir", "missing_fix",
-    "parse_fgvc_file", "parse_vtab_file", "probe_image_root", "read_split", "split_path",
+    "concat_splits", "parse_fgvc_file", "parse_vtab_file", "probe_image_root", "read_split", "split_path",
+    "train_val_splits",
 ]

@@ -54,7 +54,11 @@ def test_normalization_presets_and_resolution() -> None:
 def test_prepare_image_sizes(crops: list[np.ndarray]) -> None:
     img = Image.fromarray(crops[0])  # non-square
     assert prepare_image(img, transform_spec("vtab_resize", 48)).size == (48, 48)
-    assert prepare_image(img, transform_spec("fgvc_crop", 48)).size == (55, 55)
+    h, w = crops[0].shape[:2]
+    fgvc = transform_spec("fgvc_crop", 48)
+    whole = prepare_image(img, fgvc)  # training: the whole image, shorter side 55, aspect kept
+    assert min(whole.size) == 55 and whole.size == ((55, int(55 * h / w)) if w <= h else (int(55 * w / h), 55))
+    assert prepare_image(img, fgvc.storage(False)).size == (48, 48)  # evaluation: the final centre crop
     grey = Image.fromarray(crops[1][..., 0])
     assert np.asarray(prepare_image(grey, transform_spec("vtab_resize", 16))).shape == (16, 16, 3)
 
@@ -111,7 +115,7 @@ def test_batching_shuffle_and_drop_last(vtab_cached) -> None:
 
 
 def _fgvc_split(tmp_path: Path, photos: list[np.ndarray]):
-    """Non-square FGVC images; at 450x300 our two-step crop offsets equal torchvision's exactly."""
+    """Non-square FGVC images (450x300)."""
     import json
 
     root = tmp_path / "fgvc"
@@ -130,9 +134,12 @@ def _fgvc_split(tmp_path: Path, photos: list[np.ndarray]):
 
 def test_fgvc_eval_matches_reference_and_train_differs(tmp_path: Path, photos: list[np.ndarray]) -> None:
     index = _fgvc_split(tmp_path, photos)
-    cached = load_images(index, transform_spec("fgvc_crop", 64), persist=False)
-    assert tuple(cached.images.shape) == (4, 73, 73, 3)
+    spec = transform_spec("fgvc_crop", 64)
+    cached = load_images(index, spec, train=False, persist=False)
+    assert tuple(cached.images.shape) == (4, 64, 64, 3)  # the final centre crops
     norm = NORMALIZATIONS["imagenet"]
+    with pytest.raises(ValueError, match="train=True"):
+        DeviceLoader.for_split(cached, train=True, batch_size=4, normalization=norm)
     ev = DeviceLoader.for_split(cached, train=False, batch_size=4, normalization=norm)
     x_eval, _ = next(iter(ev))
     assert x_eval.shape == (4, 3, 64, 64)
@@ -140,7 +147,9 @@ def test_fgvc_eval_matches_reference_and_train_differs(tmp_path: Path, photos: l
     for i in range(4):
         with Image.open(index.paths[i]) as im:
             torch.testing.assert_close(x_eval[i], ref(im), atol=1e-5, rtol=0)
-    tr = DeviceLoader.for_split(cached, train=True, batch_size=4, normalization=norm, shuffle=False, seed=1)
+    whole = load_images(index, spec, train=True, persist=False)
+    assert whole.layout is not None and tuple(whole.images.shape) == (4, 73, 109, 3)  # 450x300 -> 109x73, whole
+    tr = DeviceLoader.for_split(whole, train=True, batch_size=4, normalization=norm, shuffle=False, seed=1)
     x_train, _ = next(iter(tr))
     assert x_train.shape == x_eval.shape and not torch.equal(x_train, x_eval)
 
