@@ -343,7 +343,7 @@ def test_train_val_selection_on_val_is_refused_at_plan_time() -> None:
     with pytest.raises(PetlbenchError, match="selects on val"):
         check_input(fgvc, "fgvc", cfg)
     with pytest.raises(PetlbenchError, match="selects on val"):
-        check_input(fgvc, "vtab1k", {**cfg, "selection": "val"})
+        check_input(fgvc, "paper", {**cfg, "selection": "val"})  # a recipe that selects on val
     check_input(fgvc, "vtab1k", cfg)  # final epoch: fine
     check_input(fgvc, "legacy-best-test", cfg)
     with pytest.raises(PetlbenchError, match="FGVC-layout"):
@@ -506,7 +506,8 @@ def test_recipe_keys_are_training_settings() -> None:
     defaults = {k: TRAIN_HPARAMS[k].default for k in ("train_crop", "eval_resize", "interpolation", "train_split")}
     assert defaults == {"train_crop": "protocol", "eval_resize": 0, "interpolation": "protocol", "train_split": "protocol"}
     linear = petlbench.get_method("linear")
-    got = resolve_train({}, linear, "fgvc", "cub", {"train_crop": "random_resized", "eval_resize": "248"})
+    got = resolve_train({}, linear, "fgvc", "cub", {"train_crop": "random_resized", "eval_resize": "248"},
+                        protocol="fgvc")
     assert (got["train_crop"], got["eval_resize"]) == ("random_resized", 248)
     with pytest.raises(PetlbenchError, match="train_crop' must be one of"):
-        resolve_train({}, linear, "fgvc", "cub", {"train_crop": "rrc"})
+        resolve_train({}, linear, "fgvc", "cub", {"train_crop": "rrc"}, protocol="fgvc")
