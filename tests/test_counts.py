@@ -88,7 +88,8 @@ def test_both_loras_count_294912(hp: dict) -> None:
 
 def test_lora_vtab_preset_is_the_noah_baseline() -> None:
     cls = petlbench.get_method("lora")
-    assert cls.resolve(suite="vtab", task="cifar") == {"rank": 8, "alpha": 8.0, "dropout": 0.1, "targets": "qkv"}
+    assert cls.resolve(suite="vtab", task="cifar") == {"rank": 8, "alpha": 8.0, "dropout": 0.1, "targets": "qkv",
+                                                       "init": "noah"}
     assert cls.resolve({"rank": 4}, suite="vtab")["alpha"] == 4.0  # scale 1 whatever the rank
     assert cls.resolve()["targets"] == "qv"  # without a suite: the LoRA paper
 

@@ -334,8 +334,8 @@ def test_adapter_variants_initialise_as_their_code() -> None:
 
     noah = build("adapter", "vit", variant="noah").petl["adapters"][0]
     assert isinstance(noah.act, QuickGELU) and noah.dropout.p == 0.1
-    for layer in (noah.down, noah.up):
-        assert layer.weight.abs().sum() > 0 and 0 < float(layer.bias.detach().abs().max()) < 1e-4
+    for layer in (noah.down, noah.up):  # NOAH's _init_vit_weights: trunc-normal 0.02, zero bias (test_recipe_modules)
+        assert layer.weight.abs().sum() > 0 and not layer.bias.any()
     x = torch.randn(7)
     assert torch.allclose(noah.act(x), x * torch.sigmoid(1.702 * x))
     vpt = build("adapter", "vit", variant="vpt").petl["adapters"][0]
