@@ -5,10 +5,15 @@ of 8 (NOAH's width; VPT tunes its width per task). Placement and count (ViT-B/16
 8*768 + 768) = 156,768) are equal in both codebases; they differ in everything else, so each is a
 ``variant``:
 
-- ``noah`` (default; the ``vtab`` preset): ZhangYuanhan-AI/NOAH ``AdapterSuper``, the source of the
-  quoted VTAB row "Adapter 0.16 M, 71.44 mean of 19". QuickGELU ``x * sigmoid(1.702 x)``,
-  xavier-uniform weights and N(0, 1e-6) biases for BOTH projections, dropout 0.1 after the
-  activation. The model is therefore *not* exactly the pre-trained one at step 0.
+- ``noah`` (default; the ``vtab`` preset): ZhangYuanhan-AI/NOAH ``AdapterSuper`` in NOAH's ViT, the
+  source of the quoted VTAB row "Adapter 0.16 M, 71.44 mean of 19". QuickGELU ``x * sigmoid(1.702 x)``,
+  dropout 0.1 after the activation. Initialisation: ``AdapterSuper`` writes xavier-uniform weights
+  and N(0, 1e-6) biases, but NOAH's ViT constructor then runs timm's ``_init_vit_weights`` over the
+  whole model, which redraws both projections trunc-normal (std 0.02) with zero biases; that is
+  what trains, and what this variant draws. The model is therefore *not* the pre-trained one at
+  step 0. Placement: NOAH's block is ``x + adapter(drop_path(mlp(norm2(x))))``, so the adapter
+  acts on the MLP update *after* stochastic depth (a dropped sample still gets the adapter of a
+  zero input).
 - ``vpt`` (the ``fgvc`` preset): KMnP/vpt ``ADPT_Block`` (Pfeiffer), the source of the FGVC
   "Adapter" row. GELU, both projections zero-initialised, no dropout. With ``down`` and ``up``
   both zero, every gradient except the up-projection bias's is zero, and stays zero: this
@@ -26,7 +31,7 @@ import torch
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
-from petlbench.layers import QuickGELU
+from petlbench.layers import QuickGELU, init_vit_linear
 
 
 class Bottleneck(nn.Module):
@@ -36,10 +41,9 @@ class Bottleneck(nn.Module):
         self.act = QuickGELU() if variant == "noah" else nn.GELU()
         self.dropout = nn.Dropout(dropout)
         self.up = nn.Linear(hidden, dim)
-        if variant == "noah":
-            for layer in (self.down, self.up):
-                nn.init.xavier_uniform_(layer.weight)
-                nn.init.normal_(layer.bias, std=1e-6)
+        if variant == "noah":  # NOAH's whole-model _init_vit_weights, after AdapterSuper's own xavier init
+            init_vit_linear(self.down)
+            init_vit_linear(self.up)
         elif variant == "vpt":
             for layer in (self.down, self.up):
                 nn.init.zeros_(layer.weight)
@@ -53,6 +57,10 @@ class Bottleneck(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return y + self.up(self.dropout(self.act(self.down(y))))
 
+    def after_drop_path(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """NOAH's placement: ``b`` is the MLP sub-layer's update after drop path (``h`` unused)."""
+        return self.forward(b)
+
 
 class Adapter(Method):
     name = "adapter"
@@ -63,7 +71,8 @@ class Adapter(Method):
     hparams = {
         "bottleneck": HParam(8, "hidden size of the adapter (1 .. block width)", low=1),
         "dropout": HParam(0.1, "dropout after the activation (NOAH: 0.1; VPT: none)", low=0.0, high=0.99),
-        "variant": HParam("noah", "noah: NOAH's baseline (QuickGELU, xavier + N(0,1e-6) biases); vpt: VPT's "
+        "variant": HParam("noah", "noah: NOAH's baseline (QuickGELU, trunc-normal 0.02 + zero biases, after drop "
+                          "path); vpt: VPT's "
                           "(both projections zero: effectively only a bias trains); zero_up: xavier down, zero up",
                           choices=("noah", "vpt", "zero_up")),
     }
@@ -85,4 +94,7 @@ class Adapter(Method):
                                  for b in backbone.blocks)
         petl["adapters"] = adapters
         for blk, adapter in zip(backbone.blocks, adapters, strict=True):
-            backbone.transform_output(blk.mlp, adapter)
+            if self.hp.variant == "noah":  # x + adapter(drop_path(mlp(norm2(x)))), NOAH's Block
+                backbone.transform_branch(blk, "mlp", adapter.after_drop_path)
+            else:  # VPT's ViT has no drop path: the adapter on the MLP output, inside the branch
+                backbone.transform_output(blk.mlp, adapter)

@@ -10,9 +10,14 @@ adapted too), scale 1 (petlbench: ``alpha = rank``), dropout 0.1 on the LoRA inp
 does on timm. Same count (12 * 8 * (768 + 3 * 768) = 294,912), a different function. The ``vtab``
 preset is this baseline, so ``--suite vtab`` reproduces the code behind the published row.
 
-Both: A kaiming-uniform(a=sqrt(5)), B zero (the model is the pre-trained one at step 0), the
-scale applied to the rank-r activations. Merging adds ``alpha/r * B A`` to the adapted row blocks
-of ``qkv.weight``. No FGVC preset: the source of the FGVC LoRA row tables print is not stated.
+Initialisation (``init``): ``lora`` (default; loralib and peft) draws A kaiming-uniform(a=sqrt(5))
+and zeroes B, so the model is the pre-trained one at step 0. ``noah`` is what NOAH's baseline
+really starts from: its ViT constructor ends with timm's ``_init_vit_weights`` over the whole
+model, which redraws every ``nn.Linear`` -- ``LoRA_a`` and ``LoRA_b`` included -- trunc-normal
+(std 0.02), so A and B are both N(0, 0.02) and the model changes at step 0; the ``vtab`` preset
+uses it. Both forms scale the rank-r activations. Merging adds ``alpha/r * B A`` to the adapted
+row blocks of ``qkv.weight``. No FGVC preset: the source of the FGVC LoRA row tables print is not
+stated.
 """
 
 from __future__ import annotations
@@ -29,14 +34,26 @@ from petlbench import Backbone, HParam, Method
 from petlbench.layers import add_to_weight_rows
 
 
+@torch.no_grad()
+def init_pair(a: torch.Tensor, b: torch.Tensor, init: str) -> None:
+    """``lora``: A kaiming-uniform(a=sqrt(5)) (nn.Linear's default), B zero. ``noah``: both
+    trunc-normal std 0.02, as timm's ``_init_vit_weights`` leaves NOAH's bias-free Linears."""
+    if init == "noah":
+        nn.init.trunc_normal_(a, std=0.02)
+        nn.init.trunc_normal_(b, std=0.02)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(b)
+
+
 class QVLoRA(nn.Module):
-    def __init__(self, dim: int, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(self, dim: int, rank: int, alpha: float, dropout: float, init: str = "lora") -> None:
         super().__init__()
         self.dim, self.rank, self.scaling = dim, rank, alpha / rank
         self.lora_a = nn.Parameter(torch.empty(2, rank, dim))  # [q, v]
         self.lora_b = nn.Parameter(torch.zeros(2, dim, rank))
-        for a in self.lora_a:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        for a, b in zip(self.lora_a, self.lora_b, strict=True):
+            init_pair(a, b, init)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,12 +71,12 @@ class QVLoRA(nn.Module):
 class FusedLoRA(nn.Module):
     """One low-rank pair on the whole fused qkv (NOAH's LoRA baseline; also peft on timm)."""
 
-    def __init__(self, dim: int, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(self, dim: int, rank: int, alpha: float, dropout: float, init: str = "lora") -> None:
         super().__init__()
         self.scaling = alpha / rank
         self.lora_a = nn.Parameter(torch.empty(rank, dim))
         self.lora_b = nn.Parameter(torch.zeros(3 * dim, rank))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        init_pair(self.lora_a, self.lora_b, init)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,15 +105,17 @@ class LoRA(Method):
         "dropout": HParam(0.0, "dropout on the LoRA branch input (NOAH: 0.1)", low=0.0, high=0.99),
         "targets": HParam("qv", "qv: the LoRA paper (pairs on q and v); qkv: NOAH baseline / peft (one pair on the "
                           "fused qkv)", choices=("qv", "qkv")),
+        "init": HParam("lora", "lora: A kaiming-uniform, B zero (loralib, peft); noah: A and B trunc-normal std 0.02, "
+                       "as NOAH's whole-model _init_vit_weights leaves its baseline", choices=("lora", "noah")),
     }
     train_presets = {"vtab": {"*": {"lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64, "epochs": 100}}}
     published = {"vtab": NOAH_ROW}  # for targets=qkv, rank 8, scale 1 only (see published_as)
 
     @classmethod
     def preset(cls, suite: str | None, task: str | None, current: Mapping[str, Any]) -> dict[str, Any]:
-        """VTAB: NOAH's baseline (fused qkv, scale 1 whatever the rank, dropout 0.1)."""
+        """VTAB: NOAH's baseline (fused qkv, scale 1 whatever the rank, dropout 0.1, NOAH's init)."""
         if suite == "vtab":
-            return {"targets": "qkv", "alpha": float(current["rank"]), "dropout": 0.1}
+            return {"targets": "qkv", "alpha": float(current["rank"]), "dropout": 0.1, "init": "noah"}
         return super().preset(suite, task, current)
 
     @classmethod
@@ -107,7 +126,8 @@ class LoRA(Method):
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
         kind = QVLoRA if self.hp.targets == "qv" else FusedLoRA
-        loras = nn.ModuleList(kind(b.dim, self.hp.rank, self.hp.alpha, self.hp.dropout) for b in backbone.blocks)
+        loras = nn.ModuleList(kind(b.dim, self.hp.rank, self.hp.alpha, self.hp.dropout, self.hp.init)
+                              for b in backbone.blocks)
         petl["lora"] = loras
         for blk, lora in zip(backbone.blocks, loras, strict=True):
             backbone.add_parallel(blk.qkv, lora)

@@ -3,19 +3,28 @@ Adapter, LoRA and VPT with a size per block, as the timm model in ``ZhangYuanhan
 (``model/supernet_vision_transformer_timm.py``) retrains a searched sub-network:
 
 - **LoRA** on the fused qkv of block l, rank ``lora_dims[l]``: ``qkv(x) + B A dropout(x)``, scale 1,
-  A kaiming-uniform (a=sqrt(5)), B zero, dropout 0.1 on the input (``--drop_rate_LoRA``).
-- **Adapter** on the MLP output, width ``adapter_dims[l]``: ``y + up(dropout(QuickGELU(down(y))))``
-  with QuickGELU = x * sigmoid(1.702 x), dropout 0.1 (``--drop_rate_adapter``), both weights
-  xavier-uniform and both biases N(0, 1e-6).
+  dropout 0.1 on the input (``--drop_rate_LoRA``).
+- **Adapter** on the MLP sub-layer's output *after* drop path, width ``adapter_dims[l]``: NOAH's block
+  is ``x + adapter(drop_path(mlp(norm2(x))))`` with ``adapter(y) = y + up(dropout(QuickGELU(down(y))))``,
+  QuickGELU = x * sigmoid(1.702 x), dropout 0.1 (``--drop_rate_adapter``). A sample whose MLP branch
+  drop path removes still gets ``up(dropout(QuickGELU(down.bias))) + up.bias``.
+- **Initialisation**: NOAH's ``VisionTransformer.__init__`` ends with ``init_weights('')``, i.e.
+  ``self.apply(_init_vit_weights)`` over the whole model, after the LoRA and adapter modules exist:
+  every ``nn.Linear`` is redrawn trunc-normal(std 0.02) with zero bias. So LoRA A **and B** start
+  N(0, 0.02) (B is not zero: the model is not the pre-trained one at step 0), both adapter
+  projections N(0, 0.02) with zero biases; the kaiming/zero and xavier/N(0, 1e-6) inits written in
+  ``Attention`` and ``AdapterSuper`` are overwritten. The prompt tokens are ``nn.Parameter``s, not
+  Linears, and keep their xavier-uniform init. Every entry is an independent draw, so the order of
+  the draws does not matter for equality in distribution.
 - **Prompts**: ``prompt_dims[l]`` learned tokens appended to the sequence before block l; block l
   drops the previous block's prompt outputs (its last ``prompt_dims[l-1]`` tokens) first, as
   NOAH does; prompt dropout 0.1 per image (``--drop_rate_prompt``). All prompt outputs are
   removed before the final norm (NOAH classifies from the class token, so this changes nothing
   there and keeps average pooling clean).
 
-The retrained sub-network is a slice of a supernet of width ``init_width`` (100 for VTAB), so
-its xavier bounds are the supernet tensors' ones: adapter weights U(+-sqrt(6 / (dim + 100))),
-prompts U(+-sqrt(6 / (101 dim))). The published searched sub-networks
+The retrained sub-network is a slice of a supernet of width ``init_width`` (100 for VTAB), so the
+prompts' xavier bound is the supernet tensors' one, U(+-sqrt(6 / (101 dim))) (the trunc-normal
+Linears do not depend on the width). The published searched sub-networks
 (``experiments/NOAH/subnet/VTAB/*.yaml``, RETRAIN) are the VTAB presets; outside them a single
 size applies to every block (default 5). ViT-B/16 counts (head excluded) average 360,134 over
 the 19 VTAB presets ("0.36 M"); caltech101 is 426,313.
@@ -27,8 +36,7 @@ Deliberate differences: NOAH's model also creates model-level prompt tokens and 
 embeddings, but block 0 replaces those tokens before any block sees them, so they never change
 the output; they are left out here (a trainable tensor without gradient). Counting them, as
 NOAH's ``get_sampled_params_numel`` does (with the full 100-token position embedding), gives
-442,512 on average, close to the "0.43 M" some tables quote. The adapter sits on the MLP output before
-timm's drop-path (NOAH: after it), which only matters while drop-path is on in training.
+442,512 on average, close to the "0.43 M" some tables quote.
 
 The search, as an optional stage. NOAH (1) trains a supernet that, at every step, gives each
 kind a random depth (3, 6, 9 or 12 leading blocks) and each of those blocks a random size
@@ -59,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method, PetlbenchError
-from petlbench.layers import QuickGELU
+from petlbench.layers import QuickGELU, init_vit_linear
 from petlbench.search import accuracy, evolve
 
 # RETRAIN sizes of experiments/NOAH/subnet/VTAB/ViT-B_prompt_<task>.yaml, blocks 0..11:
@@ -117,14 +125,12 @@ def _choices(text: str, key: str) -> list[int]:
 
 
 class NOAHAdapter(nn.Module):
-    def __init__(self, dim: int, hidden: int, init_width: int, dropout: float) -> None:
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
         self.down = nn.Linear(dim, hidden)
         self.up = nn.Linear(hidden, dim)
-        bound = math.sqrt(6.0 / (dim + init_width))  # xavier of the (init_width x dim) supernet tensors
-        for layer in (self.down, self.up):
-            nn.init.uniform_(layer.weight, -bound, bound)
-            nn.init.normal_(layer.bias, std=1e-6)
+        init_vit_linear(self.down)  # NOAH's whole-model _init_vit_weights
+        init_vit_linear(self.up)
         self.act = QuickGELU()
         self.dropout = nn.Dropout(dropout)
 
@@ -137,9 +143,9 @@ class NOAHAdapter(nn.Module):
 class NOAHLoRA(nn.Module):
     def __init__(self, dim: int, rank: int, dropout: float) -> None:
         super().__init__()
-        self.a = nn.Parameter(torch.empty(rank, dim))
-        nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
-        self.b = nn.Parameter(torch.zeros(3 * dim, rank))
+        # NOAH's LoRA_a / LoRA_b are nn.Linear(bias=False): redrawn trunc-normal 0.02 by _init_vit_weights
+        self.a = nn.Parameter(nn.init.trunc_normal_(torch.empty(rank, dim), std=0.02))
+        self.b = nn.Parameter(nn.init.trunc_normal_(torch.empty(3 * dim, rank), std=0.02))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rank: int) -> torch.Tensor:
@@ -160,7 +166,7 @@ class NOAHNet(nn.Module):
         super().__init__()
         self.blocks = len(alloc["lora"])
         self.lora = nn.ModuleDict({str(i): NOAHLoRA(dim, r, dropout["lora"]) for i, r in enumerate(alloc["lora"]) if r})
-        self.adapter = nn.ModuleDict({str(i): NOAHAdapter(dim, d, init_width, dropout["adapter"])
+        self.adapter = nn.ModuleDict({str(i): NOAHAdapter(dim, d, dropout["adapter"])
                                       for i, d in enumerate(alloc["adapter"]) if d})
         bound = math.sqrt(6.0 / ((init_width + 1) * dim))  # xavier of NOAH's (1, init_width, dim) tensor
         self.prompts = nn.ParameterDict({str(i): nn.Parameter(torch.empty(n, dim).uniform_(-bound, bound))
@@ -185,7 +191,8 @@ class NOAHNet(nn.Module):
             return x.new_zeros(())
         return self.lora[str(block)](x, rank)
 
-    def adapter_branch(self, block: int, y: torch.Tensor) -> torch.Tensor:
+    def adapter_branch(self, block: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` is the MLP sub-layer's update after drop path (``h``, the stream, is not used)."""
         width = self.active["adapter"][block]
         return self.adapter[str(block)](y, width) if width else y
 
@@ -245,7 +252,7 @@ class NOAH(Method):
         "lora_dropout": HParam(0.1, "dropout on the LoRA input (--drop_rate_LoRA)", low=0.0, high=0.99),
         "adapter_dropout": HParam(0.1, "dropout after QuickGELU (--drop_rate_adapter)", low=0.0, high=0.99),
         "prompt_dropout": HParam(0.1, "dropout on the prompt tokens (--drop_rate_prompt)", low=0.0, high=0.99),
-        "init_width": HParam(100, "width of the supernet whose xavier bounds the sub-network inherits", low=1),
+        "init_width": HParam(100, "width of the supernet whose xavier bound the prompts inherit", low=1),
         "supernet": HParam(False, "train NOAH's supernet (a random sub-network every step; eval runs the *_dims)"),
         "search_dims": HParam("1,5,10", "supernet: sizes a block's module may take (VTAB search space)"),
         "search_depths": HParam("", "supernet: how many leading blocks carry a module (default: 1/4..4/4 of depth)"),
@@ -305,8 +312,8 @@ class NOAH(Method):
             i = blk.index
             if alloc["lora"][i]:
                 backbone.add_parallel(blk.qkv, functools.partial(net.lora_branch, i))
-            if alloc["adapter"][i]:
-                backbone.transform_output(blk.mlp, functools.partial(net.adapter_branch, i))
+            if alloc["adapter"][i]:  # x + adapter(drop_path(mlp(norm2(x)))), as NOAH's Block
+                backbone.transform_branch(blk, "mlp", functools.partial(net.adapter_branch, i))
         if any(alloc["prompt"]):
             backbone.transform_output(backbone.token_site, net.begin)
             for blk in blocks[1:]:

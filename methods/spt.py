@@ -3,35 +3,48 @@
 Before training, a calibration pass on the task's training data (petlbench's calibration step)
 decides what trains, as ziplab/SPT ``engine.get_sensitivity`` and ``train_spt.py`` do:
 
-1. **Sensitivity**: the squared gradient of the loss, summed over the first ``calib_images``
-   training images (official: 16 batches of 32 = 512, in file order), for every entry of each
-   block's q, k, v (row blocks of timm's fused ``qkv``), ``proj``, ``fc1``, ``fc2`` weights, their
-   biases, ``norm1``/``norm2`` and the final norm. Patch embedding, position embedding, class token
-   and head are not ranked (as in the official code).
-2. **Budget**: the top-``tau`` entries are "sensitive"; for each weight matrix, if it holds at least
-   ``cost / alpha`` of them (``cost`` = the structured module's size as the official code counts
-   it), the matrix gets a **structured** module (LoRA or adapter, rank ``rank``) instead;
-   otherwise exactly its sensitive entries train (**unstructured**, a sparse delta). A bias or
-   norm vector with at least ``size / beta`` sensitive entries is tuned whole. ``tau`` is swept
-   and the configuration whose count is closest to ``budget`` (M parameters) is kept, as the
-   official sweep does (its grid: 0.02 M steps; petlbench: budget/40 steps, so tiny models work).
-3. **Training**: structured LoRA ``B A x`` (A kaiming-uniform, B zero, scale 1, no bias) or
-   adapter ``W2 GELU(W1 x + b1) + b2`` (W1 kaiming-uniform, W2 and b2 zero) runs in parallel with
-   its matrix, with dropout 0.1 on the branch input (not for ``proj``, as the official code) and
-   drop-path 0.1 on the branch output; sparse entries are added to the frozen weight as a delta;
-   the class token is tuned too (official: ``cls_token`` always trains).
+1. **Sensitivity**: the squared gradient of the cross-entropy, one gradient per batch of
+   ``calib_batch`` (32) images, summed over the first ``calib_images`` training images (official:
+   16 batches of 32 = 512), for every entry of each block's q, k, v (row blocks of timm's fused
+   ``qkv``), ``proj``, ``fc1``, ``fc2`` weights, their biases, ``norm1``/``norm2`` and the final
+   norm. Patch embedding, position embedding, class token and head are not ranked (as in the
+   official code). The model runs in train mode, as the official ``model.train()``: the run's
+   ``drop_path_rate`` (official 0.1) and dropouts act during the pass. fp32, as the official
+   scripts (``--amp`` is off by default).
+2. **Budget sweep**, the official rule: step k = 1..79 marks the top ``ceil(k * 0.02e6)`` entries
+   sensitive (``sweep_step`` = 0.02 M). A weight matrix with >= ``cost / alpha`` sensitive
+   entries (``cost`` = its structured module's size) gets a **structured** module (LoRA or
+   adapter, rank ``rank``); otherwise exactly its sensitive entries train (**unstructured**, a
+   sparse delta). A bias or norm vector with >= ``size / beta`` sensitive entries is tuned whole.
+   Each step's total counts structured modules and whole vectors at their size, every other
+   sensitive entry once (LayerNorm entries included, although only Linear entries ever train),
+   plus 768 for the class token; the step closest to ``budget`` (M parameters) wins, later steps
+   on ties. A tiny model needs a smaller ``sweep_step`` (e.g. budget/40).
+3. **Training** (``train_spt.py --block BlockSPTParallel`` for LoRA, ``BlockSPTSeq`` for the
+   adapter): structured LoRA ``B A dropout(x)`` runs in parallel with its matrix (no bias, scale
+   1). The structured **adapter** ``W2 GELU(W1 y + b1) + b2`` is *sequential* on the output
+   ``y = Wx + b`` of q, k, v, fc1 and fc2: ``y + adapter(dropout(y))``, the adapter mapping that
+   output's width to r and back (fc1's: hidden -> r -> hidden), before fc1's activation and fc2's
+   dropout; on ``proj`` it runs in parallel with the layer, on its input (as the official
+   ``AttentionSPTSeq``). Dropout 0.1 on every structured module's input except proj's, drop-path
+   0.1 on its output. Every structured Linear starts trunc-normal std 0.02 with zero bias: the
+   official ``VisionTransformerSPT`` builds the modules, then its ``init_weights('')`` (timm's
+   ``_init_vit_weights`` over the whole model) redraws them, so LoRA's B is not zero at step 0.
+   Sparse entries are added to the frozen weight as a delta; the class token is tuned too
+   (official: ``cls_token`` always trains).
 
 Chosen positions are buffers of ``petl`` (saved with the trainable state; a saved state rebuilds
 the model without data); the trainable count is the number of parameters that really train (the
 sparse values, the structured modules, the whole vectors, the class token).
 
-Deliberate differences: the sensitivity pass runs in the run's precision instead of fp16 AMP;
-sensitive entries of LayerNorm vectors that are not tuned whole are dropped *and not counted*
-(the official code counts them but never trains them: only Linear layers get sparse deltas);
-q/k/v are row blocks of the fused ``qkv`` (the official model splits them, same function).
-SPT-LoRA merges exactly (every change is linear in a frozen weight); SPT-Adapter does not (GELU).
-The count depends on the task's gradients: ``petlbench params`` shows the uncalibrated model
-(head and class token only); after calibration the count is the budget within the sweep's step.
+Deliberate differences: the pass reads the run's training loader in its (seeded, shuffled) order,
+not the official file order; q/k/v are row blocks of the fused ``qkv`` (the official model splits
+them, same function); ties between equal sensitivities go to the earlier entry (the official
+``topk`` leaves them unspecified). SPT-LoRA merges exactly (every change is linear in a frozen
+weight); SPT-Adapter does not (GELU). The count depends on the task's gradients: ``petlbench
+params`` shows the uncalibrated model (head and class token only); after calibration the count
+is near the budget (the sweep's total includes LayerNorm entries that never train and counts the
+class token as 768).
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method, PetlbenchError
+from petlbench.layers import init_vit_linear
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,25 @@ def _units(backbone: Backbone) -> list[_Unit]:
     return units
 
 
+def _rebatch(loader: Iterable, size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's (images, labels) in order, re-cut into batches of ``size`` (the last may be
+    shorter): the squared gradients SPT sums depend on the batch size, so the sensitivity pass
+    uses the official one whatever the run trains with. A loader batch is pulled only when needed."""
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    held = 0
+    for x, y in loader:
+        xs.append(x)
+        ys.append(y)
+        held += int(y.shape[0])
+        while held >= size:
+            x_all, y_all = torch.cat(xs), torch.cat(ys)
+            yield x_all[:size], y_all[:size]
+            xs, ys, held = [x_all[size:]], [y_all[size:]], held - size
+    if held:
+        yield torch.cat(xs), torch.cat(ys)
+
+
 def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth on a branch: drop the whole branch per sample (timm's DropPath)."""
     if p == 0.0 or not training:
@@ -113,17 +146,21 @@ def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class Structured(nn.Module):
-    """SPT's structured module in parallel with one matrix: LoRA (B A x) or adapter (W2 GELU(W1 x + b1) + b2)."""
+    """SPT's structured module on one matrix: LoRA (B A x) or adapter (W2 GELU(W1 x + b1) + b2).
+
+    Initialised as the official model leaves it: ``StructuredTuningModule`` writes kaiming/zero,
+    but ``VisionTransformerSPT.__init__`` then runs ``init_weights('')`` (timm's
+    ``_init_vit_weights`` over the whole model, structured modules included), which redraws every
+    Linear trunc-normal std 0.02 with zero bias: LoRA's B is not zero at step 0.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, rank: int, kind: str) -> None:
         super().__init__()
         self.kind = kind
         self.down = nn.Linear(in_dim, rank, bias=kind == "adapter")
         self.up = nn.Linear(rank, out_dim, bias=kind == "adapter")
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
-        if kind == "adapter":
-            nn.init.zeros_(self.up.bias)  # the down bias keeps nn.Linear's default, as the official code
+        init_vit_linear(self.down)
+        init_vit_linear(self.up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.down(x)
@@ -181,6 +218,34 @@ class LinearDelta(nn.Module):
         return out
 
 
+class OutputAdapters(nn.Module):
+    """SPT-Adapter's sequential modules on one frozen nn.Linear's output (official ``BlockSPTSeq``).
+
+    For each adapted row block ``y`` of the layer's output (q, k or v of the fused qkv; the whole
+    of fc1 or fc2, its sparse delta included), ``y <- y + drop_path(adapter(dropout(y)))``: the
+    adapter maps the block's width to ``rank`` and back (fc1's: hidden -> r -> hidden), applied
+    before the activation (fc1) or the MLP's dropout (fc2), as ``AttentionSPTSeq``/``MlpSPTSeq`` do.
+    """
+
+    def __init__(self, out_dim: int, structured: Iterable[tuple[int, nn.Module]], dropout: float,
+                 drop_path: float) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        pairs = list(structured)
+        self.row_starts = [r for r, _ in pairs]  # host ints, as LinearDelta's
+        self.branches = nn.ModuleList(m for _, m in pairs)
+        self.dropout = nn.Dropout(dropout)
+        self.drop_path = drop_path
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for row, branch in zip(self.row_starts, self.branches, strict=True):
+            block = y[..., row:row + branch.up.out_features]
+            delta = _drop_path(branch(self.dropout(block)), self.drop_path, self.training)
+            parts.append(F.pad(delta, (row, self.out_dim - row - delta.shape[-1])))
+        return y + sum(parts)
+
+
 class NormDelta(nn.Module):
     """A LayerNorm's weight and/or bias tuned whole: adds ``dgamma * LN(x) + dbeta`` in parallel."""
 
@@ -236,29 +301,37 @@ class _SPT(Method):
                         low_exclusive=True),
         "beta": HParam(5.0, "a vector is tuned whole with >= size/beta sensitive entries", low=0.0, low_exclusive=True),
         "calib_images": HParam(512, "training images the sensitivity pass reads (official 16 x 32)", low=1),
+        "calib_batch": HParam(32, "batch size of the sensitivity pass: the run's training batches are re-cut to it "
+                              "(official --batch-size 32 of the sensitivity scripts)", low=1),
+        "sweep_step": HParam(0.02, "step of the budget sweep, in millions of sensitive entries (official 0.02, 79 "
+                             "steps; a tiny model needs a smaller one, e.g. budget/40)", low=0.0, low_exclusive=True),
         "dropout": HParam(0.1, "dropout on the structured modules' input (not for proj)", low=0.0, high=0.99),
         "drop_path": HParam(0.1, "drop-path on the structured modules' output", low=0.0, high=0.99),
     }
     train_presets = {"vtab": {"*": {"lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64, "epochs": 100}}}
 
     # ------------------------------------------------------------------ structure
-    _cls_size = 0
+    #: The official sweep's steps: ``for param_num in range(1, 80): param_num * 0.02`` (M entries).
+    SWEEP_STEPS = 79
+    #: What every official sweep total adds for the class token: 768 (ViT-B's), whatever the backbone.
+    CLS_COUNT = 768
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
         units = _units(backbone)
         petl["plan"] = Plan(units)
-        petl["linear"], petl["norms"] = nn.ModuleDict(), nn.ModuleDict()
+        petl["linear"], petl["seq"], petl["norms"] = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         if backbone.cls_token is not None:
-            self._cls_size = backbone.cls_token.numel()
             petl["cls"] = ClsDelta(backbone.cls_token.shape[-1])
             backbone.transform_output(backbone.token_site, petl["cls"])
 
     def _cost(self, unit: _Unit) -> int:
-        """Structured module size as the official code counts it for the decision."""
+        """Structured module size as the official ``get_structured_param_num`` counts it, which is
+        also what trains: LoRA in->r->out without biases; the adapter out->r->out with biases (it
+        sits on the layer's output, or in parallel with proj, whose input width equals its output's)."""
         out_dim, in_dim, r = unit.stop - unit.start, unit.layer.weight.shape[1], self.hp.rank
         if self.structured_type == "lora":
             return in_dim * r + r * out_dim
-        return out_dim * r + r * out_dim + r + out_dim  # the official formula (uses out_dim twice)
+        return out_dim * r + r * out_dim + r + out_dim
 
     def _build(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
         """Create the modules the plan asks for and hook them (after calibrate or restore)."""
@@ -268,14 +341,20 @@ class _SPT(Method):
         by_layer: dict[str, list[tuple[_Unit, bool, torch.Tensor]]] = {}
         for u, w in zip(units, whole, strict=True):
             by_layer.setdefault(u.layer_name, []).append((u, w, getattr(plan.sparse, u.name)))
-        deltas, norms = nn.ModuleDict(), nn.ModuleDict()
+        deltas, seq, norms = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         for name, entries in by_layer.items():
             layer = entries[0][0].layer
             if isinstance(layer, nn.Linear):
-                w_idx, b_idx, structured = [], [], []
+                is_proj = name.endswith("_proj")  # the official code feeds proj's branch without dropout
+                # SPT-Adapter (official --block BlockSPTSeq): sequential on q/k/v/fc1/fc2 outputs, parallel on proj
+                sequential = self.structured_type == "adapter" and not is_proj
+                w_idx, b_idx, structured, outputs = [], [], [], []
                 for u, w, idx in entries:
-                    if u.matrix and w:
-                        structured.append((u.start, Structured(layer.in_features, u.stop - u.start, self.hp.rank,
+                    rows = u.stop - u.start
+                    if u.matrix and w and sequential:
+                        outputs.append((u.start, Structured(rows, rows, self.hp.rank, self.structured_type)))
+                    elif u.matrix and w:
+                        structured.append((u.start, Structured(layer.in_features, rows, self.hp.rank,
                                                                self.structured_type)))
                     elif u.matrix:
                         w_idx.append(idx.to(layer.weight.device) + u.start * layer.in_features)
@@ -285,13 +364,14 @@ class _SPT(Method):
                         b_idx.append(idx.to(layer.weight.device) + u.start)
                 w_index = torch.cat(w_idx) if w_idx else torch.zeros(0, dtype=torch.long)
                 b_index = torch.cat(b_idx) if b_idx else torch.zeros(0, dtype=torch.long)
-                if not (len(w_index) or len(b_index) or structured):
-                    continue
-                is_proj = name.endswith("_proj")  # the official code feeds proj's branch without dropout
-                module = LinearDelta(layer.out_features, layer.in_features, w_index, b_index, structured,
-                                     0.0 if is_proj else self.hp.dropout, self.hp.drop_path)
-                deltas[name] = module
-                backbone.add_parallel(layer, module)
+                if len(w_index) or len(b_index) or structured:
+                    module = LinearDelta(layer.out_features, layer.in_features, w_index, b_index, structured,
+                                         0.0 if is_proj else self.hp.dropout, self.hp.drop_path)
+                    deltas[name] = module
+                    backbone.add_parallel(layer, module)
+                if outputs:  # hooked after the parallel delta: the adapters see the layer's whole output
+                    seq[name] = OutputAdapters(layer.out_features, outputs, self.hp.dropout, self.hp.drop_path)
+                    backbone.transform_output(layer, seq[name])
             else:  # a LayerNorm: only vectors tuned whole train (sparse norm entries are dropped, see docstring)
                 gamma = any(w for u, w, _ in entries if u.tensor == "weight")
                 beta = any(w for u, w, _ in entries if u.tensor == "bias")
@@ -299,6 +379,7 @@ class _SPT(Method):
                     norms[name] = NormDelta(layer.normalized_shape[0], layer.eps, gamma, beta)
                     backbone.add_parallel(layer, norms[name])
         petl["linear"] = deltas
+        petl["seq"] = seq
         petl["norms"] = norms
         plan.calibrated.fill_(True)
 
@@ -311,15 +392,18 @@ class _SPT(Method):
         for t in tensors:
             t.requires_grad_(True)
         seen = 0
+        model, was_training = backbone.model, backbone.model.training
+        model.train()  # official get_sensitivity: model.train(), so the run's drop path (and dropout) act
         try:
-            for x, y in loader:
-                loss = F.cross_entropy(backbone.model(x).float(), y)
+            for x, y in _rebatch(loader, self.hp.calib_batch):
+                loss = F.cross_entropy(model(x).float(), y)
                 for t, g in zip(tensors, torch.autograd.grad(loss, tensors), strict=True):
                     grad_sq[id(t)] += g.float() ** 2
                 seen += int(y.shape[0])
                 if seen >= self.hp.calib_images:
                     break
         finally:
+            model.train(was_training)
             for t, flag in zip(tensors, flags, strict=True):
                 t.requires_grad_(flag)
         if seen == 0:
@@ -334,37 +418,47 @@ class _SPT(Method):
         self._build(backbone, petl)
 
     def _choose(self, units: list[_Unit], scores: torch.Tensor) -> tuple[list[bool], list[torch.Tensor]]:
-        """The official budget sweep: the tau whose resulting count is closest to the budget wins."""
-        sizes = torch.tensor([u.size for u in units], device=scores.device)
-        owner = torch.repeat_interleave(torch.arange(len(units), device=scores.device), sizes)
+        """The official budget sweep (ziplab/SPT ``engine.get_sensitivity``).
+
+        Step k = 1..79 marks the top ``tau = ceil(k * sweep_step * 1e6)`` entries sensitive (ties:
+        earlier entries first). A unit with >= cost/alpha (matrix) or >= size/beta (vector)
+        sensitive entries is structured / tuned whole and counts its size; any other unit counts its
+        sensitive entries -- LayerNorm entries too, although they never train -- and every total adds
+        768 for the class token. The step whose total, in millions and in float32 (the official
+        counts are float32 tensors), is closest to ``budget`` wins; ties go to the later step, and a
+        step must beat the official starting point ``|0 - budget|``. A step beyond the number of
+        ranked entries ends the sweep (the official ``topk`` would fail there).
+        """
+        dev = scores.device
+        sizes = torch.tensor([u.size for u in units], device=dev)
+        ends = torch.cumsum(sizes, 0)
         order = torch.argsort(scores, descending=True, stable=True)
-        budget = self.hp.budget * 1e6
-        costs = torch.tensor([self._cost(u) if u.matrix else u.size for u in units], device=scores.device,
-                             dtype=torch.float64)
-        is_matrix = torch.tensor([u.matrix for u in units], device=scores.device)
-        is_linear = torch.tensor([u.linear for u in units], device=scores.device)
+        costs = torch.tensor([self._cost(u) if u.matrix else u.size for u in units], device=dev, dtype=torch.float64)
+        is_matrix = torch.tensor([u.matrix for u in units], device=dev)
         thresholds = torch.where(is_matrix, costs / self.hp.alpha, sizes.double() / self.hp.beta)
-        real_costs = torch.tensor([self._real_cost(u) if u.matrix else u.size for u in units], device=scores.device,
-                                  dtype=torch.float64)
-        # the official total adds the class token (768); so does ours, where the backbone has one
-        cls = float(self._cls_size)
-        best = None
-        steps = 80
-        for k in range(1, steps + 1):
-            tau = min(len(scores), max(1, math.ceil(k * budget / (steps / 2))))
-            counts = torch.bincount(owner[order[:tau]], minlength=len(units)).double()
-            whole = counts >= thresholds
-            # what would really train: structured/whole units at their size, sparse linear entries one each
-            total = float(torch.where(whole, real_costs, torch.where(is_linear, counts, 0.0)).sum()) + cls
-            if best is None or abs(total - budget) <= abs(best[0] - budget):
-                best = (total, tau, whole)
-            if tau == len(scores):
+        target = torch.tensor(self.hp.budget, dtype=torch.float32)
+        best_distance, best = target.abs(), None  # the official starts from a total of 0
+        for k in range(1, self.SWEEP_STEPS + 1):
+            tau = math.ceil(k * self.hp.sweep_step * 1e6)  # the official float arithmetic, step by step
+            if tau > len(scores):
                 break
-        assert best is not None
-        _, tau, whole = best
-        chosen = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
+            owner = torch.searchsorted(ends, order[:tau], right=True)  # the unit of each sensitive entry
+            counts = torch.bincount(owner, minlength=len(units)).double()
+            whole = counts >= thresholds
+            total = float(torch.where(whole, costs, counts).sum()) + self.CLS_COUNT
+            distance = (torch.tensor(total, dtype=torch.float32) / 1e6 - target).abs()
+            if distance <= best_distance:
+                best_distance, best = distance, (tau, whole)
+        if best is None:
+            raise PetlbenchError(
+                f"method {self.name!r}: no step of the sensitivity sweep (steps of {self.hp.sweep_step:g} M entries, "
+                f"{self.SWEEP_STEPS} of them, at most {len(scores)} entries) gives a count within twice the budget "
+                f"{self.hp.budget:g} M. Fix: --set sweep_step=<a smaller step, e.g. budget/40>."
+            )
+        tau, whole = best
+        chosen = torch.zeros(len(scores), dtype=torch.bool, device=dev)
         chosen[order[:tau]] = True
-        offsets = torch.cumsum(sizes, 0) - sizes
+        offsets = ends - sizes
         sparse = []
         for i, u in enumerate(units):
             if whole[i] or not u.linear:
@@ -373,10 +467,6 @@ class _SPT(Method):
                 piece = chosen[int(offsets[i]):int(offsets[i]) + u.size]
                 sparse.append(torch.nonzero(piece).reshape(-1).cpu())
         return whole.tolist(), sparse
-
-    def _real_cost(self, unit: _Unit) -> int:
-        in_dim, out_dim, r = unit.layer.weight.shape[1], unit.stop - unit.start, self.hp.rank
-        return in_dim * r + r * out_dim + ((r + out_dim) if self.structured_type == "adapter" else 0)
 
     def restore_calibration(self, backbone: Backbone, petl: nn.ModuleDict, buffers) -> None:
         plan: Plan = petl["plan"]

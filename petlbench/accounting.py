@@ -25,7 +25,7 @@ class ParamCounts:
     - ``backbone``: the backbone without its head (85,798,656 for ViT-B/16).
     - ``total``: everything in the unmerged model.
     - ``trainable_bytes``: bytes of the per-task state as saved (the trainable tensors in their
-      dtype, plus the method's calibration buffers).
+      dtype, plus the method's calibration buffers and the running statistics of a ``head_norm``).
     """
 
     trainable: int
@@ -59,7 +59,8 @@ def count_params(model) -> ParamCounts:
     without_head = model.method.trainable_count(bb, model.petl)
     if without_head is None:
         without_head = sum(p.numel() for p in trainable if id(p) not in head_ids)
-    buffers = model.calibration_buffers().values() if hasattr(model, "calibration_buffers") else ()
+    buffers = list(model.calibration_buffers().values()) if hasattr(model, "calibration_buffers") else []
+    buffers += list(model.head_norm_state().values()) if hasattr(model, "head_norm_state") else []
     return ParamCounts(
         trainable=without_head + sum(p.numel() for p in head if p.requires_grad),
         head=head_count,

@@ -282,6 +282,28 @@ class Backbone:
         norm.register_forward_pre_hook(_StashHook(fn, cell))
         branch.register_forward_hook(_BranchHook(fn, cell))
 
+    # ----------------------------------------------------------------- build settings
+    def set_mlp_dropout(self, p: float) -> None:
+        """Dropout ``p`` after the MLP activation and after ``fc2`` in every block, nothing else.
+
+        timm's ``proj_drop_rate`` also drops after the attention projection; ARC's ViT (its FGVC
+        ``--vit_drop``) drops only inside the MLP (and after the embeddings, timm's
+        ``pos_drop_rate``). timm's ``Mlp`` already holds both dropout modules (``p=0`` unless
+        built otherwise), so this sets their rate and leaves the module tree unchanged.
+        """
+        if not 0.0 <= p < 1.0:
+            raise PetlbenchError(f"MLP dropout must be in [0, 1), got {p!r}.")
+        for blk in self.blocks:
+            drops = [getattr(blk.mlp, name, None) for name in ("drop1", "drop2")]
+            if not all(isinstance(d, nn.Dropout) for d in drops):
+                raise PetlbenchError(
+                    f"backbone {self.arch!r} block {blk.index}: its MLP ({type(blk.mlp).__name__}) has no dropout after "
+                    "the activation and after fc2, so mlp_drop_rate cannot be set. Fix: use a standard ViT/DeiT/Swin "
+                    "architecture, or proj_drop_rate."
+                )
+            for drop in drops:
+                drop.p = float(p)
+
 
 # --------------------------------------------------------------------- hook plumbing
 # Hooks hold a callable that belongs to a module registered in the model (a module, a bound

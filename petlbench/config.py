@@ -36,15 +36,28 @@ TRAIN_HPARAMS: dict[str, HParam] = {
     "grad_clip": HParam(0.0, "global gradient-norm clip (0 = off)", low=0.0),
     "label_smoothing": HParam(0.0, "cross-entropy label smoothing", low=0.0, high=0.99),
     "drop_path_rate": HParam(0.0, "stochastic depth of the (frozen) backbone", low=0.0, high=0.99),
-    "drop_rate": HParam(0.0, "dropout of the backbone (embedding and MLP)", low=0.0, high=0.99),
+    "drop_rate": HParam(0.0, "dropout on the pooled features, right before the classifier head (timm drop_rate); "
+                        "embedding and block dropouts are pos_drop_rate, proj_drop_rate, mlp_drop_rate", low=0.0,
+                        high=0.99),
+    "pos_drop_rate": HParam(0.0, "ViT: dropout after the embeddings (patches + class token + position embedding; "
+                            "timm pos_drop_rate)", low=0.0, high=0.99),
+    "proj_drop_rate": HParam(0.0, "dropout after the attention projection and after the MLP activation and fc2 of every "
+                             "block (timm proj_drop_rate)", low=0.0, high=0.99),
+    "mlp_drop_rate": HParam(0.0, "dropout after the MLP activation and after fc2 of every block, not after the attention "
+                            "projection (ARC's --vit_drop, together with pos_drop_rate)", low=0.0, high=0.99),
     "drop_last": HParam(False, "drop the last incomplete training batch"),
     "precision": HParam("auto", "auto: bf16 autocast on GPUs with native bf16, fp16 + loss scaling on older ones, "
                         "fp32 on CPU; fp32 uses TF32 matmuls on Ampere+", choices=("auto", "fp32", "bf16", "fp16")),
     "normalization": HParam("backbone", "input normalisation: the backbone's pretrained config or a preset",
                             choices=("backbone", "imagenet", "inception")),
     "head_init": HParam("timm", "classifier-head initialisation: timm (trunc-normal std 0.02, bias 0; timm's "
-                        "default), zeros (ARC's code), vpt (VPT's code: kaiming-normal fan-out, bias -log(99))",
-                        choices=("timm", "zeros", "vpt")),
+                        "default), zeros (ARC's code), vpt (VPT's code: kaiming-normal fan-out, bias -log(99)), torch "
+                        "(PyTorch's nn.Linear default: Convpass, FacT, RepAdapter), adaptformer (trunc-normal std 0.01, "
+                        "PyTorch's default bias)", choices=("timm", "zeros", "vpt", "torch", "adaptformer")),
+    "head_norm": HParam("none", "normalisation before the classifier head: none, or bn (BatchNorm1d without affine, "
+                        "eps 1e-6, as AdaptFormer's/MAE's script; batch statistics in training, running ones at "
+                        "evaluation, saved with the trained state, folded into the head on merge)",
+                        choices=("none", "bn")),
     "compile": HParam(False, "torch.compile the model (falls back to eager mode if compilation fails)"),
     "eval_every": HParam(0, "evaluate every N epochs for the learning curve (0 = only at the end)", low=0),
     # Optimiser, parameter groups, schedule stepping, mixing, EMA and selection: what the paper

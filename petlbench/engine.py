@@ -662,6 +662,8 @@ def _train(model, train_loader, eval_loaders, cfg, device, *, select_on, eval_ev
     best = -1.0
     for epoch in range(epochs):
         model.train(not probe)  # probing runs only the head on fixed features
+        if probe and getattr(model, "head_norm", None) is not None:
+            model.head_norm.train()  # ... whose BatchNorm (head_norm=bn) still learns its statistics
         train_iter.set_epoch(epoch)
         t0 = time.perf_counter()
         running, batches = torch.zeros((), device=device), 0

@@ -24,6 +24,17 @@ class QuickGELU(nn.Module):
         return quick_gelu(x)
 
 
+@torch.no_grad()
+def init_vit_linear(layer: nn.Linear) -> None:
+    """What timm's ``_init_vit_weights`` draws for an ``nn.Linear`` when a model's constructor ends
+    with ``init_weights('')`` (``self.apply(_init_vit_weights)``, no module names), as NOAH's and
+    SPT's ViTs do *after* building their LoRA/adapter modules: weight trunc-normal std 0.02 (bounds
+    +-2 absolute, i.e. in effect N(0, 0.02)), bias zero. Whatever init a module wrote before is gone."""
+    nn.init.trunc_normal_(layer.weight, std=0.02)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 def _bias(layer: nn.Module, what: str) -> nn.Parameter:
     if getattr(layer, "bias", None) is None:
         raise PetlbenchError(

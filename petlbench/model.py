@@ -23,6 +23,7 @@ from torch import nn
 
 from petlbench.backbone import Backbone, petl_hooks, remove_petl_hooks
 from petlbench.errors import NotMergeableError, PetlbenchError, did_you_mean
+from petlbench.layers import fold_input
 from petlbench.method import Method
 from petlbench.registry import get_method
 from petlbench.weights import WeightsInfo, load_weights, resolve_source
@@ -49,6 +50,9 @@ class PETLModel(nn.Module):
         #: What :func:`calibrate` did ({"images", "batches", "seconds"} or {"restored_from": ...});
         #: None until a calibration-based method has been calibrated.
         self.calibration: dict[str, Any] | None = None
+        #: The normalisation before the classifier head (training setting ``head_norm``), set by
+        #: :func:`add_head_norm`; None when the head sees the pooled features directly.
+        self.head_norm: HeadBatchNorm | None = None
 
     @property
     def backbone(self) -> Backbone:
@@ -87,11 +91,19 @@ class PETLModel(nn.Module):
         params = {n for n, _ in self.petl.named_parameters()}
         return {f"petl.{k}": v for k, v in self.petl.state_dict(keep_vars=True).items() if k not in params}
 
+    def head_norm_state(self) -> dict[str, torch.Tensor]:
+        """The running statistics of the head's BatchNorm (``head_norm=bn``), by model name; they are
+        learnt from the task's data, so they belong to the per-task state. Empty without one."""
+        if self.head_norm is None:
+            return {}
+        return {f"head_norm.{k}": v for k, v in self.head_norm.state_dict(keep_vars=True).items()}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The per-task state: every trainable parameter (adapter + head) and the method's buffers
-        (calibration results), nothing frozen."""
+        """The per-task state: every trainable parameter (adapter + head), the method's buffers
+        (calibration results) and the head norm's running statistics, nothing frozen."""
         state = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
         state.update({n: b.detach() for n, b in self.calibration_buffers().items()})
+        state.update({n: b.detach() for n, b in self.head_norm_state().items()})
         return state
 
     def refreeze(self) -> None:
@@ -104,8 +116,15 @@ class PETLModel(nn.Module):
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "state") -> None:
         if self.method.needs_calibration and self.calibration is None:
             self._restore_calibration(state, source)
+        saved_norm = any(k.startswith("head_norm.") for k in state)
+        if saved_norm != (self.head_norm is not None):
+            raise PetlbenchError(
+                f"{source} was saved {'with' if saved_norm else 'without'} a BatchNorm before the head (head_norm=bn) "
+                f"and this model has {'none' if saved_norm else 'one'}. Fix: build the model with the same head_norm "
+                "(petlbench.model.add_head_norm)."
+            )
         params = dict(self.named_parameters())
-        buffers = self.calibration_buffers()
+        buffers = {**self.calibration_buffers(), **self.head_norm_state()}
         expected = set(self.trainable_names()) | set(buffers)
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         current = {**params, **buffers}
@@ -173,7 +192,8 @@ def create_model(
     ``pretrained``: a local weights file, a timm tag already in the local cache (or True for the
     architecture's default tag), or None for random init. ``suite``/``task`` select the presets
     the method's paper publishes; ``method_hparams`` override them. ``backbone_kwargs`` go to
-    ``timm.create_model`` (e.g. ``drop_path_rate``, or a tiny ``depth``/``embed_dim`` for tests).
+    ``timm.create_model`` (e.g. ``drop_path_rate``, or a tiny ``depth``/``embed_dim`` for tests),
+    except :data:`OWN_BACKBONE_KWARGS` (``mlp_drop_rate``), which petlbench applies itself.
     ``device="meta"`` builds shapes only (parameter counting without allocating memory).
     ``reuse_backbone``: take the backbone from the per-process cache (:data:`BACKBONES`): built,
     loaded and hashed once, copied per model, with a fresh head. The backbone is then built
@@ -206,14 +226,23 @@ def _build_backbone(backbone: str, arch: str, num_classes: int, pretrained: Any,
                     device: str | torch.device | None = None) -> tuple[nn.Module, WeightsInfo | None]:
     import timm
 
+    timm_kwargs = {k: v for k, v in kwargs.items() if k not in OWN_BACKBONE_KWARGS}
     try:
         with torch.device(device) if device is not None else nullcontext():
-            net = timm.create_model(backbone, pretrained=False, num_classes=num_classes, **kwargs)
+            net = timm.create_model(backbone, pretrained=False, num_classes=num_classes, **timm_kwargs)
     except (TypeError, RuntimeError) as exc:
         raise PetlbenchError(f"backbone {backbone!r} cannot be built with {kwargs or 'default settings'}: {exc}. "
                              "Fix: check the architecture name/tag and backbone_kwargs.") from None
+    if kwargs.get("mlp_drop_rate"):
+        Backbone(net, arch).set_mlp_dropout(float(kwargs["mlp_drop_rate"]))
     weights = load_weights(Backbone(net, arch), pretrained) if pretrained not in (None, False) else None
     return net, weights
+
+
+#: Backbone build settings petlbench applies itself, through :class:`Backbone` roles, after timm has
+#: built the model (timm has no such argument); every other backbone kwarg goes to ``timm.create_model``.
+#: ``mlp_drop_rate``: dropout after the MLP activation and after fc2 only (ARC's ``--vit_drop``).
+OWN_BACKBONE_KWARGS = ("mlp_drop_rate",)
 
 
 def _new_head(net: nn.Module, arch: str, num_classes: int) -> None:
@@ -274,7 +303,7 @@ BACKBONES = BackboneCache()
 
 
 #: Classifier-head initialisations (training setting ``head_init``), by the code they come from.
-HEAD_INITS = ("timm", "zeros", "vpt")
+HEAD_INITS = ("timm", "zeros", "vpt", "torch", "adaptformer")
 
 
 @torch.no_grad()
@@ -283,7 +312,11 @@ def init_head(head: nn.Linear, scheme: str) -> None:
 
     ``timm``: leave the head as timm created it (trunc-normal std 0.02 weight, zero bias; nothing is
     redrawn, so the seeded run is unchanged). ``zeros``: weight and bias zero (ARC's code). ``vpt``: kaiming-normal (fan-out, a=0) weight and
-    bias ``-log((1 - 0.01) / 0.01)`` = -4.595 (VPT's ``MLP(special_bias=True)``).
+    bias ``-log((1 - 0.01) / 0.01)`` = -4.595 (VPT's ``MLP(special_bias=True)``). ``torch``: PyTorch's
+    default ``nn.Linear`` initialisation, weight and bias U(+-1/sqrt(in_features)) (the official
+    Convpass, FacT and RepAdapter scripts keep the ``nn.Linear`` that ``reset_classifier`` builds).
+    ``adaptformer``: that default, then the weight redrawn trunc-normal std 0.01 (AdaptFormer's
+    ``main_image.py``, after MoCo v3), so the bias keeps PyTorch's default.
     """
     if scheme == "timm":
         return
@@ -293,8 +326,80 @@ def init_head(head: nn.Linear, scheme: str) -> None:
     elif scheme == "vpt":
         nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
         nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
+    elif scheme == "torch":
+        head.reset_parameters()
+    elif scheme == "adaptformer":
+        head.reset_parameters()  # weight, then bias: the draws of the official freshly built head
+        nn.init.trunc_normal_(head.weight, std=0.01)  # bounds +-2 absolute, as timm's trunc_normal_
     else:
         raise PetlbenchError(f"training setting 'head_init' must be one of {', '.join(HEAD_INITS)}, got {scheme!r}.")
+
+
+#: Normalisations before the classifier head (training setting ``head_norm``).
+HEAD_NORMS = ("none", "bn")
+
+
+class HeadBatchNorm(nn.BatchNorm1d):
+    """``BatchNorm1d(affine=False, eps=1e-6)`` on the pooled features, before the classifier head.
+
+    MAE's linear-probing recipe, which AdaptFormer's ``main_image.py`` uses for every image run
+    (``model.head = Sequential(BatchNorm1d(in_features, affine=False, eps=1e-6), head)``): PyTorch's
+    default momentum 0.1 with running statistics, batch statistics in training, running ones at
+    evaluation. It has no parameters (nothing trains), but its running statistics are learnt from
+    the task, so they are saved with the trainable state and folded into the head by :func:`merge`.
+    Computed in float32 whatever the autocast precision (statistics of bf16 features drift).
+    """
+
+    def __init__(self, features: int) -> None:
+        super().__init__(features, eps=1e-6, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:
+            raise PetlbenchError(
+                f"head_norm=bn got a training batch of {x.shape[0]} image: a BatchNorm needs at least 2 per batch. "
+                "Fix: --set drop_last=true (or a batch_size that leaves no single-image last batch)."
+            )
+        return super().forward(x.float()).to(x.dtype)
+
+
+def add_head_norm(model: PETLModel, scheme: str) -> None:
+    """Put the normalisation ``scheme`` (training setting ``head_norm``) before ``model``'s head.
+
+    ``none``: nothing. ``bn``: a :class:`HeadBatchNorm` as ``model.head_norm``, attached as an input
+    transform of the head Linear, so every call of the head (the full forward, the engine's
+    compiled-features path, linear probing on cached features) sees normalised features; the
+    model's train/eval mode decides batch or running statistics. Call it once, after
+    :func:`create_model`; it adds no trainable parameter.
+    """
+    if scheme not in HEAD_NORMS:
+        raise PetlbenchError(f"training setting 'head_norm' must be one of {', '.join(HEAD_NORMS)}, got {scheme!r}.")
+    if scheme == "none":
+        return
+    if model.head_norm is not None:
+        raise PetlbenchError("this model already has a head norm; add_head_norm is called once per model.")
+    head = model.backbone.head
+    model.head_norm = HeadBatchNorm(head.in_features).to(head.weight.device)
+    model.backbone.transform_input(head, model.head_norm)
+
+
+def check_head_norm(cfg: Mapping[str, Any], images: int) -> None:
+    """Refuse, in one line, training settings under which ``head_norm=bn`` cannot be what it says:
+    a one-image batch (no batch statistics) or batches padded with blank images (``compile`` pads
+    the short last batch; the blanks would enter the statistics). ``images``: the training set size."""
+    if cfg.get("head_norm", "none") != "bn":
+        return
+    batch, drop_last = int(cfg["batch_size"]), bool(cfg["drop_last"])
+    if batch < 2:
+        raise PetlbenchError(f"head_norm=bn needs batch_size >= 2 (a BatchNorm on one image has no statistics), got "
+                             f"{batch}. Fix: --set batch_size=<2 or more>.")
+    short = images % batch
+    if not drop_last and short == 1:
+        raise PetlbenchError(f"head_norm=bn: {images} training images in batches of {batch} leave a last batch of one "
+                             "image, which a BatchNorm cannot normalise. Fix: --set drop_last=true.")
+    if not drop_last and short and cfg.get("compile"):
+        raise PetlbenchError(f"head_norm=bn with compile=true: the short last batch ({short} of {batch} images) is "
+                             "padded with blank images, which would enter the BatchNorm statistics. "
+                             "Fix: --set drop_last=true.")
 
 
 def calibrate(model: PETLModel, loader: Any, device: str | torch.device | None = None) -> dict[str, Any] | None:
@@ -359,7 +464,7 @@ class _CountingLoader:
 
 def _check_hooks(model: PETLModel) -> None:
     """Hooks must belong to modules the model owns, or copies of the model would share state."""
-    owned = {id(m) for m in model.petl.modules()} | {id(m) for m in model.net.modules()}
+    owned = {id(m) for m in model.modules()}  # the backbone, the method's modules, the head norm
     for _, _, _, hook in petl_hooks(model.net):
         if id(hook.owner) not in owned:
             raise TypeError(
@@ -381,6 +486,10 @@ def merge(model: PETLModel) -> nn.Module:
     clone = copy.deepcopy(model)
     with torch.no_grad():
         clone.method.merge(clone.backbone, clone.petl)
+        if clone.head_norm is not None:  # eval-mode BatchNorm is affine: fold it into the head exactly
+            norm = clone.head_norm
+            inv = (norm.running_var.double() + norm.eps).rsqrt()
+            fold_input(clone.backbone.head, torch.diag(inv), -norm.running_mean.double() * inv)
     remove_petl_hooks(clone.net)
     net = clone.net
     for param in net.parameters():
@@ -402,6 +511,8 @@ def save_trainable(model: PETLModel, path: str | os.PathLike) -> Path:
     }
     if model.calibration is not None:
         meta["calibration"] = {k: v for k, v in model.calibration.items() if k != "seconds"}
+    if model.head_norm is not None:
+        meta["head_norm"] = "bn"
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     # One metadata key: safetensors writes a multi-key metadata map in arbitrary order, and the
     # same state must always give the same bytes (and SHA-256).

@@ -59,6 +59,10 @@ def pack_problem(models: Sequence[Any], cfgs: Sequence[Mapping[str, Any]], loade
         return "the method chooses what trains from each run's own data (calibration); runs differ in their masks"
     if base.method.frozen_features:
         return "linear probing trains on features extracted once; nothing to pack"
+    if any(m.backbone_kwargs != base.backbone_kwargs for m in models):
+        return "the runs' backbones are built differently (dropout, drop path: one backbone runs the pack)"
+    if any(getattr(m, "head_norm", None) is not None for m in models):
+        return "head_norm=bn keeps running statistics per run, which a vmapped step cannot update"
     if resolve_precision(cfgs[0]["precision"], device).grad_scaler:
         return "fp16 training needs a gradient scaler per run"
     if len({len(loader) for loader in loaders}) != 1 or len({getattr(loader, "num_samples", None) for loader in loaders}) != 1:

@@ -205,23 +205,29 @@ class _Data:
         from petlbench.data import DeviceLoader
 
         cached = self.split(role, cfg["limit_train"] if train else cfg["limit_eval"], train)
-        return DeviceLoader.for_split(
+        loader = DeviceLoader.for_split(
             cached, train=train, batch_size=cfg["batch_size"] if train else cfg["eval_batch_size"],
             normalization=norm, seed=seed, device=device, drop_last=cfg["drop_last"] if train else False,
         )
+        if train:
+            from petlbench.model import check_head_norm
+
+            check_head_norm(cfg, loader.num_samples)  # a head BatchNorm needs real batches of >= 2 images
+        return loader
 
 
 def _build(spec: RunSpec, cfg: dict[str, Any], classes: int, device: torch.device):
-    from petlbench.model import create_model, init_head
+    from petlbench.model import add_head_norm, create_model, init_head
 
     kwargs = {**spec.backbone_kwargs}
-    for key in ("drop_path_rate", "drop_rate"):
-        if cfg[key]:
+    for key in ("drop_path_rate", "drop_rate", "pos_drop_rate", "proj_drop_rate", "mlp_drop_rate"):
+        if cfg[key]:  # part of the backbone's build (and so of its cache key and compiled-graph key)
             kwargs[key] = cfg[key]
     # The backbone is built, loaded and hashed once per process (petlbench.model.BACKBONES).
     model = create_model(spec.backbone, spec.method, classes, pretrained=spec.pretrained, backbone_kwargs=kwargs,
                          reuse_backbone=True, **spec.method_hparams)
     init_head(model.backbone.head, cfg["head_init"])
+    add_head_norm(model, cfg["head_norm"])
     if spec.weights_sha256 and model.weights and model.weights.sha256 != spec.weights_sha256:
         raise PetlbenchError(f"weights file {spec.pretrained} changed since the sweep was planned "
                              f"(sha256 {model.weights.sha256[:12]} != {spec.weights_sha256[:12]}).")

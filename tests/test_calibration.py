@@ -101,7 +101,7 @@ def test_width_bound_is_checked_generically(gradshift) -> None:
 def test_spt_saves_its_plan_once(images) -> None:
     """SPT's per-layer indices are rebuilt from the plan: the state holds (and counts) the plan only."""
     torch.manual_seed(0)
-    model = build("spt_lora", budget=0.003, drop_path=0.0)
+    model = build("spt_lora", budget=0.003, sweep_step=0.003 / 40, drop_path=0.0)
     calibrate(model, loader(images), "cpu")
     buffers = model.calibration_buffers()
     assert buffers and all(k.startswith("petl.plan.") for k in buffers)
@@ -118,7 +118,7 @@ def test_runner_calibrates_before_training_and_records_it(demo_cache, tmp_path) 
     from tests.test_runner import FAST_SETS
 
     spec = plan("demo", ["spt_lora"], ["digits"], [0], output=str(tmp_path),
-                sets={**FAST_SETS, "budget": 0.01, "calib_images": 64}).specs[0]
+                sets={**FAST_SETS, "budget": 0.01, "sweep_step": 0.00025, "calib_images": 64}).specs[0]
     record = execute_spec(spec)
     assert record["status"] == "ok", record["error"]
     calib = record["config"]["calibration"]
@@ -143,7 +143,7 @@ def test_tune_protocol_calibrates_every_trial(demo_cache, tmp_path, monkeypatch)
 
     monkeypatch.setattr(model_module, "calibrate", spy)
     spec = plan("demo", ["spt_lora"], ["digits"], [0], output=str(tmp_path), protocol="tune",
-                sets={**FAST_SETS, "tune_lr": "1e-3", "tune_weight_decay": "0", "budget": 0.01,
+                sets={**FAST_SETS, "tune_lr": "1e-3", "tune_weight_decay": "0", "budget": 0.01, "sweep_step": 0.00025,
                       "calib_images": 32}).specs[0]
     record = execute_spec(spec)
     assert record["status"] == "ok", record["error"]
