@@ -158,7 +158,7 @@ class GPS(Method):
                  "StanfordDogs": {"k": 1}, "StanfordCars": {"k": 15}},
     }
     recipes = {
-        "vtab": {"*": {**_GPS_COMMON, "label_smoothing": 0.0},
+        "vtab": {"*": {**_GPS_COMMON, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
                  **{t: {"lr": lr, "batch_size": bs, "drop_path_rate": dp} for t, (lr, bs, dp) in _GPS_VTAB.items()}},
         "fgvc": {"*": {**_GPS_COMMON, "train_split": "train+val", "train_crop": "random_resized", "eval_resize": 248,
                        "interpolation": "bicubic", "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0,

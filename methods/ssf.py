@@ -95,7 +95,7 @@ class SSF(Method):
     mergeable = True
     hparams = {"init_std": HParam(0.02, "std of the N(1, std) scale / N(0, std) shift init", low=0.0)}
     recipes = {
-        "vtab": {"*": {**_SSF_COMMON, "label_smoothing": 0.0},
+        "vtab": {"*": {**_SSF_COMMON, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
                  **{t: {"lr": lr, "weight_decay": wd, "drop_path_rate": dp} for t, (lr, wd, dp) in _SSF_VTAB.items()}},
         "fgvc": {"*": {**_SSF_COMMON, "train_split": "train+val", "train_crop": "random_resized", "eval_resize": 248,
                        "interpolation": "bicubic", "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0,
