@@ -99,7 +99,8 @@ _VPT_CODE = (
 VPT_VTAB_SOURCE = (
     "KMnP/vpt: {what}; tune_vtab.py: lr grid {grid} (x batch/256) x wd 0.01, 0.001, 0.0001, 0, each trained on "
     "train800 and scored on val200 at the last epoch (ties -> the smaller lr), then 5 final runs (seeds 42, 44, "
-    "82, 100, 800) on train800val200 with the test accuracy at the end of training, averaged; TFDS images "
+    "82, 100, 800) on train800val200, the test accuracy recorded every epoch (the paper's number taken as the "
+    "last epoch's), averaged over the 5 runs; TFDS images "
     "resized by tf.image.resize (bilinear) to 224 x 224; batch 128 (demo.ipynb's tuning command); "
     + _VPT_CODE + "."
 )
