@@ -33,6 +33,17 @@ from torch import nn
 from petlbench import Backbone, HParam, Method
 from petlbench.layers import QuickGELU, init_vit_linear
 
+from ._recipes import (
+    NOAH_DIFFERENCES,
+    NOAH_SOURCE,
+    NOAH_VTAB,
+    VPT_DIFFERENCES,
+    VPT_FGVC_SOURCE,
+    VPT_LR_GRID,
+    VPT_SGD,
+    head_bias,
+)
+
 
 class Bottleneck(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float, variant: str) -> None:
@@ -77,7 +88,25 @@ class Adapter(Method):
                           choices=("noah", "vpt", "zero_up")),
     }
     presets = {"vtab": {"*": {"variant": "noah", "dropout": 0.1}}, "fgvc": {"*": {"variant": "vpt", "dropout": 0.0}}}
-    train_presets = {"vtab": {"*": {"lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64, "epochs": 100}}}
+    recipes = {
+        "vtab": {"*": dict(NOAH_VTAB)},
+        # VPT's "adapter" transfer type has no base config of its own: the prompt config's batch (128) is used,
+        # and the ten-value lr grid its paper lists for every non-full baseline (tune_fgvc.py linear_main).
+        "fgvc": {"*": {**VPT_SGD, "batch_size": 128, "tune_lr": VPT_LR_GRID}},
+    }
+    recipe_source = {
+        "vtab": NOAH_SOURCE.format(script="configs/Adapter/VTAB/slurm_train_adapter_vtab.sh (--is_adapter, "
+                                          "experiments/Adapter/ViT-B_prompt_adapter_8.yaml: width 8 on every block)"),
+        "fgvc": VPT_FGVC_SOURCE.format(what="MODEL.TRANSFER_TYPE adapter (src/models/vit_adapter/)",
+                                       grid=VPT_LR_GRID),
+    }
+    recipe_differences = {
+        "vtab": NOAH_DIFFERENCES,
+        "fgvc": VPT_DIFFERENCES + " VPT tuned the adapter width per task (reduction 8/64/256); the width here "
+                "is the bottleneck hyperparameter. The batch size and lr grid of VPT's adapter runs are not in "
+                "the repository's configs (128 and the linear grid assumed).",
+    }
+
     published = {"vtab": "Adapter (NOAH code, bottleneck 8)", "fgvc": "Adapter (VPT code)"}
 
     @classmethod
@@ -88,6 +117,10 @@ class Adapter(Method):
         if suite == "fgvc" and config["variant"] == "vpt":
             return cls.published["fgvc"]
         return None
+
+    def no_weight_decay(self, backbone: Backbone, petl: nn.ModuleDict) -> list[nn.Parameter]:
+        """VPT's SGD exempts only the classifier's bias (the FGVC recipe; NOAH's VTAB one uses the 1-D rule)."""
+        return head_bias(backbone)
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
         adapters = nn.ModuleList(Bottleneck(b.dim, self.hp.bottleneck, self.hp.dropout, self.hp.variant)

@@ -24,13 +24,13 @@ run's pooling, ``mean_patch_tokens_then_norm``. Swin keeps its own pooling (norm
 as in the official Swin code.
 ViT-B/16, r = 2: 12 * 2 * 2 * 768 = 36,864 (0.04 M); DTL+ adds 768 * k * k.
 
-Presets: the official per-task ViT-B/16 VTAB scripts (lr, stochastic depth, DTL+ kernel size;
-batch 32, 100 epochs, 10 warm-up epochs, weight decay 0.05). Training presets cannot depend on the
-backbone, so a Swin run gets the ViT values unless overridden (the official Swin-B scripts,
-``train_scripts/swin/vtab``, use other learning rates and stochastic depth). Deliberate
-differences: the official optimiser exempts biases from weight decay (only the head's bias is
-affected); the official Swin code builds a DTL+ conv for every stage, used or not; swish and the
-conv are non-linear, so DTL cannot be merged.
+Presets: the DTL+ kernel size per VTAB task. The paper recipe (``recipes``, ``--protocol paper``)
+is the official per-task ViT-B/16 VTAB scripts (lr, stochastic depth; batch 32, 100 epochs + 10
+cool-down epochs, 10 warm-up epochs, weight decay 0.05 with the head's bias exempt, one evaluation
+at the end). Recipes cannot depend on the backbone, so a Swin run gets the ViT values unless
+overridden (the official Swin-B scripts, ``train_scripts/swin/vtab``, use other learning rates and
+stochastic depth). Deliberate differences: the official Swin code builds a DTL+ conv for every
+stage, used or not; swish and the conv are non-linear, so DTL cannot be merged.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ from torch import nn
 
 from petlbench import Backbone, HParam, Method
 from petlbench.errors import PetlbenchError
+
+from ._recipes import TIMM_NEXT_EPOCH_NOTE, head_bias
 
 POOLING = "mean_patch_tokens_then_norm"
 
@@ -66,8 +68,26 @@ _DTL_PLUS = {
     "smallnorb_azi": (3e-3, 0.2, 5), "smallnorb_ele": (1e-3, 0.1, 5), "sun397": (3e-3, 0.0, 5),
     "svhn": (5e-3, 0.2, 5),
 }
-_TRAIN = {"batch_size": 32, "epochs": 100, "warmup_epochs": 10, "weight_decay": 0.05, "warmup_lr": 1e-7,
-          "min_lr": 1e-8}
+# train_vit_vtab.py: AdamW, weight decay 0.05 on every trainable tensor except those named *.bias (the head's
+# bias: the side network has none), batch 32 with drop_last, timm CosineLRScheduler(t_initial=100, warmup_t=10,
+# warmup_lr_init=1e-7, lr_min=1e-8) for 100 + 10 epochs (the last 10 at lr_min), the model's 0.5 mean/std,
+# one evaluation of the test set after training.
+_DTL_RECIPE = {
+    "optimizer": "adamw", "weight_decay": 0.05, "decay_groups": "method", "batch_size": 32, "drop_last": True,
+    "epochs": 100, "cooldown_epochs": 10, "schedule": "timm_epoch", "warmup_epochs": 10, "warmup_lr": 1e-7,
+    "min_lr": 1e-8, "label_smoothing": 0.0, "grad_clip": 0.0, "normalization": "inception", "head_init": "timm",
+    "selection": "final",
+}
+_DTL_SOURCE = (
+    "heekhero/DTL: train_scripts/vit/vtab/<task>/{script} (--batch_size 32 --epochs 100 --warmup_epochs 10 "
+    "--weight_decay 0.05, per-task --lr / --drop_path{fusion}, --amp --prefetcher), train_vit_vtab.py (AdamW "
+    "with *.bias tensors in a no-decay group; CosineLRScheduler(t_initial=epochs, lr_min=1e-8, "
+    "warmup_lr_init=1e-7, warmup_t=10); num_epochs = cycle length + warmup_epochs = 110; lr_scheduler.step(epoch) "
+    "after 1-based epoch `epoch`; the test set evaluated once after training), utils/utils.py (Resize((224, "
+    "224)) bicubic, drop_last for training, PrefetchLoader normalising with mean/std 0.5), train800val200 -> "
+    "test; the head keeps timm's trunc-normal(0.02) init; seed 42, one run."
+)
+_DTL_DIFFERENCES = TIMM_NEXT_EPOCH_NOTE + "AMP fp16 officially (petlbench's precision setting here)."
 
 
 def parse_blocks(method: str, text: str, depth: int, default: list[int], option: str) -> list[int]:
@@ -170,7 +190,12 @@ class DTL(Method):
         "add_blocks": HParam("", "blocks after which the side features are added ('' = second half; e.g. 6-11)"),
         "fusion_size": HParam(0, "DTL+ depth-wise conv kernel on the patch grid (0 = DTL)", low=0),
     }
-    train_presets = {"vtab": {"*": dict(_TRAIN), **{t: {"lr": lr, "drop_path_rate": dp} for t, (lr, dp) in _DTL.items()}}}
+    recipes = {"vtab": {"*": dict(_DTL_RECIPE), **{t: {"lr": lr, "drop_path_rate": dp} for t, (lr, dp) in _DTL.items()}}}
+    recipe_source = {"vtab": _DTL_SOURCE.format(script="train_dtl.sh", fusion=", --fusion_size 0")}
+    recipe_differences = {
+        "vtab": _DTL_DIFFERENCES,
+        "fgvc": "no recipe: DTL's repository has no FGVC scripts (VTAB, few-shot and domain generalisation only).",
+    }
 
     @classmethod
     def published_as(cls, suite: str, config: Mapping[str, Any]) -> str | None:
@@ -178,6 +203,10 @@ class DTL(Method):
         if config.get("rank") not in (0, 2) or config.get("fusion_size") != 0:
             return None
         return super().published_as(suite, config)
+
+    def no_weight_decay(self, backbone: Backbone, petl: nn.ModuleDict) -> list[nn.Parameter]:
+        """The official optimiser exempts the tensors named *.bias: of what DTL trains, only the head's bias."""
+        return head_bias(backbone)
 
     def check_backbone(self, backbone: Backbone) -> None:
         super().check_backbone(backbone)
@@ -222,7 +251,9 @@ class DTLPlus(DTL):
     published: dict[str, str] = {}
     hparams = {**DTL.hparams, "fusion_size": HParam(3, "depth-wise conv kernel on the patch grid (0 = DTL)", low=0)}
     presets = {"vtab": {t: {"fusion_size": k} for t, (_, _, k) in _DTL_PLUS.items()}}
-    train_presets = {
-        "vtab": {"*": dict(_TRAIN), **{t: {"lr": lr, "drop_path_rate": dp} for t, (lr, dp, _) in _DTL_PLUS.items()}}
+    recipes = {
+        "vtab": {"*": dict(_DTL_RECIPE),
+                 **{t: {"lr": lr, "drop_path_rate": dp} for t, (lr, dp, _) in _DTL_PLUS.items()}}
     }
+    recipe_source = {"vtab": _DTL_SOURCE.format(script="train_dtl+.sh", fusion=", --fusion_size (the presets)")}
 

@@ -51,6 +51,8 @@ from torch import nn
 from petlbench import Backbone, HParam, Method, PetlbenchError
 from petlbench.layers import add_to_weight_rows
 
+from ._recipes import PETL_VIT_DIFFERENCES, PETL_VIT_VTAB
+
 # Per-task (rank, scale) from FacT/configs/{tt,tk}/<task>.yaml (VTAB-1k).
 _VTAB = {
     #  task:                 TT (rank, s)    TK (rank, s)
@@ -200,9 +202,19 @@ class _FacTMethod(Method):
         "scale": HParam(1.0, "fixed scale s of every update (per-task VTAB presets)", low=0.0, low_exclusive=True),
         "dropout": HParam(0.1, "dropout on the r-dimensional activations (official: 0.1)", low=0.0, high=0.99),
     }
-    train_presets = {
-        "vtab": {"*": {"lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64, "epochs": 100, "warmup_epochs": 10,
-                       "warmup_lr": 1e-6, "min_lr": 1e-5, "drop_path_rate": 0.1}},
+    recipes = {"vtab": {"*": dict(PETL_VIT_VTAB)}}
+    recipe_source = {
+        "vtab": "JieShibo/PETL-ViT: FacT/fact_tt.py and FacT/fact_tk.py (AdamW(FacT + head tensors, lr 1e-3, "
+                "wd 1e-4), timm CosineLRScheduler(t_initial=100, warmup_t=10, lr_min=1e-5, warmup_lr_init=1e-6) "
+                "stepped scheduler.step(ep) after epoch ep, create_model(drop_path_rate=0.1), reset_classifier "
+                "(PyTorch's default nn.Linear init), test evaluated when ep % 10 == 9 and the best kept), FacT/vtab.py "
+                "(train800val200, batch 64, drop_last=True, Resize((224, 224)) bicubic, ImageNet mean/std), "
+                "FacT/run.sh; per-task rank and scale from FacT/configs/{tt,tk}/*.yaml (hyperparameter presets); "
+                "seed 42, one run.",
+    }
+    recipe_differences = {
+        "vtab": PETL_VIT_DIFFERENCES,
+        "fgvc": "no recipe: the FacT repository has VTAB-1k scripts only.",
     }
 
     @classmethod

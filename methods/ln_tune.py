@@ -25,6 +25,29 @@ class LNTune(Method):
     # PETL_Vision publishes only means (73.52 / 71.20) and the shipped reference CSV has no per-task LN-tune rows.
     published: dict[str, str] = {}
     mergeable = True
+    # OSU-MLB/PETL_Vision: experiment/config/default_vtab_processed.yml + lr_wd_vtab_processed.yml, engine/.
+    recipes = {
+        "vtab": {"*": {"optimizer": "adamw", "decay_groups": "all", "batch_size": 64, "drop_last": True, "epochs": 100,
+                       "schedule": "timm_epoch", "warmup_epochs": 10, "warmup_lr": 1e-6, "min_lr": 1e-5,
+                       "drop_path_rate": 0.1, "label_smoothing": 0.0, "grad_clip": 0.0, "selection": "tune",
+                       "tune_lr": "0.001,0.01", "tune_weight_decay": "0.0001,0.001"}},
+    }
+    recipe_source = {
+        "vtab": "OSU-MLB/PETL_Vision: experiment/config/method/ln.yml (ln: True), default_vtab_processed.yml "
+                "(AdamW, batch 64, 100 epochs, warm-up 10 epochs from 1e-6, lr_min 1e-5, drop_path_rate 0.1, "
+                "normalized: False, final_acc_hp: True), lr_wd_vtab_processed.yml (lr 0.001, 0.01 x wd 0.0001, "
+                "0.001), engine/trainer.py (timm CosineLRScheduler stepped scheduler.step(epoch) after each epoch), "
+                "engine/optimizer.py (one AdamW group), experiment/build_loader.py (drop_last=True), "
+                "experiment/run.py (grid trained on train800 and scored on val200 by the final accuracy; the best "
+                "retrained on train800val200 and its final test accuracy reported; one seed, 42).",
+    }
+    recipe_differences = {
+        "vtab": "PETL_Vision feeds [0, 1] inputs without mean/std normalisation (normalized: False), which "
+                "petlbench's normalization setting cannot express (the backbone's 0.5 mean/std is used); its "
+                "classifier initialisation was not checked (timm's used); PETL_Vision publishes only LN-tune's "
+                "means, so there is no per-task row to compare with.",
+        "fgvc": "no recipe: PETL_Vision's LN-tune runs are VTAB-1k (and other, non-FGVC) tasks.",
+    }
 
     def trainable(self, backbone: Backbone, petl: nn.ModuleDict) -> Iterable[nn.Parameter]:
         for norm in backbone.layernorms:

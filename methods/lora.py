@@ -33,6 +33,8 @@ from torch import nn
 from petlbench import Backbone, HParam, Method
 from petlbench.layers import add_to_weight_rows
 
+from ._recipes import NOAH_DIFFERENCES, NOAH_SOURCE, NOAH_VTAB
+
 
 @torch.no_grad()
 def init_pair(a: torch.Tensor, b: torch.Tensor, init: str) -> None:
@@ -108,7 +110,14 @@ class LoRA(Method):
         "init": HParam("lora", "lora: A kaiming-uniform, B zero (loralib, peft); noah: A and B trunc-normal std 0.02, "
                        "as NOAH's whole-model _init_vit_weights leaves its baseline", choices=("lora", "noah")),
     }
-    train_presets = {"vtab": {"*": {"lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64, "epochs": 100}}}
+    recipes = {"vtab": {"*": dict(NOAH_VTAB)}}
+    recipe_source = {"vtab": NOAH_SOURCE.format(script="configs/LoRA/VTAB/slurm_train_lora_vtab.sh (--is_LoRA, "
+                                                       "experiments/LoRA/ViT-B_prompt_lora_8.yaml: rank 8 on every block)")}
+    recipe_differences = {
+        "vtab": NOAH_DIFFERENCES,
+        "fgvc": "no recipe: the source of the FGVC LoRA row that tables print is not stated, so no official "
+                "script is known (the harmonised protocol applies).",
+    }
     published = {"vtab": NOAH_ROW}  # for targets=qkv, rank 8, scale 1 only (see published_as)
 
     @classmethod

@@ -19,9 +19,10 @@ input of norm2) on the patch tokens of every training image; per class c, the L2
 of these over the classes. The indices are a buffer of ``petl`` (saved with the trainable state,
 counted as no parameters). Until calibrated, S_l = the first K channels.
 
-Presets: K = 96 on VTAB-1k; the official per-task learning rate, weight decay and label
-smoothing (``run_model_sct.sh``, ``configs/model_sct/vtab``), batch 64, 100 epochs, 10 warm-up
-epochs, backbone stochastic depth 0.1, ImageNet mean/std. The configs' ``scale``/``scaleonx``
+Presets: K = 96 on VTAB-1k. The paper recipe (``recipes``, ``--protocol paper``): the official
+per-task learning rate, weight decay and label smoothing (``run_model_sct.sh``,
+``configs/model_sct/vtab``), batch 64 (drop_last), 100 epochs, timm's cosine stepped once per epoch
+(10 warm-up epochs), backbone stochastic depth 0.1, ImageNet mean/std, PyTorch's default head init. The configs' ``scale``/``scaleonx``
 are not used by the shipped ChannelAdapter (its scaled forms are commented out), so neither here.
 The calibration sees the run's training loader (VTAB: resized, not augmented, like the official
 no-augmentation calibration loader).
@@ -45,6 +46,8 @@ from torch import nn
 
 from petlbench import Backbone, HParam, Method
 from petlbench.errors import PetlbenchError
+
+from ._recipes import PETL_VIT_DIFFERENCES, PETL_VIT_VTAB
 
 # run_model_sct.sh (lr, weight decay) and configs/model_sct/vtab/*.yaml (label smoothing), by petlbench task name.
 _TRAIN = {
@@ -99,12 +102,27 @@ class SCT(Method):
     hparams = {"channels": HParam(0, "K: salient channels tuned per block (topN); 0 = width/8, i.e. 96 on ViT-B",
                                   low=0)}
     presets = {"vtab": {"*": {"channels": 96}}}
-    train_presets = {
+    recipes = {
         "vtab": {
-            "*": {"batch_size": 64, "epochs": 100, "warmup_epochs": 10, "warmup_lr": 1e-6, "min_lr": 1e-5,
-                  "drop_path_rate": 0.1, "drop_last": True, "normalization": "imagenet"},
+            "*": dict(PETL_VIT_VTAB),
             **{t: {"lr": lr, "weight_decay": wd, "label_smoothing": ls} for t, (lr, wd, ls) in _TRAIN.items()},
         }
+    }
+    recipe_source = {
+        "vtab": "showlab/SCT: run_model_sct.sh (per-task --lr / --wd, --dpr 0.1, --topN 96, --eval True: train "
+                "on train800val200, evaluate test), configs/model_sct/vtab/*.yaml (batch 64, 100 epochs, 10 warm-up "
+                "epochs, per-task labelsmoothing and train_aug), train_model_sct.py (AdamW over the SCT + head "
+                "tensors in one group, timm CosineLRScheduler(warmup_lr_init=1e-6, lr_min=1e-5) stepped "
+                "scheduler.step(ep) after epoch ep, test evaluated when ep % 10 == 9 and the best kept, "
+                "reset_classifier = a fresh nn.Linear), vtab.py (drop_last=True, Resize((224, 224)) bicubic, "
+                "ImageNet mean/std); seed 42, one run.",
+    }
+    recipe_differences = {
+        "vtab": "the timm augmentation (colour jitter 0.4 + RandAugment rand-m9-mstd0.5-inc1 on the resized "
+                "image) that the configs switch on with train_aug for clevr_count, clevr_dist, "
+                "diabetic_retinopathy, dmlab, dtd, eurosat, kitti, oxford_iiit_pet, patch_camelyon, resisc45 and "
+                "svhn is not reproduced (petlbench has no RandAugment); " + PETL_VIT_DIFFERENCES,
+        "fgvc": "no recipe: the SCT repository has VTAB-1k scripts only.",
     }
 
     @classmethod

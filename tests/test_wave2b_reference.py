@@ -316,7 +316,7 @@ def test_dtl_swin_matches_official_forward(method: str, images: torch.Tensor) ->
 def test_dtl_presets() -> None:
     assert petlbench.get_method("dtl_plus").resolve(suite="vtab", task="clevr_count")["fusion_size"] == 5
     assert petlbench.get_method("dtl").resolve(suite="vtab", task="clevr_count")["fusion_size"] == 0
-    assert petlbench.get_method("dtl").train_presets["vtab"]["cifar"] == {"lr": 3e-4, "drop_path_rate": 0.1}
+    assert petlbench.get_method("dtl").recipes["vtab"]["cifar"] == {"lr": 3e-4, "drop_path_rate": 0.1}
 
 
 # ------------------------------------------------------------------------------------------ SCT

@@ -302,7 +302,7 @@ def test_gps_needs_training_data() -> None:
 def test_gps_presets() -> None:
     cls = petlbench.get_method("gps")
     assert cls.resolve(suite="fgvc", task="StanfordCars")["k"] == 15
-    assert cls.train_presets["vtab"]["cifar"]["lr"] == 1e-2
+    assert cls.recipes["vtab"]["cifar"]["lr"] == 1e-2
 
 
 # ------------------------------------------------------------------------------- bad input
