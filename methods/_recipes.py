@@ -73,7 +73,7 @@ NOAH_DIFFERENCES = (
 #: validation split from a grid, lr scaled by batch / 256 (``tune_vtab.py``, ``tune_fgvc.py``).
 VPT_SGD: dict[str, Any] = {
     "optimizer": "sgd", "momentum": 0.9, "lr_base_batch": 256, "decay_groups": "method", "drop_last": False,
-    "epochs": 100, "schedule": "iter", "warmup_epochs": 10, "warmup_lr": 0.0, "min_lr": 0.0,
+    "epochs": 100, "schedule": "epoch", "warmup_epochs": 10, "warmup_lr": 0.0, "min_lr": 0.0,
     "drop_path_rate": 0.0, "label_smoothing": 0.0, "grad_clip": 0.0, "normalization": "imagenet",
     "head_init": "vpt", "selection": "tune", "tune_weight_decay": "0.01,0.001,0.0001,0",
 }
@@ -111,21 +111,10 @@ VPT_FGVC_SOURCE = (
 )
 
 VPT_DIFFERENCES = (
-    "VPT steps its warm-up/cosine once per epoch (epoch e trains at the curve's value at e, epoch 0 at lr 0); "
-    "petlbench follows the same curve per iteration; VTAB images come from TFDS resized by tf.image.resize "
+    "VTAB images come from TFDS resized by tf.image.resize "
     "(bilinear, no antialiasing) in VPT, from the NOAH-format JPEGs with PIL bilinear here; the VTAB mean "
     "over 5 seeds is petlbench's --seeds, not part of one run."
 )
-
-#: SSF, GPS (timm's train.py) and DTL step timm's per-epoch scheduler after each epoch with the NEXT epoch's
-#: index, so epoch e trains at the curve's value at e; ``timm_epoch`` is the RepAdapter/NOAH variant, one epoch
-#: later. Same curve and same total learning rate, shifted by one epoch: the closest contract value.
-TIMM_NEXT_EPOCH_NOTE = (
-    "The official loop steps timm's per-epoch scheduler with the next epoch's index (epoch e trains at the "
-    "curve's value at e); petlbench's timm_epoch is the step(epoch) variant, one epoch later (epochs 0 and 1 "
-    "both at the warm-up start) -- the same curve and total learning rate, shifted by one epoch. "
-)
-
 
 def head_bias(backbone: Backbone) -> list[nn.Parameter]:
     """The classifier's bias (found through the backbone's head role), or nothing if it has none."""

@@ -171,7 +171,7 @@ class AdapterPlus(Method):
     recipes = {
         "vtab": {"*": {**_PLUS_RECIPE, "drop_last": True, "interpolation": "bilinear"}},
         "fgvc": {"*": {**_PLUS_RECIPE, "drop_last": False, "train_split": "train+val", "train_crop": "random_resized",
-                       "eval_resize": 256, "interpolation": "bicubic"}},
+                       "eval_resize": 256, "interpolation": "random"}},
     }
     recipe_source = {
         "vtab": "visinf/adapter_plus: conf/config.yaml (vit_base_patch16_224.orig_in21k, vit.drop_path 0.1), "
@@ -197,7 +197,7 @@ class AdapterPlus(Method):
         for suite, extra in (
             ("vtab", "VTAB images are read from TFDS and resized by tf.image.resize (bilinear, no antialiasing) "
                      "officially, from the NOAH-format JPEGs with PIL bilinear here."),
-            ("fgvc", "timm's random train interpolation (bilinear or bicubic per image) is bicubic here."),
+            ("fgvc", "the official FGVC test set is evaluated once, after the last epoch (selection final)."),
         )
     }
 

@@ -105,7 +105,7 @@ class ARC(Method):
         "vtab": {"*": {**_ARC_COMMON, "lr": 1e-2, "weight_decay": 0.0, "min_lr": 1e-8}},
         "fgvc": {"*": dict(_ARC_COMMON),
                  **{task: {"lr": lr, "weight_decay": wd, "min_lr": lr * 1e-6, "pos_drop_rate": drop,
-                           "proj_drop_rate": drop} for task, (lr, wd, drop) in _ARC_FGVC.items()}},
+                           "mlp_drop_rate": drop} for task, (lr, wd, drop) in _ARC_FGVC.items()}},
     }
     recipe_source = {
         "vtab": "DavidYanAnDe/ARC: vtab_ARC_train.py defaults (--learning_rate 0.01, --weight_decay 0, "
@@ -128,8 +128,7 @@ class ARC(Method):
                 "lr) is reached as min_lr = 1e-8 here; no per-task ViT values were released (lr 0.01, wd 0 for "
                 "every task); fp32 officially, petlbench's precision here; the published number is the best of "
                 "100 test evaluations, reproduced only by --protocol paper-best-test.",
-        "fgvc": "--vit_drop also drops inside the attention projection in timm (proj_drop_rate covers attention "
-                "and MLP projections; ARC's attention dropout stays 0); the reply does not say whether its values "
+        "fgvc": "--vit_drop is reproduced as pos_drop_rate + mlp_drop_rate (dropout after the embeddings and in both MLP dropouts of every block; ARC's attention-projection dropout stays 0, as officially); the reply does not say whether its values "
                 "are for ARC or ARC_att (both inherit them); the last step is skipped officially, as on VTAB; "
                 "best-of-100 test selection only under --protocol paper-best-test.",
     }

@@ -47,7 +47,7 @@ from torch import nn
 from petlbench import Backbone, HParam, Method
 from petlbench.errors import PetlbenchError
 
-from ._recipes import TIMM_NEXT_EPOCH_NOTE, head_bias
+from ._recipes import head_bias
 
 POOLING = "mean_patch_tokens_then_norm"
 
@@ -74,7 +74,7 @@ _DTL_PLUS = {
 # one evaluation of the test set after training.
 _DTL_RECIPE = {
     "optimizer": "adamw", "weight_decay": 0.05, "decay_groups": "method", "batch_size": 32, "drop_last": True,
-    "epochs": 100, "cooldown_epochs": 10, "schedule": "timm_epoch", "warmup_epochs": 10, "warmup_lr": 1e-7,
+    "epochs": 100, "cooldown_epochs": 10, "schedule": "timm_train", "warmup_epochs": 10, "warmup_lr": 1e-7,
     "min_lr": 1e-8, "label_smoothing": 0.0, "grad_clip": 0.0, "normalization": "inception", "head_init": "timm",
     "selection": "final",
 }
@@ -87,7 +87,7 @@ _DTL_SOURCE = (
     "224)) bicubic, drop_last for training, PrefetchLoader normalising with mean/std 0.5), train800val200 -> "
     "test; the head keeps timm's trunc-normal(0.02) init; seed 42, one run."
 )
-_DTL_DIFFERENCES = TIMM_NEXT_EPOCH_NOTE + "AMP fp16 officially (petlbench's precision setting here)."
+_DTL_DIFFERENCES = "AMP fp16 officially (petlbench's precision setting here)."
 
 
 def parse_blocks(method: str, text: str, depth: int, default: list[int], option: str) -> list[int]:

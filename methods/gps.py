@@ -50,8 +50,6 @@ from torch import nn
 from petlbench import Backbone, HParam, Method, PetlbenchError
 from petlbench.layers import add_to_weight_rows
 
-from ._recipes import TIMM_NEXT_EPOCH_NOTE
-
 _SITES = ("qkv", "proj", "fc1", "fc2")
 
 
@@ -132,7 +130,7 @@ _GPS_FGVC = {
 # floor 1e-8, stepped once per epoch; the model's mean/std (0.5); every epoch evaluated, the best kept.
 _GPS_COMMON = {
     "optimizer": "adamw", "weight_decay": 0.0, "decay_groups": "all", "drop_last": True, "epochs": 100,
-    "cooldown_epochs": 10, "schedule": "timm_epoch", "warmup_epochs": 10, "warmup_lr": 1e-7, "min_lr": 1e-8,
+    "cooldown_epochs": 10, "schedule": "timm_train", "warmup_epochs": 10, "warmup_lr": 1e-7, "min_lr": 1e-8,
     "grad_clip": 0.0, "normalization": "backbone", "head_init": "timm", "selection": "best-test", "eval_every": 1,
 }
 
@@ -158,10 +156,11 @@ class GPS(Method):
                  "StanfordDogs": {"k": 1}, "StanfordCars": {"k": 15}},
     }
     recipes = {
-        "vtab": {"*": {**_GPS_COMMON, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
+        "vtab": {"*": {**_GPS_COMMON, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "train_crop": "center",
+                       "eval_resize": 224, "interpolation": "bicubic"},
                  **{t: {"lr": lr, "batch_size": bs, "drop_path_rate": dp} for t, (lr, bs, dp) in _GPS_VTAB.items()}},
         "fgvc": {"*": {**_GPS_COMMON, "train_split": "train+val", "train_crop": "random_resized", "eval_resize": 248,
-                       "interpolation": "bicubic", "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0,
+                       "interpolation": "random", "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0,
                        "mixup_switch_prob": 0.5, "label_smoothing": 0.1},
                  **{t: {"lr": lr, "batch_size": bs, "drop_path_rate": dp, "ema_decay": ema}
                     for t, (lr, bs, dp, ema) in _GPS_FGVC.items()}},
@@ -182,12 +181,11 @@ class GPS(Method):
                 "by the EMA model).",
     }
     recipe_differences = {
-        "vtab": "Adam with weight decay 0 is AdamW with weight decay 0 (the same update). " + TIMM_NEXT_EPOCH_NOTE
-                + "AMP fp16 officially (petlbench's precision setting here); the calibration's colour jitter / "
+        "vtab": "Adam with weight decay 0 is AdamW with weight decay 0 (the same update). " + "--no-aug --direct-resize is Resize(224) on the shorter side + CenterCrop(224) for training and evaluation (train_crop center, eval_resize 224); its training resize is bilinear (timm turns 'random' into bilinear without augmentation) where petlbench's centre-crop training uses the evaluation's bicubic. "
+                "AMP fp16 officially (petlbench's precision setting here); the calibration's colour jitter / "
                 "grey-scale views are not reproduced (see the module docstring); the published number is the best "
                 "test epoch of 110, reproduced only by --protocol paper-best-test.",
-        "fgvc": "Adam with weight decay 0 is AdamW with weight decay 0. " + TIMM_NEXT_EPOCH_NOTE + "Timm's random "
-                "train interpolation is bicubic here; GPS logs the best raw and the best EMA test accuracy and the "
+        "fgvc": "Adam with weight decay 0 is AdamW with weight decay 0. GPS logs the best raw and the best EMA test accuracy and the "
                 "paper does not say which it quotes (the EMA model is evaluated here, as timm reports it); best "
                 "test epoch only under --protocol paper-best-test.",
     }

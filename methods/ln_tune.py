@@ -30,6 +30,7 @@ class LNTune(Method):
         "vtab": {"*": {"optimizer": "adamw", "decay_groups": "all", "batch_size": 64, "drop_last": True, "epochs": 100,
                        "schedule": "timm_epoch", "warmup_epochs": 10, "warmup_lr": 1e-6, "min_lr": 1e-5,
                        "drop_path_rate": 0.1, "label_smoothing": 0.0, "grad_clip": 0.0, "selection": "tune",
+                       "normalization": "none",
                        "tune_lr": "0.001,0.01", "tune_weight_decay": "0.0001,0.001"}},
     }
     recipe_source = {
@@ -42,8 +43,7 @@ class LNTune(Method):
                 "retrained on train800val200 and its final test accuracy reported; one seed, 42).",
     }
     recipe_differences = {
-        "vtab": "PETL_Vision feeds [0, 1] inputs without mean/std normalisation (normalized: False), which "
-                "petlbench's normalization setting cannot express (the backbone's 0.5 mean/std is used); its "
+        "vtab": "its "
                 "classifier initialisation was not checked (timm's used); PETL_Vision publishes only LN-tune's "
                 "means, so there is no per-task row to compare with.",
         "fgvc": "no recipe: PETL_Vision's LN-tune runs are VTAB-1k (and other, non-FGVC) tasks.",

@@ -18,8 +18,6 @@ from torch import nn
 from petlbench import Backbone, HParam, Method
 from petlbench.layers import fold_output
 
-from ._recipes import TIMM_NEXT_EPOCH_NOTE
-
 
 class ScaleShift(nn.Module):
     def __init__(self, dim: int, std: float, channels_first: bool = False) -> None:
@@ -81,7 +79,7 @@ _SSF_FGVC = {
 # evaluation after every epoch, best kept.
 _SSF_COMMON = {
     "optimizer": "adamw", "decay_groups": "no_1d", "batch_size": 64, "drop_last": True, "epochs": 100,
-    "cooldown_epochs": 10, "schedule": "timm_epoch", "warmup_epochs": 10, "warmup_lr": 1e-7, "min_lr": 1e-8,
+    "cooldown_epochs": 10, "schedule": "timm_train", "warmup_epochs": 10, "warmup_lr": 1e-7, "min_lr": 1e-8,
     "grad_clip": 0.0, "normalization": "backbone", "head_init": "timm", "selection": "best-test", "eval_every": 1,
 }
 
@@ -95,10 +93,11 @@ class SSF(Method):
     mergeable = True
     hparams = {"init_std": HParam(0.02, "std of the N(1, std) scale / N(0, std) shift init", low=0.0)}
     recipes = {
-        "vtab": {"*": {**_SSF_COMMON, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
+        "vtab": {"*": {**_SSF_COMMON, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "train_crop": "center",
+                       "eval_resize": 224, "interpolation": "bicubic"},
                  **{t: {"lr": lr, "weight_decay": wd, "drop_path_rate": dp} for t, (lr, wd, dp) in _SSF_VTAB.items()}},
         "fgvc": {"*": {**_SSF_COMMON, "train_split": "train+val", "train_crop": "random_resized", "eval_resize": 248,
-                       "interpolation": "bicubic", "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0,
+                       "interpolation": "random", "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0,
                        "mixup_switch_prob": 0.5, "label_smoothing": 0.1},
                  **{t: {"lr": lr, "weight_decay": wd, "drop_path_rate": dp, "ema_decay": ema, **split}
                     for t, (lr, wd, dp, ema, split) in _SSF_FGVC.items()}},
@@ -119,11 +118,11 @@ class SSF(Method):
                 "train.py (the EMA model is the one evaluated, every epoch, best kept).",
     }
     recipe_differences = {
-        "vtab": TIMM_NEXT_EPOCH_NOTE + "AMP fp16 officially (petlbench's precision setting here); the 2-GPU data "
+        "vtab": "--no-aug --direct-resize is Resize(224) on the shorter side + CenterCrop(224) for training and evaluation (train_crop center, eval_resize 224); its training resize is bilinear (timm turns 'random' into bilinear without augmentation) where petlbench's centre-crop training uses the evaluation's bicubic. AMP fp16 officially (petlbench's precision setting here); the 2-GPU data "
                 "parallel split (2 x 32 with a per-GPU drop_last) is one batch of 64 here; the published number is "
                 "the best test epoch of 110, reproduced only by --protocol paper-best-test.",
-        "fgvc": TIMM_NEXT_EPOCH_NOTE + "Timm's random train interpolation (bilinear or bicubic per image) is bicubic "
-                "here; OxfordFlowers and StanfordCars are read by SSF from an ImageFolder with train/ and val/ "
+        "fgvc": "timm's prefetcher applies RandomErasing(p=0.25, per-pixel) to every training batch (its --reprob "
+                "default), which petlbench does not reproduce; OxfordFlowers and StanfordCars are read by SSF from an ImageFolder with train/ and val/ "
                 "folders whose content the repository does not show: Cars is taken as the official train split "
                 "(VPT's train + val), Flowers as VPT's train split; AMP and the 2-GPU split as on VTAB; best EMA test "
                 "epoch only under --protocol paper-best-test.",

@@ -49,7 +49,7 @@ TRAIN_HPARAMS: dict[str, HParam] = {
     "precision": HParam("auto", "auto: bf16 autocast on GPUs with native bf16, fp16 + loss scaling on older ones, "
                         "fp32 on CPU; fp32 uses TF32 matmuls on Ampere+", choices=("auto", "fp32", "bf16", "fp16")),
     "normalization": HParam("backbone", "input normalisation: the backbone's pretrained config or a preset",
-                            choices=("backbone", "imagenet", "inception")),
+                            choices=("backbone", "imagenet", "inception", "none")),
     "head_init": HParam("timm", "classifier-head initialisation: timm (trunc-normal std 0.02, bias 0; timm's "
                         "default), zeros (ARC's code), vpt (VPT's code: kaiming-normal fan-out, bias -log(99)), torch "
                         "(PyTorch's nn.Linear default: Convpass, FacT, RepAdapter), adaptformer (trunc-normal std 0.01, "

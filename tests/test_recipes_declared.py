@@ -38,7 +38,7 @@ OFFICIAL: list[tuple[str, str, str, str, dict[str, Any]]] = [
      {"lr": 5e-3, "weight_decay": 5e-5, "drop_path_rate": 0.0, "warmup_lr": 1e-7, "min_lr": 1e-8,
       "warmup_epochs": 10, "epochs": 100, "cooldown_epochs": 10, "batch_size": 64, "optimizer": "adamw",
       "decay_groups": "no_1d", "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "normalization": "backbone",
-      "selection": "best-test", "eval_every": 1}),
+      "selection": "best-test", "eval_every": 1, "schedule": "timm_train", "train_crop": "center", "eval_resize": 224}),
     ("ssf", "vtab", "clevr_dist", "dongzelian/SSF vtab/clevr_dist/train_ssf.sh",
      {"lr": 5e-2, "weight_decay": 5e-2, "drop_path_rate": 0.1}),
     ("ssf", "vtab", "smallnorb_ele", "dongzelian/SSF vtab/smallnorb_ele/train_ssf.sh",
@@ -47,8 +47,8 @@ OFFICIAL: list[tuple[str, str, str, str, dict[str, Any]]] = [
      {"lr": 2e-3, "weight_decay": 5e-5, "drop_path_rate": 0.1}),
     ("ssf", "fgvc", "CUB_200_2011", "dongzelian/SSF fgvc/cub_2011/train_ssf.sh + timm defaults",
      {"lr": 1e-2, "weight_decay": 5e-2, "drop_path_rate": 0.0, "ema_decay": 0.9998, "mixup": 0.8, "cutmix": 1.0,
-      "label_smoothing": 0.1, "train_crop": "random_resized", "eval_resize": 248, "interpolation": "bicubic",
-      "train_split": "train+val", "warmup_lr": 1e-7, "min_lr": 1e-8, "cooldown_epochs": 10}),
+      "label_smoothing": 0.1, "train_crop": "random_resized", "eval_resize": 248, "interpolation": "random",
+      "train_split": "train+val", "schedule": "timm_train", "warmup_lr": 1e-7, "min_lr": 1e-8, "cooldown_epochs": 10}),
     ("ssf", "fgvc", "OxfordFlowers", "dongzelian/SSF fgvc/oxford_flowers/train_ssf.sh",
      {"lr": 1e-2, "weight_decay": 5e-2, "drop_path_rate": 0.1, "ema_decay": 0.999}),
     ("ssf", "fgvc", "StanfordDogs", "dongzelian/SSF fgvc/stanford_dogs/train_ssf.sh",
@@ -73,9 +73,9 @@ OFFICIAL: list[tuple[str, str, str, str, dict[str, Any]]] = [
       "warmup_lr": 0.0, "grad_clip": 1.0, "schedule": "iter", "head_init": "zeros", "normalization": "imagenet",
       "selection": "best-test", "eval_every": 1}),
     ("arc", "fgvc", "CUB_200_2011", "DavidYanAnDe/ARC issue #1",
-     {"lr": 1e-3, "weight_decay": 0.05, "pos_drop_rate": 0.1, "proj_drop_rate": 0.1, "batch_size": 32}),
+     {"lr": 1e-3, "weight_decay": 0.05, "pos_drop_rate": 0.1, "mlp_drop_rate": 0.1, "batch_size": 32}),
     ("arc", "fgvc", "StanfordDogs", "DavidYanAnDe/ARC issue #1",
-     {"lr": 2.5e-4, "weight_decay": 0.05, "pos_drop_rate": 0.0, "proj_drop_rate": 0.0}),
+     {"lr": 2.5e-4, "weight_decay": 0.05, "pos_drop_rate": 0.0, "mlp_drop_rate": 0.0}),
     ("arc_att", "fgvc", "OxfordFlowers", "DavidYanAnDe/ARC issue #1 (ARC_att is the FGVC script's default)",
      {"lr": 2.5e-3, "weight_decay": 0.01, "pos_drop_rate": 0.1}),
     # NOAH's script: the NOAH retraining and the LoRA / Adapter VTAB baselines
@@ -120,7 +120,7 @@ OFFICIAL: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("dtl", "vtab", "cifar", "heekhero/DTL vtab/cifar_100/train_dtl.sh",
      {"lr": 3e-4, "drop_path_rate": 0.1, "weight_decay": 0.05, "batch_size": 32, "drop_last": True,
       "decay_groups": "method", "epochs": 100, "cooldown_epochs": 10, "warmup_lr": 1e-7, "min_lr": 1e-8,
-      "normalization": "inception", "selection": "final"}),
+      "normalization": "inception", "selection": "final", "schedule": "timm_train"}),
     ("dtl", "vtab", "dsprites_loc", "heekhero/DTL vtab/dsprites_loc/train_dtl.sh",
      {"lr": 1e-2, "drop_path_rate": 0.0}),
     ("dtl_plus", "vtab", "kitti", "heekhero/DTL vtab/kitti/train_dtl+.sh",
@@ -130,7 +130,7 @@ OFFICIAL: list[tuple[str, str, str, str, dict[str, Any]]] = [
      {"lr": 1e-3, "weight_decay": 1e-4, "decay_groups": "no_1d", "batch_size": 64, "drop_last": True,
       "warmup_lr": 1e-5, "min_lr": 1e-6, "drop_path_rate": 0.1, "selection": "final", "normalization": "backbone"}),
     ("adapter_plus", "fgvc", "NABirds", "visinf/adapter_plus conf/experiment/fgvc/adapter_plus_dim1-32.yaml",
-     {"train_split": "train+val", "train_crop": "random_resized", "eval_resize": 256, "interpolation": "bicubic",
+     {"train_split": "train+val", "train_crop": "random_resized", "eval_resize": 256, "interpolation": "random",
       "drop_last": False, "selection": "final"}),
     # ShoufaChen/AdaptFormer main_image.py + util/lr_sched.py
     ("adaptformer", "vtab", "cifar", "ShoufaChen/AdaptFormer main_image.py",
@@ -146,7 +146,8 @@ OFFICIAL: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("vpt_deep", "vtab", "dmlab", VPT + " (demo.ipynb: batch 64 for dmlab)",
      {"optimizer": "sgd", "momentum": 0.9, "lr_base_batch": 256, "batch_size": 64, "decay_groups": "method",
       "warmup_epochs": 10, "warmup_lr": 0.0, "min_lr": 0.0, "epochs": 100, "head_init": "vpt",
-      "normalization": "imagenet", "selection": "tune", "tune_lr": VPT_GRID, "tune_weight_decay": VPT_WD_GRID}),
+      "normalization": "imagenet", "selection": "tune", "tune_lr": VPT_GRID, "tune_weight_decay": VPT_WD_GRID,
+      "schedule": "epoch"}),
     ("vpt_deep", "vtab", "sun397", VPT + " (demo.ipynb: batch 128 for sun397)", {"batch_size": 128}),
     ("vpt_shallow", "fgvc", "NABirds", VPT + " (tune_fgvc.py prompt_main: no 0.05)",
      {"optimizer": "sgd", "tune_lr": VPT_GRID - {0.05}, "tune_weight_decay": VPT_WD_GRID, "drop_last": False}),
@@ -162,7 +163,7 @@ OFFICIAL: list[tuple[str, str, str, str, dict[str, Any]]] = [
     # OSU-MLB/PETL_Vision experiment/config/default_vtab_processed.yml + lr_wd_vtab_processed.yml
     ("ln_tune", "vtab", "eurosat", "OSU-MLB/PETL_Vision default_vtab_processed.yml",
      {"selection": "tune", "tune_lr": {0.001, 0.01}, "tune_weight_decay": {0.0001, 0.001}, "batch_size": 64,
-      "drop_path_rate": 0.1, "schedule": "timm_epoch", "drop_last": True}),
+      "drop_path_rate": 0.1, "schedule": "timm_epoch", "drop_last": True, "normalization": "none"}),
 ]
 
 # Methods that deliberately declare no recipe for a suite (and must say why in recipe_differences).
