@@ -7,10 +7,12 @@ from collections.abc import Iterable
 from torch import nn
 
 from petlbench import Backbone, Method
+from petlbench.backbone import FAMILIES
 
 
 class Full(Method):
     name = "full"
+    families = frozenset(FAMILIES)
     display_name = "Full fine-tuning"
     published = {"vtab": "Full fine-tuning", "fgvc": "Full fine-tuning"}
     summary = "Full fine-tuning: train every parameter."

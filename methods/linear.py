@@ -7,10 +7,12 @@ from collections.abc import Iterable
 from torch import nn
 
 from petlbench import Backbone, Method
+from petlbench.backbone import FAMILIES
 
 
 class Linear(Method):
     name = "linear"
+    families = frozenset(FAMILIES)
     display_name = "Linear probing"
     published = {"vtab": "Linear probing", "fgvc": "Linear probing"}
     summary = "Linear probing: train the classifier head only."

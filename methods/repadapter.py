@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method, PetlbenchError
+from petlbench.backbone import CONVNEXT_NO_ATTENTION, EVA_NO_QKV
 from petlbench.layers import fold_input
 
 # Per-task scale s from the official configs (configs/repblock, configs/repattn), VTAB-1k.
@@ -82,6 +83,11 @@ class RepBlock(nn.Module):
 
 class RepAdapter(Method):
     name = "repadapter"
+    families = frozenset({"vit", "deit_distilled", "swin"})
+    family_refusals = {
+        "eva": EVA_NO_QKV,
+        "convnext": CONVNEXT_NO_ATTENTION,
+    }
     display_name = "RepAdapter"
     published = {"vtab": "RepAdapter"}
 

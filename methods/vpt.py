@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
+from petlbench.backbone import CONVNEXT_NO_ATTENTION, ROPE_NO_EXTRA_TOKENS
 
 
 class Prompts(nn.Module):
@@ -70,7 +71,12 @@ DEEP_FGVC_TOKENS = {"CUB_200_2011": 10, "NABirds": 50, "OxfordFlowers": 5, "Stan
 
 
 class _VPT(Method):
-    families = frozenset({"vit"})
+    families = frozenset({"vit", "deit_distilled"})
+    family_refusals = {
+        "eva": ROPE_NO_EXTRA_TOKENS,
+        "swin": "VPT inserts prompt tokens into one token sequence; Swin attends within windows of the patch grid",
+        "convnext": CONVNEXT_NO_ATTENTION,
+    }
     deep = False
     # VPT's classifier: kaiming-normal fan-out weight, bias -log(99) (src/models/mlp.py, special_bias)
     train_presets = {"vtab": {"*": {"head_init": "vpt"}}, "fgvc": {"*": {"head_init": "vpt"}}}

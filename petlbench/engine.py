@@ -404,7 +404,7 @@ def _train(model, train_loader, eval_loaders, cfg, device, *, select_on, eval_ev
     params = [p for p in model.parameters() if p.requires_grad]
     # Linear probing on fixed inputs (no augmentation): features once, then only the head per step.
     probe = model.method.frozen_features and not train_loader.random_crop and not train_loader.flip
-    head = model.backbone.head
+    head = model.backbone.classifier  # pre-logit features -> logits (distilled DeiT: both heads, averaged)
     features: MaybeCompiled | None = None
     pad_to = 0
     if probe:

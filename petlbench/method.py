@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from petlbench.backbone import Backbone
+from petlbench.backbone import FAMILY_SUMMARY, Backbone
 from petlbench.errors import NotMergeableError, PetlbenchError, did_you_mean
 
 _TRUE = {"1", "true", "yes", "on", "y"}
@@ -131,7 +131,11 @@ class Method:
       on another hyperparameter.
     - ``train_presets``: the same shape, for training settings the papers publish (lr,
       weight_decay, batch_size, epochs, ...); consumed by the runner, not by the model.
-    - ``families``: backbone families supported (``"vit"``, ``"swin"``).
+    - ``families``: backbone families the method runs on (``petlbench.backbone.FAMILIES``: ``"vit"``,
+      ``"deit_distilled"``, ``"eva"``, ``"swin"``, ``"convnext"``); on any other the run is refused
+      when it is planned, before data or training.
+    - ``family_refusals``: ``{family: why}``, one line for each family the method does not run on,
+      shown in that refusal (and by ``petlbench backbone describe``).
     - ``mergeable``: True when :meth:`merge` folds the method into the plain backbone exactly.
     - ``frozen_features``: True when only the head trains and the backbone's features never
       change (linear probing), so the engine may extract features once and train on them.
@@ -157,6 +161,7 @@ class Method:
     presets: ClassVar[Mapping[str, Mapping[str, Mapping[str, Any]]]] = {}
     train_presets: ClassVar[Mapping[str, Mapping[str, Mapping[str, Any]]]] = {}
     families: ClassVar[frozenset[str]] = frozenset({"vit", "swin"})
+    family_refusals: ClassVar[Mapping[str, str]] = {}
     mergeable: ClassVar[bool] = False
     frozen_features: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = False
@@ -215,12 +220,22 @@ class Method:
         return {**current, **{k: v for k, v in preset.items() if k not in user}}
 
     # ------------------------------------------------------------------ behaviour
+    @classmethod
+    def refusal(cls, family: str) -> str | None:
+        """Why this method does not run on ``family`` (one line), or None when it does."""
+        if family in cls.families:
+            return None
+        return cls.family_refusals.get(family) or (
+            f"its placement is written against the roles of {', '.join(sorted(cls.families))} backbones, and a "
+            f"{family} backbone differs from those ({FAMILY_SUMMARY.get(family, family)})")
+
     def check_backbone(self, backbone: Backbone) -> None:
         """Raise a PetlbenchError when this method is not defined on ``backbone``."""
-        if backbone.family not in self.families:
+        why = self.refusal(backbone.family)
+        if why is not None:
             raise PetlbenchError(
-                f"method {self.name!r} is not defined on {backbone.family} backbones ({backbone.arch}); it supports "
-                f"{', '.join(sorted(self.families))}. Fix: choose another --backbone or method."
+                f"method {self.name!r} is not defined on {backbone.family} backbones ({backbone.arch}): {why}. It runs "
+                f"on {', '.join(sorted(self.families))}. Fix: choose another --backbone or method."
             )
         narrowest = min((b.dim for b in backbone.blocks), default=None)
         for key in sorted(self.bounded_by_width):

@@ -46,6 +46,8 @@ class PETLModel(nn.Module):
         self.arch = arch
         self.backbone_kwargs = dict(backbone_kwargs or {})
         self.weights = weights
+        #: Leading tokens the heads read one each (distilled DeiT: 2), 0 for one pooled vector.
+        self.head_tokens = Backbone(net, arch).head_tokens
         #: What :func:`calibrate` did ({"images", "batches", "seconds"} or {"restored_from": ...});
         #: None until a calibration-based method has been calibrated.
         self.calibration: dict[str, Any] | None = None
@@ -75,8 +77,13 @@ class PETLModel(nn.Module):
         return self.net(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled pre-logit features (what the head sees)."""
-        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        """Pre-logit features: what ``backbone.classifier`` maps to the logits. The pooled vector
+        the head sees, or for distilled DeiT its class and distillation tokens (B, 2, D), one per
+        head (timm's own pre-logits there are their mean, on which no head of the model runs)."""
+        tokens = self.net.forward_features(x)
+        if self.head_tokens:
+            return tokens[:, : self.head_tokens]
+        return self.net.forward_head(tokens, pre_logits=True)
 
     # ------------------------------------------------------------ trainable state
     def trainable_names(self) -> list[str]:
@@ -137,11 +144,14 @@ class PETLModel(nn.Module):
 
 
 def supported_backbones() -> list[str]:
-    """timm architectures whose model class the backbone interface describes."""
+    """timm architectures of the timm modules whose model classes the backbone interface describes
+    (see :data:`petlbench.backbone.FAMILY_MODULES`); ``petlbench backbone describe`` shows one's roles."""
     import timm
 
-    names = timm.list_models(module=["vision_transformer", "swin_transformer", "deit"])
-    return [n for n in names if "distilled" not in n]
+    from petlbench.backbone import FAMILY_MODULES
+
+    modules = sorted({m for names in FAMILY_MODULES.values() for m in names})
+    return timm.list_models(module=modules)
 
 
 def resolve_arch(backbone: str) -> str:
@@ -217,13 +227,13 @@ def _build_backbone(backbone: str, arch: str, num_classes: int, pretrained: Any,
 
 
 def _new_head(net: nn.Module, arch: str, num_classes: int) -> None:
-    """A fresh classifier for ``num_classes``, initialised as timm initialises ViT and Swin heads
-    (truncated normal, std 0.02; zero bias)."""
+    """A fresh classifier for ``num_classes`` (every head of it), initialised as timm initialises
+    ViT and Swin heads (truncated normal, std 0.02; zero bias)."""
     net.reset_classifier(num_classes)
-    head = Backbone(net, arch).head
     with torch.no_grad():
-        nn.init.trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
+        for head in Backbone(net, arch).heads:
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
 
 
 class BackboneCache:

@@ -55,6 +55,8 @@ def pack_problem(models: Sequence[Any], cfgs: Sequence[Mapping[str, Any]], loade
         return "the method chooses what trains from each run's own data (calibration); runs differ in their masks"
     if base.method.frozen_features:
         return "linear probing trains on features extracted once; nothing to pack"
+    if cfgs[0].get("compile") and len(base.backbone.heads) > 1:
+        return "the compiled packed step runs one classifier head per run; this backbone has two (distilled DeiT)"
     if resolve_precision(cfgs[0]["precision"], device).grad_scaler:
         return "fp16 training needs a gradient scaler per run"
     if len({len(loader) for loader in loaders}) != 1 or len({getattr(loader, "num_samples", None) for loader in loaders}) != 1:

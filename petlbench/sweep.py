@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from petlbench.claims import CLAIMED
 from petlbench.config import load_config_file, resolve_train, split_overrides
@@ -22,6 +22,10 @@ from petlbench.records import is_done
 from petlbench.registry import get_method, method_code
 from petlbench.runner import check_protocol, default_protocol
 from petlbench.runspec import RunSpec
+
+if TYPE_CHECKING:
+    from petlbench.backbone import Backbone
+    from petlbench.method import Method
 
 DEFAULT_BACKBONE = "vit_base_patch16_224"
 PAPER_WEIGHTS_TAG = "vit_base_patch16_224.orig_in21k"
@@ -137,6 +141,31 @@ def check_backbone(arch: str, kwargs: Mapping[str, Any], image_size: int | None,
         ) from None
 
 
+def check_methods(backbone: Backbone, kwargs: Mapping[str, Any], method_classes: Sequence[type[Method]],
+                  overrides: Mapping[str, Mapping[str, Any]], suite: str, tasks: Sequence[str], classes: int) -> None:
+    """Refuse, at plan time and in one line, a method that does not run on this backbone: its family
+    (with the method's reason), a hyperparameter the backbone cannot take (a rank above its width),
+    or a role its placement needs that the backbone lacks. The last is found by building the method
+    once on the ``meta`` device (shapes only, no memory), with the first task's hyperparameters."""
+    from petlbench.model import create_model
+
+    for cls in method_classes:
+        seen: set[str] = set()
+        for task in tasks:
+            hparams = cls.resolve(overrides.get(cls.name, {}), suite=suite, task=task)
+            key = repr(sorted(hparams.items()))
+            if key not in seen:
+                seen.add(key)
+                cls(**hparams).check_backbone(backbone)
+        hparams = cls.resolve(overrides.get(cls.name, {}), suite=suite, task=tasks[0] if tasks else None)
+        try:
+            create_model(backbone.arch, cls.name, classes, backbone_kwargs=dict(kwargs), device="meta", **hparams)
+        except PetlbenchError as exc:
+            raise PetlbenchError(f"--method {cls.name} on --backbone {backbone.arch}: {exc}") from None
+        except Exception:  # noqa: BLE001 - an op the meta device lacks; the real build reports real errors
+            pass
+
+
 def plan(
     suite: str,
     methods: Sequence[str],
@@ -178,6 +207,9 @@ def plan(
     check_backbone(arch, bkw, the_suite.image_size)
     probe = create_model(arch, "linear", selected[0].classes, pretrained=weights, backbone_kwargs=bkw)
     sha = probe.weights.sha256 if probe.weights else None
+    overrides = {cls.name: {**file_cfg["methods"].get(cls.name, {}), **per_method[cls.name]} for cls in method_classes}
+    check_methods(probe.backbone, bkw, method_classes, overrides, the_suite.name, [t.name for t in selected],
+                  selected[0].classes)
     del probe
 
     if the_suite.generator == "demo" and data_root is None:
