@@ -202,6 +202,16 @@ def _gamma(ls: Any) -> nn.Parameter | None:
     return gamma if isinstance(gamma, nn.Parameter) else None
 
 
+@functools.cache
+def _non_layernorm_norms() -> tuple[type, ...]:
+    """timm's affine token norms that are not LayerNorms (RMSNorm and its kin), by class."""
+    import timm.layers as layers
+
+    names = ("RmsNorm", "RmsNormFp32", "RmsNorm2d", "RmsNorm2dFp32", "SimpleNorm", "SimpleNormFp32",
+             "SimpleNorm2d", "SimpleNorm2dFp32")
+    return tuple(cls for cls in (getattr(layers, n, None) for n in names) if isinstance(cls, type))
+
+
 def _qkv_bypassed(attn: nn.Module) -> bool:
     """EVA's fused attention with q/v biases multiplies by ``qkv.weight`` with ``F.linear`` and never
     calls the ``qkv`` module, unless timm is told to add the biases separately."""
@@ -429,12 +439,11 @@ class Backbone:
     def layernorms(self) -> list[nn.LayerNorm]:
         """Every LayerNorm of the backbone, found by type: each block's norms, the final and pooled-
         feature norms; Swin and ConvNeXt also the stem and downsampling norms. The head has none.
-        A backbone whose blocks normalise with something else (RMSNorm) says so in one line."""
-        for blk in self.blocks:
-            for role in ("norm1", "norm2"):
-                if blk.has(role) and not isinstance(blk._roles[role], nn.LayerNorm):
-                    raise self._missing("LayerNorms in its blocks", f"block {blk.index} normalises with "
-                                        f"{type(blk._roles[role]).__name__}")
+        A backbone that normalises with something else (RMSNorm) says so in one line, rather than
+        hand out a list that silently leaves its norms out."""
+        other = next((m for m in self.model.modules() if isinstance(m, _non_layernorm_norms())), None)
+        if other is not None:
+            raise self._missing("LayerNorm-only normalisation", f"it normalises with {type(other).__name__} too")
         return [m for m in self.model.modules() if isinstance(m, nn.LayerNorm)]
 
     @property

@@ -154,6 +154,46 @@ def supported_backbones() -> list[str]:
     return timm.list_models(module=modules)
 
 
+def method_problem(backbone: str, method: str, num_classes: int = 2, backbone_kwargs: Mapping[str, Any] | None = None,
+                   hparams: Mapping[str, Any] | None = None) -> str | None:
+    """Why ``method`` cannot run (or merge) on ``backbone``, in one line, or None when it can.
+
+    Builds the method on the ``meta`` device (shapes only: no memory, no weights, well under a
+    second for ViT-B) and merges it there when it merges, so a missing role or a fold with nowhere
+    to go is found before any data is read or any step is trained."""
+    try:
+        model = create_model(backbone, method, num_classes, backbone_kwargs=backbone_kwargs, device="meta",
+                             **dict(hparams or {}))
+        if model.method.mergeable:
+            try:
+                merge(model)
+            except NotMergeableError:  # this configuration evaluates unmerged, by design
+                pass
+    except PetlbenchError as exc:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - an op without a meta kernel; the real build reports real errors
+        return None
+    return None
+
+
+def describe_backbone(backbone: str, backbone_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:meth:`Backbone.describe` of ``backbone`` built with ``backbone_kwargs`` (on the ``meta``
+    device: nothing allocated or downloaded), plus ``methods``: for every registered method,
+    ``"merges"``, ``"runs unmerged"`` or ``"refused: <why>"`` on this backbone."""
+    from petlbench.registry import list_methods
+
+    arch = resolve_arch(backbone)
+    net, _ = _build_backbone(backbone, arch, 2, None, dict(backbone_kwargs or {}), "meta")
+    description = Backbone(net, arch).describe()
+    verdicts = {}
+    for name in list_methods():
+        cls = get_method(name)
+        why = cls.refusal(description["family"]) or method_problem(backbone, name, 2, backbone_kwargs)
+        verdicts[name] = f"refused: {why}" if why else ("merges" if cls.mergeable else "runs unmerged")
+    description["methods"] = verdicts
+    return description
+
+
 def resolve_arch(backbone: str) -> str:
     """The timm architecture of ``backbone`` (``arch`` or ``arch.tag``); unknown names get a suggestion."""
     import timm

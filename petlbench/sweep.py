@@ -146,8 +146,10 @@ def check_methods(backbone: Backbone, kwargs: Mapping[str, Any], method_classes:
     """Refuse, at plan time and in one line, a method that does not run on this backbone: its family
     (with the method's reason), a hyperparameter the backbone cannot take (a rank above its width),
     or a role its placement needs that the backbone lacks. The last is found by building the method
-    once on the ``meta`` device (shapes only, no memory), with the first task's hyperparameters."""
-    from petlbench.model import create_model
+    once on the ``meta`` device (shapes only, no memory), with the first task's hyperparameters,
+    and merging it there when it merges (a fold with nowhere to go, found after training, would
+    lose the run)."""
+    from petlbench.model import method_problem
 
     for cls in method_classes:
         seen: set[str] = set()
@@ -158,12 +160,9 @@ def check_methods(backbone: Backbone, kwargs: Mapping[str, Any], method_classes:
                 seen.add(key)
                 cls(**hparams).check_backbone(backbone)
         hparams = cls.resolve(overrides.get(cls.name, {}), suite=suite, task=tasks[0] if tasks else None)
-        try:
-            create_model(backbone.arch, cls.name, classes, backbone_kwargs=dict(kwargs), device="meta", **hparams)
-        except PetlbenchError as exc:
-            raise PetlbenchError(f"--method {cls.name} on --backbone {backbone.arch}: {exc}") from None
-        except Exception:  # noqa: BLE001 - an op the meta device lacks; the real build reports real errors
-            pass
+        problem = method_problem(backbone.arch, cls.name, classes, kwargs, hparams)
+        if problem:
+            raise PetlbenchError(f"--method {cls.name} on --backbone {backbone.arch}: {problem}")
 
 
 def plan(
