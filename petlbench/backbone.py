@@ -8,6 +8,14 @@ The timm module tree is therefore never restructured: the same classes, the same
 names, timm's fused attention (``scaled_dot_product_attention``) untouched. Merging a linear
 method folds its parameters into the existing weights and removes the hooks, which leaves a plain
 timm model by construction.
+
+Families (:data:`FAMILIES`), each one timm class: ``vit`` (VisionTransformer: ViT, DeiT, CLIP with
+its pre-norm, DINOv2 with registers and LayerScale, SigLIP's attention-pool head, MAE's average
+pool), ``deit_distilled`` (a class and a distillation token, two heads averaged), ``eva`` (EVA-02:
+RoPE, SwiGLU, split or bias-outside q/k/v, LayerScale), ``swin`` and ``convnext``. A role a model
+does not have (a ConvNeXt block's attention, EVA-02's fused qkv module) raises a one-line
+:class:`~petlbench.errors.PetlbenchError` saying why, never an AttributeError and never a stand-in
+module whose hooks would silently not run. :meth:`Backbone.describe` lists what a model has.
 """
 
 from __future__ import annotations
@@ -76,8 +84,6 @@ def family_of(model: nn.Module) -> str | None:
     """The family of a timm model (by its exact class), or None when petlbench does not describe it."""
     return _family_classes().get(type(model))
 
-
-_family_of = family_of  # the name older code imported
 
 
 #: Block roles, in the order ``describe`` lists them.

@@ -552,3 +552,24 @@ def test_a_checkpoint_of_another_family_is_refused(tmp_path) -> None:
     arch, kwargs = TINY_EVA
     with pytest.raises(PetlbenchError, match="does not match backbone"):
         petlbench.create_model(arch, "linear", 3, pretrained=path, backbone_kwargs=kwargs)
+
+
+def test_the_documented_method_table_is_the_declarations() -> None:
+    """docs/backbones.md's methods x families table says what the methods declare."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "backbones.md").read_text()
+    header = "| method | " + " | ".join(FAMILIES) + " |"
+    rows = text.split(header, 1)[1].split("\n\n", 1)[0].strip().splitlines()[1:]
+    seen = set()
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for method in (m.strip() for m in cells[0].split(",")):
+            cls = petlbench.get_method(method)
+            seen.add(method)
+            for family, cell in zip(FAMILIES, cells[1:], strict=True):
+                if family in cls.families:
+                    assert cell == ("✔ merge" if cls.mergeable else "✔ unmerged"), (method, family, cell)
+                else:
+                    assert cell.startswith("refused"), (method, family, cell)
+    assert seen == set(petlbench.list_methods())
