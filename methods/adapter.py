@@ -75,6 +75,11 @@ class Bottleneck(nn.Module):
 
 class Adapter(Method):
     name = "adapter"
+    families = frozenset({"vit", "deit_distilled", "eva", "swin"})
+    family_refusals = {
+        "convnext": "the adapter sits after the MLP of an attention + MLP block, the placement its papers define; "
+                    "a ConvNeXt block is not one",
+    }
     display_name = "Adapter"
     summary = "Bottleneck adapter (dim 8) after every MLP: NOAH's VTAB baseline (default) or VPT's FGVC one."
     paper = "Pfeiffer et al. 2021 placement; baselines of Zhang et al. (NOAH, 2022) and Jia et al. (VPT, ECCV 2022)"

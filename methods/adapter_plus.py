@@ -144,6 +144,11 @@ class BottleneckPlus(nn.Module):
 
 class AdapterPlus(Method):
     name = "adapter_plus"
+    families = frozenset({"vit", "deit_distilled", "eva", "swin"})
+    family_refusals = {
+        "convnext": "Adapter+ acts on the residual branches of pre-norm attention and MLP blocks; a ConvNeXt block "
+                    "has one convolutional branch, normalised after its convolution",
+    }
     display_name = "Adapter+"
     summary = "Adapter+: post-block bottleneck adapter with per-channel scaling; Houlsby/Pfeiffer/... via placement."
     paper = "Steitz & Roth, Adapters Strike Back, CVPR 2024"

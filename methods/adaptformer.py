@@ -75,6 +75,11 @@ class ParallelAdapter(nn.Module):
 
 class AdaptFormer(Method):
     name = "adaptformer"
+    families = frozenset({"vit", "deit_distilled", "eva", "swin"})
+    family_refusals = {
+        "convnext": "AdaptFormer runs beside the MLP branch of pre-norm attention and MLP blocks; a ConvNeXt block "
+                    "has one convolutional branch, normalised after its convolution",
+    }
     display_name = "AdaptFormer"
     summary = "AdaptFormer: 0.1-scaled ReLU bottleneck (dim 8) in parallel with every MLP."
     paper = "Chen et al., AdaptFormer: Adapting Vision Transformers for Scalable Visual Recognition, NeurIPS 2022"

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
+from petlbench.backbone import CONVNEXT_NO_ATTENTION, EVA_NO_QKV
 from petlbench.layers import fold_input
 
 
@@ -79,6 +80,11 @@ _ARC_FGVC = {"CUB_200_2011": (1e-3, 0.05, 0.1), "NABirds": (2e-4, 0.05, 0.1), "O
 
 class ARC(Method):
     name = "arc"
+    families = frozenset({"vit", "deit_distilled", "swin"})
+    family_refusals = {
+        "eva": EVA_NO_QKV,
+        "convnext": CONVNEXT_NO_ATTENTION,
+    }
     display_name = "ARC"
     published = {"vtab": "ARC"}  # FGVC: the only rows found ran an AugReg backbone, so none is declared
     summary = "ARC: shared symmetric down/up projection + per-layer re-scaling, before qkv and fc1."

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from petlbench import Backbone, Method
+from petlbench.backbone import FAMILIES
 
 from ._recipes import (
     VPT_DIFFERENCES,
@@ -25,6 +26,7 @@ from ._recipes import (
 
 class BitFit(Method):
     name = "bitfit"
+    families = frozenset(FAMILIES)
     display_name = "BitFit"
     published = {"vtab": "BitFit", "fgvc": "BitFit"}  # the same tensors train as VPT's "tinytl-bias" baseline
     summary = "BitFit: train all bias terms (incl. LayerNorm biases) and the head."

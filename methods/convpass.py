@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
+from petlbench.backbone import CONVNEXT_NO_ATTENTION
 from petlbench.errors import PetlbenchError
 from petlbench.layers import quick_gelu
 
@@ -125,6 +126,14 @@ class ConvBypass(nn.Module):
 
 class Convpass(Method):
     name = "convpass"
+    families = frozenset({"vit", "swin"})
+    family_refusals = {
+        "deit_distilled": "Convpass reshapes the tokens after the class token into the patch grid, and this implementation "
+                          "knows that prefix for the vit family only (distilled DeiT has a second token)",
+        "eva": "Convpass reshapes the tokens after the class token into the patch grid, and this implementation knows "
+               "that prefix for the vit family only",
+        "convnext": CONVNEXT_NO_ATTENTION,
+    }
     display_name = "Convpass"
     summary = "Convpass: QuickGELU bottleneck with a 3x3 conv on the token grid, parallel to attention and MLP."
     paper = "Jie & Deng, Convolutional Bypasses Are Better Vision Transformer Adapters, arXiv 2207.07039"

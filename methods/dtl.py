@@ -177,6 +177,13 @@ class SideNetwork(nn.Module):
 
 class DTL(Method):
     name = "dtl"
+    family_refusals = {
+        "deit_distilled": "DTL replaces the class-token pooling by the mean of the patch tokens; distilled DeiT classifies "
+                          "with two heads on two tokens, which that pooling does not define",
+        "eva": "DTL replaces a class-token pooling by the mean of the patch tokens before the final norm, and this "
+               "implementation handles the vit family's token prefix only (EVA-02 pools after fc_norm)",
+        "convnext": "DTL's side network reads the token outputs of transformer blocks; ConvNeXt has none",
+    }
     display_name = "DTL"
     summary = "DTL: rank-2 side network summed over blocks, swish-added to the second half; mean-pooled head."
     paper = "Fu et al., DTL: Disentangled Transfer Learning for Visual Recognition, AAAI 2024"

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method, PetlbenchError
+from petlbench.backbone import CONVNEXT_NO_ATTENTION, EVA_NO_QKV
 from petlbench.layers import add_to_weight_rows
 
 from ._recipes import PETL_VIT_DIFFERENCES, PETL_VIT_VTAB
@@ -192,7 +193,13 @@ class _FacTTK(_FacT):
 
 
 class _FacTMethod(Method):
-    families = frozenset({"vit"})
+    families = frozenset({"vit", "deit_distilled"})
+    family_refusals = {
+        "eva": EVA_NO_QKV,
+        "swin": "FacT shares one factorisation (U, V) across all blocks, which needs one width; Swin's stages "
+                "differ in width",
+        "convnext": CONVNEXT_NO_ATTENTION,
+    }
     mergeable = True
     bounded_by_width = frozenset({"rank"})
     kind: type[_FacT] = _FacT

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from petlbench import Backbone, Method
+from petlbench.backbone import FAMILIES
 
 from ._recipes import VPT_DIFFERENCES, VPT_FGVC_SOURCE, VPT_SGD, VPT_VTAB_SOURCE, head_bias
 
@@ -25,6 +26,7 @@ _FULL_DIFFERENCES = (
 
 class Full(Method):
     name = "full"
+    families = frozenset(FAMILIES)
     display_name = "Full fine-tuning"
     published = {"vtab": "Full fine-tuning", "fgvc": "Full fine-tuning"}
     summary = "Full fine-tuning: train every parameter."

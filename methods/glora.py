@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method, PetlbenchError
+from petlbench.backbone import CONVNEXT_NO_ATTENTION, EVA_NO_QKV
 from petlbench.search import accuracy, evolve
 
 from ._recipes import PETL_VIT_VTAB
@@ -189,6 +190,11 @@ def subnet_params(forms: dict[str, str], out_features: int, in_features: int, ra
 
 class GLoRA(Method):
     name = "glora"
+    families = frozenset({"vit", "deit_distilled", "swin"})
+    family_refusals = {
+        "eva": EVA_NO_QKV,
+        "convnext": CONVNEXT_NO_ATTENTION,
+    }
     display_name = "GLoRA"
     summary = "GLoRA: W' = W + W*A + B, b' = b + b*D + E + W C on every linear (fixed per-layer forms)."
     paper = "Chavan et al., One-for-All: Generalized LoRA for Parameter-Efficient Fine-tuning, arXiv 2306.07967"

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method, PetlbenchError
+from petlbench.backbone import CONVNEXT_NO_ATTENTION, EVA_NO_QKV
 from petlbench.layers import add_to_weight_rows
 
 _SITES = ("qkv", "proj", "fc1", "fc2")
@@ -137,6 +138,11 @@ _GPS_COMMON = {
 
 class GPS(Method):
     name = "gps"
+    families = frozenset({"vit", "deit_distilled", "swin"})
+    family_refusals = {
+        "eva": EVA_NO_QKV,
+        "convnext": CONVNEXT_NO_ATTENTION,
+    }
     display_name = "GPS"
     summary = "GPS: per output neuron, train the K weights with the largest task gradient (+ biases); calibrated."
     paper = "Zhang et al., Gradient-based Parameter Selection for Efficient Fine-Tuning, CVPR 2024"

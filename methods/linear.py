@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from petlbench import Backbone, Method
+from petlbench.backbone import FAMILIES
 
 from ._recipes import (
     VPT_DIFFERENCES,
@@ -21,6 +22,7 @@ from ._recipes import (
 
 class Linear(Method):
     name = "linear"
+    families = frozenset(FAMILIES)
     display_name = "Linear probing"
     published = {"vtab": "Linear probing", "fgvc": "Linear probing"}
     summary = "Linear probing: train the classifier head only."

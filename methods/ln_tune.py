@@ -15,10 +15,12 @@ from collections.abc import Iterable
 from torch import nn
 
 from petlbench import Backbone, Method
+from petlbench.backbone import FAMILIES
 
 
 class LNTune(Method):
     name = "ln_tune"
+    families = frozenset(FAMILIES)
     display_name = "LN-tune"
     summary = "LN-tune: train every LayerNorm scale and shift of the backbone, and the head."
     paper = "LayerNorm tuning baseline (PETL_Vision, Mai et al., arXiv 2409.16434)"

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
+from petlbench.backbone import CONVNEXT_NO_ATTENTION, EVA_NO_QKV
 from petlbench.layers import add_to_weight_rows
 
 from ._recipes import NOAH_DIFFERENCES, NOAH_SOURCE, NOAH_VTAB
@@ -95,6 +96,11 @@ NOAH_ROW = "LoRA (r=8, fused qkv, NOAH code)"
 
 class LoRA(Method):
     name = "lora"
+    families = frozenset({"vit", "deit_distilled", "swin"})
+    family_refusals = {
+        "eva": EVA_NO_QKV,
+        "convnext": CONVNEXT_NO_ATTENTION,
+    }
     display_name = "LoRA"
     summary = "LoRA: qv = the LoRA paper (pairs on q and v); qkv = NOAH's baseline (one pair on fused qkv)."
     paper = "Hu et al., LoRA, ICLR 2022; VTAB baseline: Zhang et al., NOAH, 2022"

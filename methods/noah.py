@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method, PetlbenchError
+from petlbench.backbone import CONVNEXT_NO_ATTENTION, EVA_NO_QKV
 from petlbench.layers import QuickGELU, init_vit_linear
 from petlbench.search import accuracy, evolve
 
@@ -246,7 +247,12 @@ class NOAH(Method):
     summary = "NOAH: searched per-block mix of LoRA (qkv), Adapter (MLP) and VPT prompts; published VTAB subnets."
     paper = "Zhang et al., Neural Prompt Search, arXiv 2206.04673"
     published = {"vtab": "NOAH"}
-    families = frozenset({"vit"})
+    families = frozenset({"vit", "deit_distilled"})
+    family_refusals = {
+        "eva": f"{EVA_NO_QKV}; and NOAH appends prompt tokens, which RoPE cannot place",
+        "swin": "NOAH appends prompt tokens to one token sequence; Swin attends within windows of the patch grid",
+        "convnext": CONVNEXT_NO_ATTENTION,
+    }
     hparams = {
         "lora_dims": HParam("5", "LoRA rank per block: one size or one per block, comma-separated (0 = none)"),
         "adapter_dims": HParam("5", "adapter width per block: one size or one per block (0 = none)"),

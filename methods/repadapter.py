@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method, PetlbenchError
+from petlbench.backbone import CONVNEXT_NO_ATTENTION, EVA_NO_QKV
 from petlbench.layers import fold_input
 
 from ._recipes import PETL_VIT_DIFFERENCES, PETL_VIT_VTAB
@@ -84,6 +85,11 @@ class RepBlock(nn.Module):
 
 class RepAdapter(Method):
     name = "repadapter"
+    families = frozenset({"vit", "deit_distilled", "swin"})
+    family_refusals = {
+        "eva": EVA_NO_QKV,
+        "convnext": CONVNEXT_NO_ATTENTION,
+    }
     display_name = "RepAdapter"
     published = {"vtab": "RepAdapter"}
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
+from petlbench.backbone import CONVNEXT_NO_ATTENTION
 from petlbench.errors import PetlbenchError
 
 from ._recipes import PETL_VIT_DIFFERENCES, PETL_VIT_VTAB
@@ -96,7 +97,12 @@ class SCT(Method):
     summary = "SCT: a K x K linear on the K=96 most salient residual channels after each attention (calibrated)."
     paper = "Zhao et al., SCT: A Simple Baseline for Parameter-Efficient Fine-Tuning via Salient Channels, IJCV 2024"
     published = {"vtab": "SCT"}
-    families = frozenset({"vit"})
+    families = frozenset({"vit", "deit_distilled", "eva"})
+    family_refusals = {
+        "swin": "SCT selects one set of salient channels per block over the patch tokens after a class token; Swin "
+                "has no class token and its stages differ in width",
+        "convnext": CONVNEXT_NO_ATTENTION,
+    }
     needs_calibration = True
     bounded_by_width = frozenset({"channels"})
     hparams = {"channels": HParam(0, "K: salient channels tuned per block (topN); 0 = width/8, i.e. 96 on ViT-B",

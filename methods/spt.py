@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method, PetlbenchError
+from petlbench.backbone import CONVNEXT_NO_ATTENTION, EVA_NO_QKV
 from petlbench.layers import init_vit_linear
 
 from ._recipes import NOAH_VTAB
@@ -291,7 +292,8 @@ class Plan(nn.Module):
 
 
 class _SPT(Method):
-    families = frozenset({"vit", "swin"})
+    families = frozenset({"vit", "deit_distilled", "swin"})
+    family_refusals = {"eva": EVA_NO_QKV, "convnext": CONVNEXT_NO_ATTENTION}
     needs_calibration = True
     structured_type = "lora"
     bounded_by_width = frozenset({"rank"})

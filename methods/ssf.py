@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
+from petlbench.backbone import EVA_NO_QKV
 from petlbench.layers import fold_output
 
 
@@ -86,6 +87,12 @@ _SSF_COMMON = {
 
 class SSF(Method):
     name = "ssf"
+    families = frozenset({"vit", "deit_distilled", "swin"})
+    family_refusals = {
+        "eva": EVA_NO_QKV,
+        "convnext": "SSF's ConvNeXt sites (after each convolution, norm and linear, as in the SSF paper's "
+                    "ConvNeXt code) are not implemented, and its transformer sites do not exist there",
+    }
     display_name = "SSF"
     published = {"vtab": "SSF", "fgvc": "SSF"}
     summary = "SSF: learnable per-channel scale and shift after every operation."

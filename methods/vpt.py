@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
+from petlbench.backbone import CONVNEXT_NO_ATTENTION, ROPE_NO_EXTRA_TOKENS
 
 from ._recipes import (
     VPT_DIFFERENCES,
@@ -81,7 +82,12 @@ DEEP_FGVC_TOKENS = {"CUB_200_2011": 10, "NABirds": 50, "OxfordFlowers": 5, "Stan
 
 
 class _VPT(Method):
-    families = frozenset({"vit"})
+    families = frozenset({"vit", "deit_distilled"})
+    family_refusals = {
+        "eva": ROPE_NO_EXTRA_TOKENS,
+        "swin": "VPT inserts prompt tokens into one token sequence; Swin attends within windows of the patch grid",
+        "convnext": CONVNEXT_NO_ATTENTION,
+    }
     deep = False
     # KMnP/vpt's prompt runs: SGD, lr/wd grid on the validation split (configs/base-prompt.yaml: batch 128,
     # 100 epochs, 10 warm-up epochs); the classifier is kaiming-normal fan-out with bias -log(99).

@@ -123,7 +123,8 @@ def list_methods_cmd(as_json: bool) -> None:
 @list_group.command("backbones")
 @click.option("--filter", "pattern", default="", help="Wildcard filter, e.g. 'vit_base*'.")
 def list_backbones_cmd(pattern: str) -> None:
-    """timm architectures the backbone interface supports (ViT, DeiT, Swin)."""
+    """timm architectures of the supported families (ViT incl. CLIP/DINOv2/SigLIP/MAE, distilled DeiT,
+    EVA-02, Swin, ConvNeXt); `petlbench backbone describe --backbone ARCH` shows one's roles."""
     import fnmatch
 
     from petlbench.model import supported_backbones
@@ -131,6 +132,45 @@ def list_backbones_cmd(pattern: str) -> None:
     for name in supported_backbones():
         if not pattern or fnmatch.fnmatch(name, pattern):
             click.echo(name)
+
+
+@main.group("backbone")
+def backbone_group() -> None:
+    """Inspect a backbone: its family, its roles, and which methods run on it."""
+
+
+@backbone_group.command("describe")
+@click.option("--backbone", "-b", required=True, help="timm architecture, e.g. eva02_base_patch14_224.")
+@click.option("--backbone-arg", "backbone_args", multiple=True, metavar="KEY=VALUE",
+              help="timm.create_model argument, e.g. img_size=32 (values parsed as YAML; repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def backbone_describe_cmd(backbone: str, backbone_args: tuple[str, ...], as_json: bool) -> None:
+    """The roles BACKBONE has (token prefix, pre-norm, pooling, heads, qkv, MLP, LayerScale, grid),
+    why the ones it lacks are missing, and for every method: merges, runs unmerged, or refused and
+    why. Built on the meta device: nothing is allocated or downloaded."""
+    from petlbench.model import describe_backbone
+    from petlbench.sweep import check_backbone
+
+    kwargs = parse_backbone_args(backbone_args)
+    check_backbone(backbone, kwargs, None)  # a bad --backbone-arg is one line naming it
+    info = describe_backbone(backbone, kwargs)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['arch']}: family {info['family']} ({info['model_class']})")
+    click.echo(f"  {info['summary']}")
+    click.echo("roles:")
+    for role, value in info["roles"].items():
+        shown = ", ".join(str(v) for v in value) if isinstance(value, list) else value
+        click.echo(f"  {role:<13} {'-' if value is None else shown}")
+    if info["absent"]:
+        click.echo("absent roles:")
+        for role, why in info["absent"].items():
+            click.echo(f"  {role:<20} {why}")
+    click.echo("methods:")
+    width = max(len(m) for m in info["methods"])
+    for name, verdict in info["methods"].items():
+        click.echo(f"  {name:<{width}}  {verdict}")
 
 
 @main.command("params")

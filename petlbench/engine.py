@@ -622,7 +622,7 @@ def _train(model, train_loader, eval_loaders, cfg, device, *, select_on, eval_ev
     # Mixed images have no cached features: a probe with mixup/cutmix trains on images.
     probe = model.method.frozen_features and not train_loader.random_crop and not train_loader.flip and not mix
     result.probe_on_features = bool(probe)
-    head = model.backbone.head
+    head = model.backbone.classifier  # pre-logit features -> logits (distilled DeiT: both heads, averaged)
     features: MaybeCompiled | None = None
     pad_to = 0
     if probe:

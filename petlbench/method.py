@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from petlbench.backbone import Backbone
+from petlbench.backbone import FAMILY_SUMMARY, Backbone
 from petlbench.errors import NotMergeableError, PetlbenchError, did_you_mean
 
 _TRUE = {"1", "true", "yes", "on", "y"}
@@ -146,7 +146,11 @@ class Method:
     - :meth:`no_weight_decay` (a method, not an attribute): the parameters the official optimiser
       exempts from weight decay, used when the recipe says ``decay_groups: method`` (or
       ``no_1d+method``); the default exempts nothing.
-    - ``families``: backbone families supported (``"vit"``, ``"swin"``).
+    - ``families``: backbone families the method runs on (``petlbench.backbone.FAMILIES``: ``"vit"``,
+      ``"deit_distilled"``, ``"eva"``, ``"swin"``, ``"convnext"``); on any other the run is refused
+      when it is planned, before data or training.
+    - ``family_refusals``: ``{family: why}``, one line for each family the method does not run on,
+      shown in that refusal (and by ``petlbench backbone describe``).
     - ``mergeable``: True when :meth:`merge` folds the method into the plain backbone exactly.
     - ``frozen_features``: True when only the head trains and the backbone's features never
       change (linear probing), so the engine may extract features once and train on them.
@@ -175,6 +179,7 @@ class Method:
     recipe_differences: ClassVar[Mapping[str, str]] = {}
     train_presets: ClassVar[Mapping[str, Mapping[str, Mapping[str, Any]]]] = {}  # old name of ``recipes``
     families: ClassVar[frozenset[str]] = frozenset({"vit", "swin"})
+    family_refusals: ClassVar[Mapping[str, str]] = {}
     mergeable: ClassVar[bool] = False
     frozen_features: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = False
@@ -258,12 +263,22 @@ class Method:
         return out
 
     # ------------------------------------------------------------------ behaviour
+    @classmethod
+    def refusal(cls, family: str) -> str | None:
+        """Why this method does not run on ``family`` (one line), or None when it does."""
+        if family in cls.families:
+            return None
+        return cls.family_refusals.get(family) or (
+            f"its placement is written against the roles of {', '.join(sorted(cls.families))} backbones, and a "
+            f"{family} backbone differs from those ({FAMILY_SUMMARY.get(family, family)})")
+
     def check_backbone(self, backbone: Backbone) -> None:
         """Raise a PetlbenchError when this method is not defined on ``backbone``."""
-        if backbone.family not in self.families:
+        why = self.refusal(backbone.family)
+        if why is not None:
             raise PetlbenchError(
-                f"method {self.name!r} is not defined on {backbone.family} backbones ({backbone.arch}); it supports "
-                f"{', '.join(sorted(self.families))}. Fix: choose another --backbone or method."
+                f"method {self.name!r} is not defined on {backbone.family} backbones ({backbone.arch}): {why}. It runs "
+                f"on {', '.join(sorted(self.families))}. Fix: choose another --backbone or method."
             )
         narrowest = min((b.dim for b in backbone.blocks), default=None)
         for key in sorted(self.bounded_by_width):

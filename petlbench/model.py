@@ -47,6 +47,8 @@ class PETLModel(nn.Module):
         self.arch = arch
         self.backbone_kwargs = dict(backbone_kwargs or {})
         self.weights = weights
+        #: Leading tokens the heads read one each (distilled DeiT: 2), 0 for one pooled vector.
+        self.head_tokens = Backbone(net, arch).head_tokens
         #: What :func:`calibrate` did ({"images", "batches", "seconds"} or {"restored_from": ...});
         #: None until a calibration-based method has been calibrated.
         self.calibration: dict[str, Any] | None = None
@@ -79,8 +81,13 @@ class PETLModel(nn.Module):
         return self.net(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled pre-logit features (what the head sees)."""
-        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        """Pre-logit features: what ``backbone.classifier`` maps to the logits. The pooled vector
+        the head sees, or for distilled DeiT its class and distillation tokens (B, 2, D), one per
+        head (timm's own pre-logits there are their mean, on which no head of the model runs)."""
+        tokens = self.net.forward_features(x)
+        if self.head_tokens:
+            return tokens[:, : self.head_tokens]
+        return self.net.forward_head(tokens, pre_logits=True)
 
     # ------------------------------------------------------------ trainable state
     def trainable_names(self) -> list[str]:
@@ -156,11 +163,65 @@ class PETLModel(nn.Module):
 
 
 def supported_backbones() -> list[str]:
-    """timm architectures whose model class the backbone interface describes."""
+    """timm architectures of the timm modules whose model classes the backbone interface describes
+    (see :data:`petlbench.backbone.FAMILY_MODULES`); ``petlbench backbone describe`` shows one's roles."""
     import timm
 
-    names = timm.list_models(module=["vision_transformer", "swin_transformer", "deit"])
-    return [n for n in names if "distilled" not in n]
+    from petlbench.backbone import FAMILY_MODULES
+
+    modules = sorted({m for names in FAMILY_MODULES.values() for m in names})
+    return timm.list_models(module=modules)
+
+
+def build_on_meta(backbone: str, method: str, num_classes: int = 2, backbone_kwargs: Mapping[str, Any] | None = None,
+                  hparams: Mapping[str, Any] | None = None) -> PETLModel | None:
+    """``method`` built on ``backbone`` on the ``meta`` device (shapes only: no memory, no weights,
+    well under a second for ViT-B) and merged there when it merges, so a refused family, a missing
+    role, a width the backbone cannot take or a fold with nowhere to go is found before any data is
+    read or any step is trained. Raises that :class:`PetlbenchError`; returns None when the build
+    trips over an op without a meta kernel (the real build then reports whatever is real)."""
+    try:
+        model = create_model(backbone, method, num_classes, backbone_kwargs=backbone_kwargs, device="meta",
+                             **dict(hparams or {}))
+        if model.method.mergeable:
+            try:
+                merge(model)
+            except NotMergeableError:  # this configuration evaluates unmerged, by design
+                pass
+    except PetlbenchError:
+        raise
+    except Exception:  # noqa: BLE001 - an op without a meta kernel; the real build reports real errors
+        return None
+    return model
+
+
+def method_problem(backbone: str, method: str, num_classes: int = 2, backbone_kwargs: Mapping[str, Any] | None = None,
+                   hparams: Mapping[str, Any] | None = None) -> str | None:
+    """Why ``method`` cannot run (or merge) on ``backbone``, in one line, or None when it can
+    (:func:`build_on_meta`)."""
+    try:
+        build_on_meta(backbone, method, num_classes, backbone_kwargs, hparams)
+    except PetlbenchError as exc:
+        return str(exc)
+    return None
+
+
+def describe_backbone(backbone: str, backbone_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:meth:`Backbone.describe` of ``backbone`` built with ``backbone_kwargs`` (on the ``meta``
+    device: nothing allocated or downloaded), plus ``methods``: for every registered method,
+    ``"merges"``, ``"runs unmerged"`` or ``"refused: <why>"`` on this backbone."""
+    from petlbench.registry import list_methods
+
+    arch = resolve_arch(backbone)
+    net, _ = _build_backbone(backbone, arch, 2, None, dict(backbone_kwargs or {}), "meta")
+    description = Backbone(net, arch).describe()
+    verdicts = {}
+    for name in list_methods():
+        cls = get_method(name)
+        why = cls.refusal(description["family"]) or method_problem(backbone, name, 2, backbone_kwargs)
+        verdicts[name] = f"refused: {why}" if why else ("merges" if cls.mergeable else "runs unmerged")
+    description["methods"] = verdicts
+    return description
 
 
 def resolve_arch(backbone: str) -> str:
@@ -246,13 +307,13 @@ OWN_BACKBONE_KWARGS = ("mlp_drop_rate",)
 
 
 def _new_head(net: nn.Module, arch: str, num_classes: int) -> None:
-    """A fresh classifier for ``num_classes``, initialised as timm initialises ViT and Swin heads
-    (truncated normal, std 0.02; zero bias)."""
+    """A fresh classifier for ``num_classes`` (every head of it), initialised as timm initialises
+    ViT and Swin heads (truncated normal, std 0.02; zero bias)."""
     net.reset_classifier(num_classes)
-    head = Backbone(net, arch).head
     with torch.no_grad():
-        nn.init.trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
+        for head in Backbone(net, arch).heads:
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
 
 
 class BackboneCache:
@@ -377,6 +438,9 @@ def add_head_norm(model: PETLModel, scheme: str) -> None:
         return
     if model.head_norm is not None:
         raise PetlbenchError("this model already has a head norm; add_head_norm is called once per model.")
+    if len(model.backbone.heads) > 1:
+        raise PetlbenchError(f"head_norm=bn puts one BatchNorm before one classifier head; {model.arch} has "
+                             f"{len(model.backbone.heads)} (distilled DeiT). Fix: --set head_norm=none, or another backbone.")
     head = model.backbone.head
     model.head_norm = HeadBatchNorm(head.in_features).to(head.weight.device)
     model.backbone.transform_input(head, model.head_norm)

@@ -63,6 +63,8 @@ def pack_problem(models: Sequence[Any], cfgs: Sequence[Mapping[str, Any]], loade
         return "the runs' backbones are built differently (dropout, drop path: one backbone runs the pack)"
     if any(getattr(m, "head_norm", None) is not None for m in models):
         return "head_norm=bn keeps running statistics per run, which a vmapped step cannot update"
+    if cfgs[0].get("compile") and len(base.backbone.heads) > 1:
+        return "the compiled packed step runs one classifier head per run; this backbone has two (distilled DeiT)"
     if resolve_precision(cfgs[0]["precision"], device).grad_scaler:
         return "fp16 training needs a gradient scaler per run"
     if len({len(loader) for loader in loaders}) != 1 or len({getattr(loader, "num_samples", None) for loader in loaders}) != 1:

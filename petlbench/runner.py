@@ -226,7 +226,8 @@ def _build(spec: RunSpec, cfg: dict[str, Any], classes: int, device: torch.devic
     # The backbone is built, loaded and hashed once per process (petlbench.model.BACKBONES).
     model = create_model(spec.backbone, spec.method, classes, pretrained=spec.pretrained, backbone_kwargs=kwargs,
                          reuse_backbone=True, **spec.method_hparams)
-    init_head(model.backbone.head, cfg["head_init"])
+    for head in model.backbone.heads:  # distilled DeiT has two, initialised alike
+        init_head(head, cfg["head_init"])
     add_head_norm(model, cfg["head_norm"])
     if spec.weights_sha256 and model.weights and model.weights.sha256 != spec.weights_sha256:
         raise PetlbenchError(f"weights file {spec.pretrained} changed since the sweep was planned "

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from petlbench.claims import CLAIMED
 from petlbench.config import (
@@ -36,6 +36,9 @@ from petlbench.runner import (
     selection_mode,
 )
 from petlbench.runspec import RunSpec
+
+if TYPE_CHECKING:
+    from petlbench.method import Method
 
 DEFAULT_BACKBONE = "vit_base_patch16_224"
 PAPER_WEIGHTS_TAG = "vit_base_patch16_224.orig_in21k"
@@ -153,30 +156,34 @@ def check_seeds(seeds: Sequence[int]) -> None:
                                  "Fix: e.g. --seeds 0,1,2")
 
 
-def check_method(arch: str, backbone_kwargs: Mapping[str, Any], method: str, hparams: Mapping[str, Any],
-                 classes: int, done: set[str] | None = None) -> None:
-    """Build ``method`` with ``hparams`` on ``arch`` on the meta device (shapes only, no memory, a
-    fraction of a second), so a hyperparameter the model cannot take (a rank wider than the
-    backbone, a method not defined on Swin) is one line when the sweep is planned rather than a
-    failed run hours later. ``done`` remembers the configurations already built.
-
-    Only the method's own refusals (:class:`PetlbenchError`) stop the plan; anything else a
-    meta-device build may trip over is left to the run, which reports it.
-    """
-    from petlbench.model import create_model
+def check_methods(arch: str, backbone_kwargs: Mapping[str, Any], configs: Iterable[tuple[type[Method], Mapping[str, Any]]],
+                  classes: int, log: Callable[[str], None]) -> None:
+    """Refuse, when the sweep is planned and in one line, a method configuration that cannot run on
+    the backbone: a family the method is not defined on (with its reason), a hyperparameter the
+    model cannot take (a rank wider than the backbone), a role its placement needs, or a merge with
+    nowhere to fold -- rather than a failed run hours later. Each distinct (method, hyperparameters)
+    is built once on the meta device (:func:`petlbench.model.build_on_meta`). A mergeable method
+    that this backbone makes run unmerged is not refused; ``log`` hears why, once per method."""
+    from petlbench.model import build_on_meta
     from petlbench.runspec import canonical_json
 
-    key = canonical_json({"method": method, "hparams": dict(hparams)})
-    if done is not None:
+    done: set[str] = set()
+    noted: set[str] = set()
+    for cls, hparams in configs:
+        key = canonical_json({"method": cls.name, "hparams": dict(hparams)})
         if key in done:
-            return
+            continue
         done.add(key)
-    try:
-        create_model(arch, method, classes, backbone_kwargs=dict(backbone_kwargs), device="meta", **hparams)
-    except PetlbenchError:
-        raise
-    except Exception:  # noqa: BLE001 - not a user error; the run itself will say what it is
-        return
+        try:
+            model = build_on_meta(arch, cls.name, classes, dict(backbone_kwargs), hparams)
+        except PetlbenchError as exc:
+            text = str(exc)
+            raise PetlbenchError(text if repr(cls.name) in text else f"--method {cls.name} on --backbone {arch}: {text}"
+                                 ) from None
+        if model is not None and cls.mergeable and not model.method.mergeable and cls.name not in noted:
+            noted.add(cls.name)
+            log(f"note: method {cls.name!r} cannot merge into {arch} ({model.method.unmerged_reason}); its runs are "
+                "evaluated and deployed unmerged.")
 
 
 def plan(
@@ -237,6 +244,8 @@ def plan(
     log = log or _quiet
     arch, bkw, weights = _resolve_weights(the_suite, backbone, pretrained, dict(backbone_kwargs or {}))
     check_backbone(arch, bkw, the_suite.image_size)
+    check_methods(arch, bkw, [(cls, resolved[(task.name, cls.name)][0]) for task in selected for cls in method_classes],
+                  selected[0].classes, log)
     try:
         probe = create_model(arch, "linear", selected[0].classes, pretrained=weights, backbone_kwargs=bkw)
         sha = probe.weights.sha256 if probe.weights else None
@@ -268,11 +277,9 @@ def plan(
 
     specs = []
     codes = {cls.name: method_code(cls.name) for cls in method_classes}
-    built: set[str] = set()
     for task in selected:
         for cls in method_classes:
             hparams, train = resolved[(task.name, cls.name)]
-            check_method(arch, bkw, cls.name, hparams, task.classes, built)
             for seed in seeds:
                 specs.append(RunSpec(
                     suite=the_suite.name, task=task.name, method=cls.name, seed=int(seed), protocol=protocol,

@@ -29,7 +29,16 @@ from petlbench.errors import PetlbenchError
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SUFFIXES = (".npz", ".safetensors", *TORCH_SUFFIXES)
 _NESTED_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "module", "params")
+#: Checkpoint tensors that are never part of the backbone body: a classifier for another task
+#: (the model's own head modules are found by role, see :func:`_head_prefixes`), a removed
+#: pre-logits layer, and buffers timm recomputes.
 _IGNORED_KEYS = re.compile(r"^(head\.|head_dist\.|pre_logits\.)|(relative_position_index|attn_mask)$")
+_RECOMPUTED_KEYS = re.compile(r"(relative_position_index|attn_mask)$")
+#: Options timm passes to a module's filter when it builds that module's models with weights
+#: (``deit._create_deit``: DeiT-III's original ``gamma_1``/``gamma_2`` become ``ls1``/``ls2``).
+_FILTER_OPTIONS = {"timm.models.deit": {"adapt_layer_scale": True}}
+#: Key prefixes of a Hugging Face *transformers* checkpoint (not timm's layout; refused with a hint).
+_TRANSFORMERS_KEYS = re.compile(r"^(embeddings\.|encoder\.layer\.|vision_model\.|dinov2\.|vit\.)")
 
 
 @dataclass(frozen=True)
@@ -142,14 +151,32 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def checkpoint_filter(bb: Backbone) -> tuple[Any, dict[str, Any]]:
+    """timm's own checkpoint conversion for this backbone: the ``checkpoint_filter_fn`` of the timm
+    module that registers its architecture (the module whose models load those releases: DINOv2's
+    and OpenAI CLIP's in ``vision_transformer``, EVA-02's in ``eva``, the original ConvNeXt's in
+    ``convnext``), with the options that module passes to it; (None, {}) when there is none."""
+    import importlib
+
+    import timm
+
+    module_name = type(bb.model).__module__
+    if bb.arch and timm.models.is_model(bb.arch):
+        module_name = timm.models.model_entrypoint(bb.arch).__module__
+    module = importlib.import_module(module_name)
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    if fn is None and module_name != type(bb.model).__module__:
+        fn = getattr(importlib.import_module(type(bb.model).__module__), "checkpoint_filter_fn", None)
+    return fn, dict(_FILTER_OPTIONS.get(module_name, {}))
+
+
 def _filter(state: dict[str, torch.Tensor], bb: Backbone) -> dict[str, torch.Tensor]:
     """Apply timm's own checkpoint conversion (original layouts, pos-embed resizing)."""
-    if bb.family == "vit":
-        from timm.models.vision_transformer import checkpoint_filter_fn
-    else:
-        from timm.models.swin_transformer import checkpoint_filter_fn
+    fn, options = checkpoint_filter(bb)
+    if fn is None:
+        return state
     try:
-        return checkpoint_filter_fn(state, bb.model)
+        return fn(state, bb.model, **options)
     except Exception as exc:
         raise PetlbenchError(f"checkpoint does not fit backbone {bb.arch!r} ({type(exc).__name__}: {exc}). "
                              + _fix_hint()) from None
@@ -160,14 +187,31 @@ def _list(keys: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def _head_prefixes(bb: Backbone) -> tuple[str, ...]:
+    """State-dict prefixes of the classifier heads, by role (``head.`` for ViT, ``head.fc.`` for Swin
+    and ConvNeXt, whose ``head.norm`` is the body's final norm, plus ``head_dist.`` for distilled DeiT)."""
+    heads = {id(h) for h in bb.heads}
+    return tuple(f"{name}." for name, module in bb.model.named_modules() if id(module) in heads)
+
+
 @torch.no_grad()
 def load_state(bb: Backbone, state: dict[str, torch.Tensor], source: Path) -> int:
-    """Load ``state`` into the backbone (head excluded); every body tensor must be covered."""
+    """Load ``state`` into the backbone (heads excluded); every body tensor must be covered."""
+    transformers = sorted(k for k in state if _TRANSFORMERS_KEYS.match(k))
+    if transformers and len(transformers) * 2 > len(state):
+        raise PetlbenchError(
+            f"weights file {source} is a Hugging Face transformers checkpoint ({_list(transformers, 2)}), not a timm "
+            f"or original-release layout. Fix: pass the timm release of these weights (hf-hub timm/<arch>, "
+            "model.safetensors) or the original .pth, for backbone " + repr(bb.arch) + "."
+        )
     state = _filter(state, bb)
     own = bb.model.state_dict()
-    head = {k for k in own if k.startswith(("head.",))}
-    wanted = {k for k in own if k not in head and not _IGNORED_KEYS.search(k)}
-    given = {k: v for k, v in state.items() if not _IGNORED_KEYS.search(k)}
+    head = _head_prefixes(bb)
+    wanted = {k for k in own if not k.startswith(head) and not _RECOMPUTED_KEYS.search(k)}
+    # A checkpoint's own classifier (any layout) is dropped, but never a body tensor of this model
+    # that happens to live under ``head.`` (ConvNeXt's final norm, ``head.norm``).
+    given = {k: v for k, v in state.items()
+             if k in wanted or not (k.startswith(head) or _IGNORED_KEYS.search(k))}
     unexpected = sorted(set(given) - set(own))
     missing = sorted(wanted - set(given))
     mismatched = sorted(f"{k} {tuple(given[k].shape)} vs {tuple(own[k].shape)}"
@@ -278,11 +322,12 @@ def load_weights(bb: Backbone, pretrained: str | os.PathLike | bool) -> WeightsI
 
 
 def save_backbone(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write a timm model's weights (head excluded) as .safetensors, atomically."""
+    """Write a timm model's weights (classifier heads excluded, by role) as .safetensors, atomically."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    head = _head_prefixes(Backbone(model))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith(head)}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(state, str(tmp))
     os.replace(tmp, path)

@@ -14,7 +14,20 @@ TINY_SWIN = (
     "swin_tiny_patch4_window7_224",
     {"img_size": 32, "patch_size": 4, "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 4},
 )
-BACKBONES = {"vit": TINY_VIT, "swin": TINY_SWIN}
+#: Distilled DeiT: class + distillation token, two heads averaged.
+TINY_DEIT_DISTILLED = ("deit_tiny_distilled_patch16_224",
+                       {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2})
+#: EVA-02 as Base/Large are built (split q/k/v with q/v biases, SwiGLU with its inner norm, RoPE,
+#: average pool + fc_norm), with LayerScale switched on so its role is exercised too. The head is
+#: drawn as the runner draws it (std 0.02; timm's EVA default scales it by 0.001, which leaves a
+#: random tiny model's body gradients below what one fp32 step can move).
+TINY_EVA = ("eva02_base_patch14_224", {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                                       "ref_feat_shape": (4, 4), "init_values": 0.1, "head_init_scale": 1.0})
+#: ConvNeXt with linear MLPs (as ConvNeXt-T/S/B/L are built), LayerScale, four one-block stages.
+TINY_CONVNEXT = ("convnext_atto", {"depths": (1, 1, 1, 1), "dims": (8, 8, 16, 16), "conv_mlp": False,
+                                   "ls_init_value": 0.5})
+BACKBONES = {"vit": TINY_VIT, "swin": TINY_SWIN, "deit_distilled": TINY_DEIT_DISTILLED, "eva": TINY_EVA,
+             "convnext": TINY_CONVNEXT}
 
 
 @pytest.fixture(autouse=True)

@@ -30,7 +30,8 @@ def test_list_backbones() -> None:
     assert result.exit_code == 0
     names = result.output.split()
     assert "vit_base_patch16_224" in names and "deit_base_patch16_224" in names
-    assert not any("distilled" in n for n in run("list", "backbones").output.split())
+    # distilled DeiT is a family of its own now (two tokens, two heads): listed, not refused
+    assert "deit_base_distilled_patch16_224" in run("list", "backbones").output.split()
 
 
 def test_params_json() -> None:
