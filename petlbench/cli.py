@@ -479,7 +479,7 @@ def _interrupted(plan: Any, todo: Sequence[Any], output: str, started: float) ->
 @click.option("--out", default=None, help="Write <out>.json and <out>.md (e.g. benchmarks/results/h100).")
 @click.option("--sweep-estimate", is_flag=True,
               help="Model the whole sweep (--suite, default vtab) of each METHOD on H100/H200 from counted ops and "
-                   "costs measured here, with the method's own batch size and epochs.")
+                   "costs measured here, with the batch size and epochs of the method's paper recipe (--protocol paper).")
 @click.option("--suite", default="vtab", show_default=True, help="Suite of --sweep-estimate.")
 @click.option("--remodel", "remodel_from", default=None, metavar="FILE.json",
               help="With --sweep-estimate: model a saved estimate (its --out .json) again under today's model, "

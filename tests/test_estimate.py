@@ -26,8 +26,8 @@ def test_workload_uses_the_methods_batch_size_and_every_task() -> None:
     assert sum(t.train_steps for t in arc) == 19 * 100 * 32  # 1000 images: 31 full batches and one of 8
     by_name = {t.name: t for t in arc}
     assert by_name["dsprites_loc"].test_images == 73728 and by_name["kitti"].eval_batches == 3
-    linear = estimate.workload("vtab", "linear")
-    assert {t.batch_size for t in linear} == {64} and sum(t.train_steps for t in linear) == 19 * 100 * 16
+    linear = estimate.workload("vtab", "linear")  # VPT's recipe: batch 128, no drop_last: 8 steps per epoch
+    assert {t.batch_size for t in linear} == {128} and sum(t.train_steps for t in linear) == 19 * 100 * 8
     assert {t.batch_size for t in estimate.workload("vtab", "arc", {"batch_size": 100})} == {100}
 
 
