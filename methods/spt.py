@@ -6,8 +6,10 @@ decides what trains, as ziplab/SPT ``engine.get_sensitivity`` and ``train_spt.py
 1. **Sensitivity**: the squared gradient of the loss, summed over the first ``calib_images``
    training images (official: 16 batches of 32 = 512, in file order), for every entry of each
    block's q, k, v (row blocks of timm's fused ``qkv``), ``proj``, ``fc1``, ``fc2`` weights, their
-   biases, ``norm1``/``norm2`` and the final norm. Patch embedding, position embedding, class token
-   and head are not ranked (as in the official code).
+   biases, ``norm1``/``norm2`` and the final norm (``fc_norm`` on average-pooled ViTs, whose final
+   norm is an Identity). Patch embedding, position embedding, class token, a pre-norm (CLIP's
+   ``norm_pre``), SigLIP's attention-pool head and the classifier head are not ranked (as in the
+   official code, which has none of the last three).
 2. **Budget**: the top-``tau`` entries are "sensitive"; for each weight matrix, if it holds at least
    ``cost / alpha`` of them (``cost`` = the structured module's size as the official code counts
    it), the matrix gets a **structured** module (LoRA or adapter, rank ``rank``) instead;
@@ -19,7 +21,8 @@ decides what trains, as ziplab/SPT ``engine.get_sensitivity`` and ``train_spt.py
    adapter ``W2 GELU(W1 x + b1) + b2`` (W1 kaiming-uniform, W2 and b2 zero) runs in parallel with
    its matrix, with dropout 0.1 on the branch input (not for ``proj``, as the official code) and
    drop-path 0.1 on the branch output; sparse entries are added to the frozen weight as a delta;
-   the class token is tuned too (official: ``cls_token`` always trains).
+   the class token is tuned too (official: ``cls_token`` always trains; here a delta added to the
+   token sequence before any pre-norm, the same function, merged into ``cls_token``).
 
 Chosen positions are buffers of ``petl`` (saved with the trainable state; a saved state rebuilds
 the model without data); the trainable count is the number of parameters that really train (the
@@ -96,9 +99,9 @@ def _units(backbone: Backbone) -> list[_Unit]:
                 if isinstance(getattr(norm, tensor, None), nn.Parameter):
                     units.append(_Unit(f"b{b.index}_{role}_{tensor}", f"b{b.index}_{role}", norm, tensor, 0, b.dim,
                                        False, False))
-    final = backbone.final_norm
+    final = backbone.last_norm  # the final norm, or fc_norm after an average pool (MAE)
     for tensor in ("weight", "bias"):
-        if isinstance(final, nn.LayerNorm) and isinstance(getattr(final, tensor, None), nn.Parameter):
+        if final is not None and isinstance(getattr(final, tensor, None), nn.Parameter):
             units.append(_Unit(f"final_norm_{tensor}", "final_norm", final, tensor, 0, final.normalized_shape[0],
                                False, False))
     return units
@@ -251,7 +254,10 @@ class _SPT(Method):
         if backbone.cls_token is not None:
             self._cls_size = backbone.cls_token.numel()
             petl["cls"] = ClsDelta(backbone.cls_token.shape[-1])
-            backbone.transform_output(backbone.token_site, petl["cls"])
+            # At the token site's input: before a pre-norm (CLIP's norm_pre), where a delta on the
+            # class token is the same as a delta on ``cls_token`` itself (what the official code
+            # tunes) and merges into it exactly.
+            backbone.transform_input(backbone.token_site, petl["cls"])
 
     def _cost(self, unit: _Unit) -> int:
         """Structured module size as the official code counts it for the decision."""
