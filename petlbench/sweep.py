@@ -137,6 +137,35 @@ def check_backbone(arch: str, kwargs: Mapping[str, Any], image_size: int | None,
         ) from None
 
 
+def check_methods(arch: str, kwargs: Mapping[str, Any],
+                  methods: Sequence[tuple[type, Sequence[Mapping[str, Any]]]]) -> None:
+    """Refuse, at plan time, a method that cannot run on the backbone (with its one-line reason),
+    so no run fails after training: each method is built on the meta device (no memory, no
+    weights) with its first task's hyperparameters, which runs its ``check_backbone`` and
+    ``apply``; every other distinct per-task configuration goes through ``check_backbone``.
+    (A mergeable method that cannot fold into this backbone is not refused: it runs, and is
+    evaluated and deployed unmerged, as its ``unmerged_reason`` says.)"""
+    from petlbench.backbone import Backbone
+    from petlbench.model import create_model
+
+    net = None
+    for cls, configs in methods:
+        seen: list[Mapping[str, Any]] = []
+        for config in configs:
+            if config in seen:
+                continue
+            try:
+                if not seen:
+                    model = create_model(arch, cls.name, 2, backbone_kwargs=dict(kwargs), device="meta", **config)
+                    net = model.net
+                else:
+                    cls(**config).check_backbone(Backbone(net, arch))
+            except PetlbenchError as exc:
+                text = str(exc)
+                raise PetlbenchError(text if repr(cls.name) in text else f"--method {cls.name}: {text}") from None
+            seen.append(config)
+
+
 def plan(
     suite: str,
     methods: Sequence[str],
@@ -176,6 +205,9 @@ def plan(
     log = log or _quiet
     arch, bkw, weights = _resolve_weights(the_suite, backbone, pretrained, dict(backbone_kwargs or {}), log)
     check_backbone(arch, bkw, the_suite.image_size)
+    check_methods(arch, bkw, [(cls, [cls.resolve({**file_cfg["methods"].get(cls.name, {}), **per_method[cls.name]},
+                                                 suite=the_suite.name, task=t.name) for t in selected])
+                              for cls in method_classes])
     probe = create_model(arch, "linear", selected[0].classes, pretrained=weights, backbone_kwargs=bkw)
     sha = probe.weights.sha256 if probe.weights else None
     del probe
