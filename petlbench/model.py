@@ -432,17 +432,19 @@ def merged_backbone_kwargs(merged: nn.Module) -> dict[str, bool]:
 
 
 @torch.no_grad()
-def merge_error(model: PETLModel, merged: nn.Module, batch: int = 2) -> float:
-    """max |merged(x) - model(x)| / max |model(x)| on a fixed random batch at the backbone's input
-    size, in fp32 without TF32 and in eval mode: the check that a merged model is the trained one.
+def merge_error(model: PETLModel, merged: nn.Module, x: torch.Tensor | None = None) -> float:
+    """max |merged(x) - model(x)| / max |model(x)| in fp32 without TF32 and in eval mode: the check
+    that a merged model is the trained one. ``x`` defaults to a fixed random batch of two images
+    at the size the backbone was built for (its patch grid times the patch stride).
 
     Merges are exact folds computed in float64, so this is rounding (~1e-6); a site folded on the
     wrong side of a LayerNorm shows up as a difference of order 1e-2 or more."""
-    bb = model.backbone
-    size = tuple(g * s for g, s in zip(bb.grid_size, bb.patch_proj.stride, strict=True))
     param = next(iter(model.net.parameters()))
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, bb.in_chans, *size, generator=gen).to(device=param.device, dtype=param.dtype)
+    if x is None:
+        bb = model.backbone
+        size = tuple(g * s for g, s in zip(bb.grid_size, bb.patch_proj.stride, strict=True))
+        x = torch.randn(2, bb.in_chans, *size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=param.device, dtype=param.dtype)
     was_training = model.training
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

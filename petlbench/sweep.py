@@ -137,14 +137,14 @@ def check_backbone(arch: str, kwargs: Mapping[str, Any], image_size: int | None,
         ) from None
 
 
-def check_methods(arch: str, kwargs: Mapping[str, Any],
-                  methods: Sequence[tuple[type, Sequence[Mapping[str, Any]]]]) -> None:
+def check_methods(arch: str, kwargs: Mapping[str, Any], methods: Sequence[tuple[type, Sequence[Mapping[str, Any]]]],
+                  log: Callable[[str], None] | None = None) -> None:
     """Refuse, at plan time, a method that cannot run on the backbone (with its one-line reason),
     so no run fails after training: each method is built on the meta device (no memory, no
     weights) with its first task's hyperparameters, which runs its ``check_backbone`` and
     ``apply``; every other distinct per-task configuration goes through ``check_backbone``.
     (A mergeable method that cannot fold into this backbone is not refused: it runs, and is
-    evaluated and deployed unmerged, as its ``unmerged_reason`` says.)"""
+    evaluated and deployed unmerged; ``log`` hears its ``unmerged_reason``.)"""
     from petlbench.backbone import Backbone
     from petlbench.model import create_model
 
@@ -158,6 +158,9 @@ def check_methods(arch: str, kwargs: Mapping[str, Any],
                 if not seen:
                     model = create_model(arch, cls.name, 2, backbone_kwargs=dict(kwargs), device="meta", **config)
                     net = model.net
+                    if log is not None and cls.mergeable and not model.method.mergeable:
+                        log(f"note: method {cls.name!r} cannot merge into {arch} ({model.method.unmerged_reason}); "
+                            "its runs are evaluated and deployed unmerged.")
                 else:
                     cls(**config).check_backbone(Backbone(net, arch))
             except PetlbenchError as exc:
@@ -207,7 +210,7 @@ def plan(
     check_backbone(arch, bkw, the_suite.image_size)
     check_methods(arch, bkw, [(cls, [cls.resolve({**file_cfg["methods"].get(cls.name, {}), **per_method[cls.name]},
                                                  suite=the_suite.name, task=t.name) for t in selected])
-                              for cls in method_classes])
+                              for cls in method_classes], log)
     probe = create_model(arch, "linear", selected[0].classes, pretrained=weights, backbone_kwargs=bkw)
     sha = probe.weights.sha256 if probe.weights else None
     del probe

@@ -358,3 +358,15 @@ def test_evaluation_never_uses_a_merged_model_that_differs(recwarn) -> None:
         assert deployable(good)[1] is True
     finally:
         unregister_method("wrong_fold_test")
+
+
+def test_planning_says_which_methods_will_run_unmerged() -> None:
+    """A mergeable method that cannot fold into the backbone is not refused, but planning says it
+    will be evaluated and deployed unmerged, and why."""
+    from petlbench.sweep import check_methods
+
+    heard: list[str] = []
+    kwargs = {**M._TINY, "pos_embed": "none"}
+    check_methods("vit_base_patch16_clip_224", kwargs, [(petlbench.get_method(m), [{}]) for m in ("ssf", "lora")],
+                  heard.append)
+    assert len(heard) == 1 and "'ssf'" in heard[0] and "unmerged" in heard[0] and "position embedding" in heard[0]
