@@ -25,11 +25,12 @@ from torch import nn
 
 import petlbench
 from petlbench.errors import PetlbenchError
+from tests.conftest import TINY_VIT
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One backbone variant, built tiny (depth 2, width 32) from a timm architecture."""
+    """One backbone variant, built tiny (depth 2, width 16-32) from a timm architecture."""
 
     name: str  # column name in the table
     arch: str
@@ -39,27 +40,28 @@ class Variant:
     num_classes: int = 5
 
 
-_TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32, "patch_size": 8}
+#: The tiny ViT arguments of the rest of the suite (depth 2, width 32, 32x32 images, 8x8 patches).
+TINY: dict[str, Any] = dict(TINY_VIT[1])
 
 #: The matrix columns. Perturbed LayerNorm affines, biases, LayerScale and tokens (see
 #: :func:`perturb`) make every misplaced site visible; init values (LN = identity, zero biases,
 #: LayerScale 1e-5) would hide them.
 VARIANTS: list[Variant] = [
-    Variant("vit", "vit_tiny_patch16_224", dict(_TINY), "ViT, class token, final norm (the original ViT-B/16 recipe)"),
-    Variant("clip", "vit_base_patch16_clip_224", dict(_TINY),
+    Variant("vit", "vit_tiny_patch16_224", dict(TINY), "ViT, class token, final norm (the original ViT-B/16 recipe)"),
+    Variant("clip", "vit_base_patch16_clip_224", dict(TINY),
             "pre-norm ViT (CLIP): LayerNorm before block 0, bias-less patch embedding"),
-    Variant("dinov2_reg", "vit_small_patch14_reg4_dinov2", dict(_TINY),
+    Variant("dinov2_reg", "vit_small_patch14_reg4_dinov2", dict(TINY),
             "DINOv2 with 4 registers, LayerScale, no position embedding on prefix tokens"),
-    Variant("siglip", "vit_base_patch16_siglip_224", dict(_TINY),
+    Variant("siglip", "vit_base_patch16_siglip_224", dict(TINY),
             "SigLIP: no class token, attention-pool (MAP) head"),
-    Variant("mae_gap", "vit_tiny_patch16_224", {**_TINY, "global_pool": "avg"},
+    Variant("mae_gap", "vit_tiny_patch16_224", {**TINY, "global_pool": "avg"},
             "MAE-style: average pool of the patch tokens, then fc_norm (final norm is Identity)"),
-    Variant("no_bias", "vit_tiny_patch16_224", {**_TINY, "qkv_bias": False, "proj_bias": False},
+    Variant("no_bias", "vit_tiny_patch16_224", {**TINY, "qkv_bias": False, "proj_bias": False},
             "qkv, proj, fc1 and fc2 without biases (qkv_bias=False, proj_bias=False)"),
-    Variant("non_square", "vit_tiny_patch16_224", {**_TINY, "img_size": (16, 64)},
+    Variant("non_square", "vit_tiny_patch16_224", {**TINY, "img_size": (16, 64)},
             "16x64 images: a 2x8 token grid (16 tokens, which a square reshape would read as 4x4)",
             input_size=(16, 64)),
-    Variant("dynamic", "vit_tiny_patch16_224", {**_TINY, "dynamic_img_size": True},
+    Variant("dynamic", "vit_tiny_patch16_224", {**TINY, "dynamic_img_size": True},
             "dynamic_img_size=True, fed 16x64 images (built for 32x32): the grid follows the input",
             input_size=(16, 64)),
     Variant("swin", "swin_tiny_patch4_window7_224",
