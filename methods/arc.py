@@ -14,6 +14,10 @@ identity start), biases zero. Eval-mode A_l is u M + b with M = I + D diag(s_l) 
 so it folds into qkv / fc1: W' = W M, b' = b_W + W b_l.
 ViT-B/16, r=50: ARC 96,432 and ARC_att 48,216 parameters.
 
+On a qkv / fc1 built without a bias (``qkv_bias=False``, ``proj_bias=False``) the merge gives it
+one (b_l needs a place): the merged model is the timm model built with that argument True, and
+the run records it (``merged_backbone_kwargs``).
+
 Note on Swin: the official Swin code puts the MLP adapter on the residual stream before norm2,
 which cannot merge; here it sits before fc1 like on ViT, so both families merge exactly.
 """

@@ -1,7 +1,9 @@
 """BitFit: train every bias of the backbone (linears, LayerNorms, patch embedding) and the head.
 
 Biases are selected from the module tree (each module's own ``bias`` parameter), never by name.
-On ViT-B/16 that is 102,912 parameters without the head.
+On ViT-B/16 that is 102,912 parameters without the head. Every bias of the pretrained network
+trains, so on SigLIP those of its attention-pool head too (it sits before the classifier and is
+part of the pretrained backbone); layers built without a bias (``qkv_bias=False``) have none.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ head init. That script reports the best test accuracy over evaluations every 10 
 published row is test-selected (``--protocol paper-best-test`` reproduces that).
 
 Swin (the official ``Convpass_swin``): no class token, the grid is the window-free H x W map.
+The grid is always the one the backbone produced for the input at hand (the patch embedding's
+H x W on ViT, the block's map on Swin), so non-square and dynamic input sizes convolve over
+the real neighbours, never over a square guess.
 Deliberate differences: on ViT the bypass is added inside the sub-layer's stochastic depth, so it
 shares the sub-layer's drop-path mask (the official code draws a second, independent one); on
 Swin the attention bypass is added after the stochastic depth (never dropped). Both match the
@@ -33,7 +36,6 @@ here it is the identity of the chosen ``dim``. Not mergeable (QuickGELU and the 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,8 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
-from petlbench.backbone import CONVNEXT_NO_ATTENTION
-from petlbench.errors import PetlbenchError
+from petlbench.backbone import CONVNEXT_NO_ATTENTION, TokenGrid
 from petlbench.layers import quick_gelu
 
 from ._recipes import PETL_VIT_DIFFERENCES, PETL_VIT_VTAB
@@ -65,17 +66,13 @@ _CONVPASS_ATTN = {
 }
 
 
-def _side(tokens: int, what: str) -> int:
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise PetlbenchError(f"method 'convpass' needs a square token grid, got {tokens} {what}. "
-                             "Fix: use a square input size.")
-    return side
-
-
 class ConvBypass(nn.Module):
-    def __init__(self, dim: int, hidden: int, scale: float, xavier_init: bool, dropout: float, prefix: int) -> None:
+    def __init__(self, dim: int, hidden: int, scale: float, xavier_init: bool, dropout: float, prefix: int,
+                 grid: TokenGrid) -> None:
         super().__init__()
+        # The token grid of the current input, shared by all bypasses (held in a tuple so that it is
+        # not registered as a child of each; it lives in ``petl`` and copies with the model).
+        self.grids = (grid,)
         self.down = nn.Linear(dim, hidden)
         self.conv = nn.Conv2d(hidden, hidden, 3, 1, 1)
         self.up = nn.Linear(hidden, dim)
@@ -100,9 +97,9 @@ class ConvBypass(nn.Module):
             return self.conv(z.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         b, n, c = z.shape
         p = self.prefix
-        side = _side(n - p, "patch tokens")
-        grid = self.conv(z[:, p:].reshape(b, side, side, c).permute(0, 3, 1, 2))
-        grid = grid.permute(0, 2, 3, 1).reshape(b, side * side, c)
+        h, w = self.grids[0].hw(n - p, "convpass")
+        grid = self.conv(z[:, p:].reshape(b, h, w, c).permute(0, 3, 1, 2))
+        grid = grid.permute(0, 2, 3, 1).reshape(b, h * w, c)
         if p == 0:
             return grid
         # A prefix token alone on a zero-padded 1x1 map: only the centre tap and the bias reach it.
@@ -113,11 +110,11 @@ class ConvBypass(nn.Module):
         z = self._mix(quick_gelu(self.down(u)))
         return self.up(self.dropout(quick_gelu(z))) * self.scale
 
-    def square(self, u: torch.Tensor) -> torch.Tensor:
-        """Swin MLP input: (B, L, C) tokens of a square H x W map."""
+    def on_grid(self, u: torch.Tensor) -> torch.Tensor:
+        """Swin MLP input: (B, L, C) tokens of the block's H x W map (any aspect ratio)."""
         b, n, c = u.shape
-        side = _side(n, "tokens")
-        return self(u.reshape(b, side, side, c)).reshape(b, n, c)
+        h, w = self.grids[0].hw(n, "convpass")
+        return self(u.reshape(b, h, w, c)).reshape(b, n, c)
 
     def beside_attention(self, norm: nn.LayerNorm, h: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         """Swin attention bypass on the residual stream ``h`` (B, H, W, C), in parallel with the windowed attention."""
@@ -184,9 +181,18 @@ class Convpass(Method):
         vit = backbone.family == "vit"
         prefix = backbone.num_prefix_tokens if vit else 0
         positions = ("attn", "mlp") if self.hp.positions == "attn_mlp" else ("attn",)
+        # The patch grid: ViT, the patch embedding's (one for all blocks); Swin, each block's input map.
+        grids = nn.ModuleList(TokenGrid() for _ in (range(1) if vit else backbone.blocks))
+        petl["grid"] = grids
+        if vit:
+            backbone.track_grid(grids[0])
+        elif "mlp" in positions:
+            for blk, grid in zip(backbone.blocks, grids, strict=True):
+                backbone.transform_input(blk.block, grid.observe)
         for pos in positions:
             bypasses = nn.ModuleList(
-                ConvBypass(b.dim, self.hp.dim, self.hp.scale, self.hp.xavier_init, self.hp.dropout, prefix)
+                ConvBypass(b.dim, self.hp.dim, self.hp.scale, self.hp.xavier_init, self.hp.dropout, prefix,
+                           grids[0 if vit else b.index])
                 for b in backbone.blocks
             )
             petl[pos] = bypasses
@@ -194,6 +200,6 @@ class Convpass(Method):
                 if vit:
                     backbone.add_parallel(blk.attn if pos == "attn" else blk.mlp, bypass)
                 elif pos == "mlp":
-                    backbone.add_parallel(blk.mlp, bypass.square)
+                    backbone.add_parallel(blk.mlp, bypass.on_grid)
                 else:
                     backbone.transform_branch(blk, "attn", functools.partial(bypass.beside_attention, blk.norm1))

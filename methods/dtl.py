@@ -21,7 +21,10 @@ The classifier input changes too: on ViT, DTL averages the *patch* tokens of the
 then applies the pre-trained final LayerNorm (``norm(mean(x[:, 1:]))``), instead of the class
 token after the norm. This is installed here (on the final norm's input) and recorded as the
 run's pooling, ``mean_patch_tokens_then_norm``. Swin keeps its own pooling (norm, then average),
-as in the official Swin code.
+as in the official Swin code, and so does an MAE-style ViT (``global_pool='avg'`` with
+``fc_norm``), whose own pooling already is the mean of the patch tokens followed by the final
+norm. Other pools (SigLIP's attention-pool head, norm-then-mean) are refused before training.
+DTL+ convolves over the patch grid the backbone produced (non-square and dynamic sizes too).
 ViT-B/16, r = 2: 12 * 2 * 2 * 768 = 36,864 (0.04 M); DTL+ adds 768 * k * k.
 
 Presets: the DTL+ kernel size per VTAB task. The paper recipe (``recipes``, ``--protocol paper``)
@@ -45,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlbench import Backbone, HParam, Method
+from petlbench.backbone import TokenGrid
 from petlbench.errors import PetlbenchError
 
 from ._recipes import head_bias
@@ -118,8 +122,10 @@ class SideNetwork(nn.Module):
     """
 
     def __init__(self, dims: dict[int, int], stage_of: dict[int, int], rank: int, beta: float,
-                 lora_blocks: list[int], add_blocks: list[int], fusion: int, prefix: int) -> None:
+                 lora_blocks: list[int], add_blocks: list[int], fusion: int, prefix: int,
+                 grid: TokenGrid | None = None) -> None:
         super().__init__()
+        self.grids = (grid,)  # ViT: the patch grid of the current input (lives in petl; a tuple, not a child)
         self.lora_blocks, self.add_blocks, self.stage_of = lora_blocks, add_blocks, stage_of
         self.lora_a = nn.ParameterList(nn.Parameter(torch.empty(rank, dims[i])) for i in lora_blocks)
         self.lora_b = nn.ParameterList(nn.Parameter(torch.zeros(dims[i], rank)) for i in lora_blocks)
@@ -153,8 +159,8 @@ class SideNetwork(nn.Module):
         if r.dim() == 4:
             return conv(r.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         p, (n, t, c) = self.prefix, r.shape
-        side = math.isqrt(t - p)
-        grid = conv(r[:, p:].reshape(n, side, side, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(n, -1, c)
+        h, w = self.grids[0].hw(t - p, "dtl_plus")
+        grid = conv(r[:, p:].reshape(n, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(n, -1, c)
         return torch.cat([r[:, :p], grid], dim=1)
 
     def add(self, block: int, x: torch.Tensor) -> torch.Tensor:
@@ -215,12 +221,20 @@ class DTL(Method):
         """The official optimiser exempts the tensors named *.bias: of what DTL trains, only the head's bias."""
         return head_bias(backbone)
 
+    @staticmethod
+    def _pools_like_dtl(backbone: Backbone) -> bool:
+        """A ViT whose own pooling already is DTL's: the mean of the patch tokens, then the final
+        LayerNorm (MAE-style ``global_pool='avg'`` with ``fc_norm``); DTL then installs nothing."""
+        return backbone.pooling == "avg" and backbone.fc_norm is not None and backbone.last_norm is backbone.fc_norm
+
     def check_backbone(self, backbone: Backbone) -> None:
         super().check_backbone(backbone)
-        if backbone.family == "vit" and backbone.pooling != "cls_token":
+        if backbone.family == "vit" and backbone.pooling != "cls_token" and not self._pools_like_dtl(backbone):
             raise PetlbenchError(
-                f"method {self.name!r} installs its own pooling and needs a ViT built with the class-token pool; "
-                f"{backbone.arch!r} pools with {backbone.pooling!r}. Fix: build the backbone with global_pool='token'."
+                f"method {self.name!r} classifies from the mean of the patch tokens followed by the final norm; "
+                f"{backbone.arch!r} pools with {backbone.pooling!r}"
+                f"{' (an attention-pool head)' if backbone.attn_pool is not None else ''}, which that cannot replace. "
+                "Fix: build the backbone with global_pool='token' (or 'avg' with fc_norm)."
             )
 
     def apply(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
@@ -239,15 +253,22 @@ class DTL(Method):
         rank = self.hp.rank or (2 if backbone.family == "vit" else 4)
         if rank > min(b.dim for b in blocks):
             raise PetlbenchError(f"method {self.name!r}: rank {rank} is larger than the width of {backbone.arch!r}.")
-        self.pooling = POOLING if backbone.family == "vit" else None  # Swin keeps its own average pool
+        vit = backbone.family == "vit"
+        # Swin and average-pooled ViTs (mean of the patch tokens, then fc_norm) keep their own pooling.
+        install_pool = vit and not self._pools_like_dtl(backbone)
+        self.pooling = POOLING if install_pool else None
+        grid = TokenGrid() if vit and self.hp.fusion_size else None
         side = SideNetwork({b.index: b.dim for b in blocks}, stage_of, rank, self.hp.beta, lora, add,
-                           self.hp.fusion_size, backbone.num_prefix_tokens if backbone.family == "vit" else 0)
+                           self.hp.fusion_size, backbone.num_prefix_tokens if vit else 0, grid)
         petl["side"] = side
+        if grid is not None:  # DTL+ convolves over the real patch grid (non-square, dynamic sizes)
+            petl["grid"] = grid
+            backbone.track_grid(grid)
         for slot, i in enumerate(lora):
             backbone.transform_input(blocks[i].block, functools.partial(side.collect, slot))
         for i in add:
             backbone.transform_output(blocks[i].block, functools.partial(side.add, i))
-        if backbone.family == "vit":
+        if install_pool:
             backbone.transform_input(backbone.final_norm, side.pool)
 
 

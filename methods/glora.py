@@ -36,6 +36,12 @@ are Python-level (train the supernet model with ``petlbench.engine.train`` or an
 official script searches on the test set). The official repository publishes no searched per-layer
 configurations, so there are no per-task presets.
 
+Other backbones: on a linear built without a bias (``qkv_bias=False``), D (which scales the bias)
+has nothing to act on, so it is neither allocated nor counted; E and C then need a bias, which
+the merge adds (the merged model is the timm model built with ``qkv_bias=True``/``proj_bias=True``,
+recorded with the run). Only the blocks' linears are adapted: SigLIP's attention-pool head
+(linears that are no block role) stays frozen.
+
 Deliberate differences: the head is timm's (the official ``reset_classifier`` of timm 0.4.12
 used PyTorch's default Linear init); on Swin the patch-merging reductions (linears that are no
 block role) are left out.
@@ -54,6 +60,7 @@ from torch import nn
 
 from petlbench import Backbone, HParam, Method, PetlbenchError
 from petlbench.backbone import CONVNEXT_NO_ATTENTION, EVA_NO_QKV
+from petlbench.layers import ensure_bias
 from petlbench.search import accuracy, evolve
 
 from ._recipes import PETL_VIT_VTAB
@@ -105,12 +112,15 @@ class GLoRALinear(nn.Module):
     """
 
     def __init__(self, out_features: int, in_features: int, rank: int, forms: dict[str, str],
-                 supernet: bool = False) -> None:
+                 supernet: bool = False, bias: bool = True) -> None:
         super().__init__()
         self.forms = dict(forms)
         self.supernet = supernet
+        self.has_bias = bias  # D scales the bias: a linear without one gets no D (nothing to scale, never trained)
         self.sampled: dict[str, str] | None = None
-        allocate = {k: "lora" if k in "ABC" else "vector" for k in "ABCDE"} if supernet else forms
+        allocate = {k: "lora" if k in "ABC" else "vector" for k in "ABCDE"} if supernet else dict(forms)
+        if not bias:
+            allocate["D"] = "none"
         for key in "AB":
             self._make(key, allocate[key], (out_features, in_features), rank)
         self._make("C", allocate["C"], (in_features, 1), rank)
@@ -131,7 +141,7 @@ class GLoRALinear(nn.Module):
     def _tensor(self, key: str, dtype: torch.dtype, sampled: bool = False) -> torch.Tensor | None:
         """The tensor in a shape that broadcasts against W (A, B), W's input (C) or b (D, E)."""
         form = self.sampled[key] if sampled and self.sampled is not None else self.forms[key]
-        if form == "none":
+        if form == "none" or (key == "D" and not self.has_bias):
             return None
         if self.supernet and key in "ABC":
             down = getattr(self, f"{key}d").to(dtype)
@@ -179,10 +189,13 @@ class GLoRALinear(nn.Module):
         return F.linear(x, dw, db)
 
 
-def subnet_params(forms: dict[str, str], out_features: int, in_features: int, rank: int) -> int:
-    """Parameters of one linear's sub-network, counted as the official search does (``get_param``)."""
+def subnet_params(forms: dict[str, str], out_features: int, in_features: int, rank: int, bias: bool = True) -> int:
+    """Parameters of one linear's sub-network, counted as the official search does (``get_param``);
+    a linear without a bias has no D (see :class:`GLoRALinear`)."""
     total = 0
     for key, form in forms.items():
+        if key == "D" and not bias:
+            continue
         o, i = (in_features, 1) if key == "C" else (out_features, in_features)
         total += {"lora": (o + i) * rank, "vector": o, "constant": 1, "none": 0}[form]
     return total
@@ -244,7 +257,8 @@ class GLoRA(Method):
         linears = self._linears(backbone)
         configs = parse_config(self.hp.config, len(linears))
         modules = nn.ModuleList(
-            GLoRALinear(lin.out_features, lin.in_features, self.hp.rank, forms, self.hp.supernet)
+            GLoRALinear(lin.out_features, lin.in_features, self.hp.rank, forms, self.hp.supernet,
+                        lin.bias is not None)
             for lin, forms in zip(linears, configs, strict=True)
         )
         petl["glora"] = modules
@@ -257,10 +271,9 @@ class GLoRA(Method):
             w = lin.weight.double()
             b = None if lin.bias is None else lin.bias.double()
             dw, db = module.weight_delta(w), module.bias_delta(w, b)
-            if db is not None:
-                if lin.bias is None:
-                    raise PetlbenchError("method 'glora' cannot merge into a linear without a bias; deploy unmerged.")
-                lin.bias.copy_((b + db).to(lin.bias.dtype))
+            if db is not None:  # a linear built without a bias gets one (see petlbench.merge)
+                bias = ensure_bias(lin, "a linear layer")
+                bias.copy_(((b if b is not None else 0.0) + db).to(bias.dtype))
             if dw is not None:
                 lin.weight.copy_((w + dw).to(lin.weight.dtype))
 
@@ -287,15 +300,15 @@ def search(model, loader: Iterable, device: torch.device | str = "cpu", *, param
                              "Fix: petlbench.create_model(..., 'glora', ..., supernet=True) and load its weights.")
     modules = list(model.petl["glora"])
     linears = model.method._linears(model.backbone)
-    shapes = [(lin.out_features, lin.in_features) for lin in linears]
+    shapes = [(lin.out_features, lin.in_features, lin.bias is not None) for lin in linears]
     rank = model.method.hp.rank
     rng = random.Random(seed)
     original = [dict(m.forms) for m in modules]
     was_training = model.training
 
     def params(cand: tuple) -> int:
-        return sum(subnet_params(dict(zip("ABCDE", code, strict=True)), o, i, rank)
-                   for code, (o, i) in zip(cand, shapes, strict=True))
+        return sum(subnet_params(dict(zip("ABCDE", code, strict=True)), o, i, rank, bias)
+                   for code, (o, i, bias) in zip(cand, shapes, strict=True))
 
     def score(cand: tuple) -> tuple[float, int] | None:
         n = params(cand)

@@ -3,8 +3,9 @@
 The "LayerNorm tuning" baseline as PETL_Vision runs it (OSU-MLB/PETL_Vision
 ``experiment/build_model.py``: every parameter of a ``norm`` module trains): each block's norm1
 and norm2 and the final norm; on Swin also the patch-embedding and patch-merging norms. The
-norms are :attr:`Backbone.layernorms` (found by type, never by name). ViT-B/16: 12 * 2 * 1536 + 1536 =
-38,400 parameters (0.04 M). The tuned values live in the plain model's own tensors, so merging
+norms are :attr:`Backbone.layernorms` (found by type, never by name), so every LayerNorm of the
+pretrained network: also CLIP's pre-norm, MAE's ``fc_norm`` and the norm of SigLIP's attention-pool
+head. ViT-B/16: 12 * 2 * 1536 + 1536 = 38,400 parameters (0.04 M). The tuned values live in the plain model's own tensors, so merging
 is free (the adapted model is already a plain timm model).
 """
 

@@ -10,6 +10,8 @@ weight and bias, so R is the identity at init. ``s`` is a fixed per-task scale (
 with the paper's per-task VTAB values as presets. Eval-mode R is affine, so it folds into the
 following linear: W' = W (I + s B A), b' = b + s W (B a + beta).
 ViT-B/16 repblock: 24 * (768*8 + 8 + 768*4 + 768) = 239,808 parameters (221,184 without biases).
+On a qkv / fc1 built without a bias the merge gives it one (the shift needs a place): the merged
+model is the timm model built with ``qkv_bias``/``proj_bias`` True, recorded with the run.
 """
 
 from __future__ import annotations

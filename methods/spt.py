@@ -31,7 +31,8 @@ decides what trains, as ziplab/SPT ``engine.get_sensitivity`` and ``train_spt.py
    official ``VisionTransformerSPT`` builds the modules, then its ``init_weights('')`` (timm's
    ``_init_vit_weights`` over the whole model) redraws them, so LoRA's B is not zero at step 0.
    Sparse entries are added to the frozen weight as a delta; the class token is tuned too
-   (official: ``cls_token`` always trains).
+   (official: ``cls_token`` always trains; here a delta added to the token sequence before any
+   pre-norm, the same function, merged into ``cls_token``).
 
 Chosen positions are buffers of ``petl`` (saved with the trainable state; a saved state rebuilds
 the model without data); the trainable count is the number of parameters that really train (the
@@ -113,9 +114,9 @@ def _units(backbone: Backbone) -> list[_Unit]:
                 if isinstance(getattr(norm, tensor, None), nn.Parameter):
                     units.append(_Unit(f"b{b.index}_{role}_{tensor}", f"b{b.index}_{role}", norm, tensor, 0, b.dim,
                                        False, False))
-    final = backbone.final_norm
+    final = backbone.last_norm  # the final norm, or fc_norm after an average pool (MAE)
     for tensor in ("weight", "bias"):
-        if isinstance(final, nn.LayerNorm) and isinstance(getattr(final, tensor, None), nn.Parameter):
+        if final is not None and isinstance(getattr(final, tensor, None), nn.Parameter):
             units.append(_Unit(f"final_norm_{tensor}", "final_norm", final, tensor, 0, final.normalized_shape[0],
                                False, False))
     return units
@@ -345,7 +346,10 @@ class _SPT(Method):
         petl["linear"], petl["seq"], petl["norms"] = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         if backbone.cls_token is not None:
             petl["cls"] = ClsDelta(backbone.cls_token.shape[-1])
-            backbone.transform_output(backbone.token_site, petl["cls"])
+            # At the token site's input: before a pre-norm (CLIP's norm_pre), where a delta on the
+            # class token is the same as a delta on ``cls_token`` itself (what the official code
+            # tunes) and merges into it exactly.
+            backbone.transform_input(backbone.token_site, petl["cls"])
 
     def _cost(self, unit: _Unit) -> int:
         """Structured module size as the official ``get_structured_param_num`` counts it, which is

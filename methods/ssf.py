@@ -8,6 +8,20 @@ patch-merging layer. gamma ~ N(1, 0.02), beta ~ N(0, 0.02) as in the paper's cod
 exactly into the layer it follows (a Linear's rows, a LayerNorm's affine, the patch-embedding
 conv's output channels), so SSF merges.
 ViT-B/16: 205,824 parameters (equal to the official code, 1.3e-6); Swin-B: 274,432 (official count).
+
+Other ViT variants, by the same rule ("after every operation, the norms included"):
+
+- pre-norm ViTs (CLIP): also after ``norm_pre``, the LayerNorm before block 0 (+2 x width).
+- the last site follows the last LayerNorm before the head wherever it sits: the final norm, or
+  ``fc_norm`` on MAE-style average-pooled ViTs (whose final norm is an Identity). The official
+  code's site after ``self.norm`` would there scale the tokens before pooling and before
+  ``fc_norm``, which no plain model can hold; after ``fc_norm`` it folds into its affine.
+- layers without a bias: a bias-less patch embedding (CLIP) takes the shift in the position
+  embedding of the patch positions (added right after it); a qkv/proj/fc built without a bias
+  gets one when merged, and the merged model is the timm model built with ``qkv_bias=True``
+  (``proj_bias=True``), recorded with the run. With neither a bias nor a position embedding after
+  the patch embedding, SSF runs and is deployed unmerged.
+- SigLIP's attention-pool head is not adapted (it is no SSF site; it stays frozen).
 """
 
 from __future__ import annotations
@@ -45,6 +59,8 @@ def _sites(backbone: Backbone) -> list[tuple[str, nn.Module, nn.Module, int, boo
         sites.append(("embed_proj", bb.patch_proj, bb.patch_proj, width, True))
     embed_target = bb.patch_norm if bb.patch_norm is not None else bb.patch_proj
     sites.append(("embed", bb.patch_embed, embed_target, width, False))
+    if bb.norm_pre is not None:  # pre-norm ViT (CLIP): after the LayerNorm before block 0
+        sites.append(("pre_norm", bb.norm_pre, bb.norm_pre, bb.norm_pre.normalized_shape[0], False))
     for b in bb.blocks:
         for role in ("norm1", "qkv", "proj", "norm2", "fc1", "fc2"):
             layer = getattr(b, role)
@@ -52,8 +68,9 @@ def _sites(backbone: Backbone) -> list[tuple[str, nn.Module, nn.Module, int, boo
             sites.append((f"{b.index}_{role}", layer, layer, channels, False))
     for i, norm in enumerate(bb.downsample_norms):
         sites.append((f"merge{i}_norm", norm, norm, norm.normalized_shape[0], False))
-    if isinstance(bb.final_norm, nn.LayerNorm):
-        sites.append(("final_norm", bb.final_norm, bb.final_norm, bb.final_norm.normalized_shape[0], False))
+    last = bb.last_norm  # the final norm, or fc_norm after an average pool (MAE)
+    if last is not None:
+        sites.append(("final_norm", last, last, last.normalized_shape[0], False))
     return sites
 
 
@@ -141,11 +158,24 @@ class SSF(Method):
             ssf[name] = ScaleShift(width, self.hp.init_std, channels_first)
             backbone.transform_output(module, ssf[name])
         petl["ssf"] = ssf
+        embed = next(target for name, _, target, _, _ in _sites(backbone) if name == "embed")
+        if getattr(embed, "bias", None) is None and backbone.patch_position_embedding is None:
+            self.mergeable = False
+            self.unmerged_reason = ("the patch embedding has no bias and no position embedding follows it, so the "
+                                    "shift after it has nowhere to go in a plain model")
 
     def no_weight_decay(self, backbone: Backbone, petl: nn.ModuleDict) -> list[nn.Parameter]:
         """The official optimiser exempts every scale and shift (the recipe's no_1d rule also exempts the head bias)."""
         return list(petl["ssf"].parameters())
 
     def merge(self, backbone: Backbone, petl: nn.ModuleDict) -> None:
+        if not self.mergeable:
+            super().merge(backbone, petl)
         for name, _, target, _, _ in _sites(backbone):
-            fold_output(target, petl["ssf"][name].scale, petl["ssf"][name].shift)
+            scale, shift = petl["ssf"][name].scale, petl["ssf"][name].shift
+            if name == "embed" and getattr(target, "bias", None) is None:  # bias-less patch embedding (CLIP)
+                fold_output(target, scale, None)
+                pos = backbone.patch_position_embedding
+                pos.copy_((pos.double() + shift.double()).to(pos.dtype))
+            else:
+                fold_output(target, scale, shift)

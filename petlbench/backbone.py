@@ -475,7 +475,9 @@ class Backbone:
     @property
     def token_site(self) -> nn.Module:
         """ViT, DeiT, EVA: the module whose output is the token sequence (prefix tokens + patches, with
-        absolute position embeddings) right before block 0. An output transform here may add tokens."""
+        absolute position embeddings) right before block 0. An output transform here may add tokens. Its
+        input is the same sequence before the pre-norm (:attr:`norm_pre`, when there is one): a
+        delta on the class token or position embedding folds into them only when made there."""
         self._require_tokens("token sequence")
         return self.model.norm_pre
 
@@ -542,6 +544,95 @@ class Backbone:
             return "cls_and_dist_tokens"
         pool = str(getattr(self.model, "global_pool", "token") or "none")
         return "cls_token" if pool == "token" else pool
+
+    # ------------------------------------------------ ViT variants: pre-norm, pooling heads, token grid
+    # The order of operations of a timm ViT, which every merge must respect:
+    #   patch_embed -> [prefix tokens, + pos_embed] -> norm_pre -> blocks -> final_norm -> pool
+    #   (class token / mean of patch tokens / attn_pool) -> fc_norm -> head
+    # A delta folded into a tensor on the left of a LayerNorm is NOT the same delta on its right.
+    @property
+    def norm_pre(self) -> nn.LayerNorm | None:
+        """The LayerNorm over the whole token sequence (prefix tokens and patches, position
+        embeddings added) before block 0, or None (timm's Identity). CLIP-style ViTs have one
+        (``pre_norm=True``); a change to the class token or the position embedding then passes
+        through it, so it folds into ``cls_token``/``pos_embed`` only when made at its input."""
+        norm = getattr(self.model, "norm_pre", None) if self.family in TOKEN_FAMILIES else None
+        return norm if isinstance(norm, nn.LayerNorm) else None
+
+    @property
+    def fc_norm(self) -> nn.LayerNorm | None:
+        """The LayerNorm on the pooled features, after pooling and before the head (MAE-style
+        ``global_pool='avg'``, where :attr:`final_norm` is then an Identity), or None. It is the
+        last norm of such a backbone, where methods that adapt "the final norm" act."""
+        norm = getattr(self.model, "fc_norm", None) if self.family in TOKEN_FAMILIES else None
+        return norm if isinstance(norm, nn.LayerNorm) else None
+
+    @property
+    def last_norm(self) -> nn.LayerNorm | None:
+        """The last LayerNorm before the classifier: :attr:`final_norm` (on the token sequence,
+        before pooling) when it is one, else :attr:`fc_norm` (on the pooled features), else None."""
+        final = self.final_norm
+        return final if isinstance(final, nn.LayerNorm) else self.fc_norm
+
+    @property
+    def attn_pool(self) -> nn.Module | None:
+        """The learned attention-pooling head (SigLIP's ``global_pool='map'``: a latent query,
+        attention over the tokens after :attr:`final_norm`, its own LayerNorm and MLP), or None.
+        It sits between the final norm and the classifier and is part of the pretrained backbone:
+        it is frozen unless a method's rule covers it (see docs/backbone-methods.md)."""
+        pool = getattr(self.model, "attn_pool", None) if self.family in TOKEN_FAMILIES else None
+        return pool if isinstance(pool, nn.Module) else None
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The patch-token grid (H, W) the patch embedding produces for the input size the backbone
+        was built for (``img_size``, which may be non-square). A backbone built with
+        ``dynamic_img_size`` takes other sizes too; a method that needs the grid of the input
+        being processed keeps a :class:`TokenGrid` and passes it to :meth:`track_grid`."""
+        grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
+        if grid is None:  # ConvNeXt: a convolutional stem, no fixed token grid
+            raise PetlbenchError(f"backbone {self.arch!r} ({self.family}) has no patch-token grid.")
+        h, w = grid
+        return int(h), int(w)
+
+    def track_grid(self, grid: TokenGrid) -> None:
+        """Keep ``grid.size`` equal to the token grid of the input being processed: set from the
+        patch embedding's output at every forward (its (B, H, W, C) shape when the backbone takes
+        dynamic sizes; :attr:`grid_size` otherwise, where timm enforces the built size)."""
+        grid.size = self.grid_size
+        self.transform_output(self.patch_embed, grid.observe)
+
+    @property
+    def patch_position_embedding(self) -> torch.Tensor | None:
+        """The learned position embedding of the patch positions, a (1, H*W, C) view of timm's
+        ``pos_embed`` (without the prefix-token rows), or None when the backbone has none. It is
+        added right after the patch embedding, so a per-channel shift of the patch-embedding output
+        folds into it (in place, under ``no_grad``): how a shift after a bias-less patch embedding
+        (CLIP) merges. For dynamic input sizes timm resamples it by interpolation, which keeps a
+        constant shift constant."""
+        pos = getattr(self.model, "pos_embed", None) if self.family in TOKEN_FAMILIES else None
+        if not isinstance(pos, nn.Parameter):
+            return None
+        return pos[:, 0 if getattr(self.model, "no_embed_class", False) else self.num_prefix_tokens:]
+
+    def bias_argument(self, layer: nn.Module) -> str | None:
+        """The timm constructor argument that gives ``layer`` a bias, when ``layer`` is a block
+        linear built without one: ``qkv_bias`` for qkv, ``proj_bias`` for proj, fc1 and fc2 of a
+        ViT (timm ties the MLP biases to it); None for any other layer. A merge that must add a
+        bias to such a layer adds it to every layer of that argument, so the merged model is the
+        plain timm model built with that argument set to True."""
+        for b in self.blocks:
+            if layer is b.qkv:
+                return "qkv_bias"
+            if self.family == "vit" and any(layer is getattr(b, r) for r in ("proj", "fc1", "fc2")):
+                return "proj_bias"
+        return None
+
+    def bias_group(self, argument: str) -> list[nn.Linear]:
+        """Every layer whose bias the timm constructor argument ``argument`` switches (see
+        :meth:`bias_argument`)."""
+        return [getattr(b, r) for b in self.blocks for r in ("qkv", "proj", "fc1", "fc2")
+                if self.bias_argument(getattr(b, r)) == argument]
 
     def require(self, family: str | Iterable[str], what: str) -> None:
         families = {family} if isinstance(family, str) else set(family)
@@ -722,6 +813,36 @@ class Backbone:
                 )
             for drop in drops:
                 drop.p = float(p)
+
+
+class TokenGrid(nn.Module):
+    """The patch-token grid (H, W) of the input being processed, for methods that convolve over it.
+
+    A method keeps one in ``petl`` (it has no parameters, so it counts for nothing and copies
+    with the model) and passes it to :meth:`Backbone.track_grid`; its hooks then read ``size``.
+    A token sequence ``prefix + H*W`` long does not say H and W (2 x 8 and 4 x 4 are both 16
+    tokens), so a square guess is never made.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size: tuple[int, int] = (0, 0)
+
+    def observe(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() == 4:  # (B, H, W, C): a dynamic-size ViT's or a Swin's patch embedding
+            self.size = (int(tokens.shape[1]), int(tokens.shape[2]))
+        return tokens
+
+    def hw(self, tokens: int, method: str) -> tuple[int, int]:
+        """(H, W) of ``tokens`` patch tokens: the recorded grid, checked to hold exactly that many."""
+        h, w = self.size
+        if h * w != tokens:  # a forward that bypassed the patch embedding (not the model's own forward)
+            raise PetlbenchError(f"method {method!r}: {tokens} patch tokens do not fill the {h}x{w} grid the patch "
+                                 "embedding produced; run the model's own forward.")
+        return h, w
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
 
 
 # --------------------------------------------------------------------- hook plumbing

@@ -282,8 +282,12 @@ def _run_bench(cfg: BenchConfig, device: torch.device, log: Callable[[str], None
         if model.method.mergeable:
             deployed, kind = petlbench.merge(model.eval()).to(device).eval(), "merged"
             # A merge that leaves modules or parameters behind is not zero-overhead, whatever the timing says.
-            same = [type(m) for m in deployed.modules()] == [type(m) for m in plain.modules()] \
-                and sum(p.numel() for p in deployed.parameters()) == plain_params
+            # (A merge into a bias-less layer adds a bias: compare with the timm model built that way.)
+            extra = petlbench.model.merged_backbone_kwargs(deployed)
+            reference = timm.create_model(cfg.backbone, num_classes=cfg.num_classes,
+                                          **{**cfg.backbone_kwargs, **extra}) if extra else plain
+            same = [type(m) for m in deployed.modules()] == [type(m) for m in reference.modules()] \
+                and sum(p.numel() for p in deployed.parameters()) == sum(p.numel() for p in reference.parameters())
         else:
             deployed, kind, same = model.eval(), "unmerged", None
         row = {
@@ -380,7 +384,7 @@ def deployed_latency(model, device: torch.device, size: int, dtype: str = "fp32"
     import copy
 
     from petlbench.backbone import remove_petl_hooks
-    from petlbench.model import merge
+    from petlbench.model import merge, merged_backbone_kwargs
 
     was_training = model.training
     model.eval()
@@ -393,6 +397,9 @@ def deployed_latency(model, device: torch.device, size: int, dtype: str = "fp32"
                         device, warmup=2, iters=iters, min_sample_s=0.02)
     model.train(was_training)
     return {"deployed": "merged" if model.method.mergeable else "unmerged",
+            # timm arguments the merged model needs beyond the run's backbone arguments ({"qkv_bias": True}
+            # when a shift went into a qkv built without a bias), so the deployed architecture is on record
+            "merged_backbone_kwargs": merged_backbone_kwargs(deployed),
             "latency_b1_s": t["deployed"]["median_s"], "plain_latency_b1_s": t["plain"]["median_s"],
             "latency_ratio": t["deployed"]["median_s"] / t["plain"]["median_s"],
             "latency_ratio_spread": ratio_spread(t["deployed"], t["plain"])}

@@ -526,18 +526,35 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, 
     return 100.0 * int(correct) / max(1, total)
 
 
+#: A merged model whose output differs from the trained model's by more than this (relative, fp32)
+#: is not evaluated: exact merges differ by rounding (~1e-6), a misplaced fold by 1e-2 or more.
+MERGE_TOLERANCE = 1e-4
+
+
 def deployable(model: Any) -> tuple[Any, bool]:
     """The model evaluation should run: merged into the plain backbone when the method merges
-    (no adapter branches left, so evaluation is as fast as the plain model), else ``model``."""
+    (no adapter branches left, so evaluation is as fast as the plain model), else ``model``.
+
+    The merged model is checked against ``model`` on a fixed probe batch (:func:`merge_error`, two
+    small forwards per evaluation); should it differ, the trained model itself is evaluated (and
+    ``evaluated_merged`` says so) with a warning: a number always comes from the model trained."""
+    import warnings
+
     from petlbench.errors import NotMergeableError
-    from petlbench.model import merge
+    from petlbench.model import merge, merge_error
 
     if not getattr(getattr(model, "method", None), "mergeable", False):
         return model, False
     try:
-        return merge(model).eval(), True
+        merged = merge(model).eval()
     except NotMergeableError:  # a configuration of the method that does not merge
         return model, False
+    error = merge_error(model, merged)
+    if not error <= MERGE_TOLERANCE:
+        warnings.warn(f"method {model.method.name!r}: the merged model differs from the trained one by {error:.2g} "
+                      "(relative); evaluating the unmerged model instead.", RuntimeWarning, stacklevel=2)
+        return model, False
+    return merged, True
 
 
 def train_step(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,

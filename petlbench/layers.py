@@ -35,13 +35,23 @@ def init_vit_linear(layer: nn.Linear) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def _bias(layer: nn.Module, what: str) -> nn.Parameter:
-    if getattr(layer, "bias", None) is None:
-        raise PetlbenchError(
-            f"cannot merge into {what}: the layer has no bias, so the method's shift has nowhere to go in a plain "
-            "model. Fix: use a backbone with biases (the standard ViT/Swin) or deploy unmerged."
-        )
-    return layer.bias
+def ensure_bias(layer: nn.Module, what: str) -> nn.Parameter:
+    """``layer``'s bias, for a shift to fold into. An ``nn.Linear`` built without one first gets a
+    zero bias (the same function): a plain model with a bias there is the timm model built with
+    that layer's bias argument (``qkv_bias``/``proj_bias``, :meth:`Backbone.bias_argument`);
+    :func:`petlbench.merge` completes and records that change. Other layers without a bias
+    (a bias-less patch embedding, a LayerNorm without affine) cannot take one: one clear line."""
+    bias = getattr(layer, "bias", None)
+    if isinstance(bias, nn.Parameter):
+        return bias
+    if isinstance(layer, nn.Linear):
+        layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
+                                              device=layer.weight.device))
+        return layer.bias
+    raise PetlbenchError(
+        f"cannot merge into {what}: the layer has no bias, so the method's shift has nowhere to go in a plain "
+        "model of this architecture. Fix: deploy unmerged, or use a backbone with a bias there."
+    )
 
 
 @torch.no_grad()
@@ -53,7 +63,7 @@ def fold_input(linear: nn.Linear, matrix: torch.Tensor | None, shift: torch.Tens
     """
     w = linear.weight.double()
     if shift is not None:
-        bias = _bias(linear, "a linear layer")
+        bias = ensure_bias(linear, "a linear layer")
         bias.copy_((bias.double() + w @ shift.double()).to(bias.dtype))
     if matrix is not None:
         linear.weight.copy_((w @ matrix.double()).to(linear.weight.dtype))
@@ -64,7 +74,8 @@ def fold_output(layer: nn.Module, scale: torch.Tensor | None, shift: torch.Tenso
     """Make ``layer(x)`` compute ``layer(x) * scale + shift`` along the output channel.
 
     Works for nn.Linear (rows of the weight), nn.Conv2d (output channels) and nn.LayerNorm
-    (its elementwise affine).
+    (its elementwise affine). A layer without a bias needs one only for a shift (see
+    :func:`ensure_bias`); a scale alone folds into the weight.
     """
     if isinstance(layer, nn.LayerNorm):
         if layer.weight is None:
@@ -76,10 +87,13 @@ def fold_output(layer: nn.Module, scale: torch.Tensor | None, shift: torch.Tenso
         shape = (-1,) + (1,) * (weight.dim() - 1)
     else:
         raise PetlbenchError(f"cannot fold a scale/shift into a {type(layer).__name__}.")
-    bias = _bias(layer, type(layer).__name__)
-    b = bias.double()
+    bias = ensure_bias(layer, type(layer).__name__) if shift is not None else getattr(layer, "bias", None)
     if scale is not None:
         weight.copy_((weight.double() * scale.double().reshape(shape)).to(weight.dtype))
+    if bias is None:
+        return
+    b = bias.double()
+    if scale is not None:
         b = b * scale.double()
     if shift is not None:
         b = b + shift.double()

@@ -152,6 +152,10 @@ class Method:
     - ``family_refusals``: ``{family: why}``, one line for each family the method does not run on,
       shown in that refusal (and by ``petlbench backbone describe``).
     - ``mergeable``: True when :meth:`merge` folds the method into the plain backbone exactly.
+      A mergeable method that cannot fold into a particular backbone sets ``self.mergeable =
+      False`` and ``self.unmerged_reason`` (one line) in :meth:`check_backbone` or :meth:`apply`:
+      the run is then evaluated and deployed unmerged, and counts say so (never a failure after
+      training, never a merged model that differs from the trained one).
     - ``frozen_features``: True when only the head trains and the backbone's features never
       change (linear probing), so the engine may extract features once and train on them.
     - ``needs_calibration``: True when :meth:`calibrate` must run on the task's training data
@@ -180,7 +184,8 @@ class Method:
     train_presets: ClassVar[Mapping[str, Mapping[str, Mapping[str, Any]]]] = {}  # old name of ``recipes``
     families: ClassVar[frozenset[str]] = frozenset({"vit", "swin"})
     family_refusals: ClassVar[Mapping[str, str]] = {}
-    mergeable: ClassVar[bool] = False
+    mergeable: bool = False  # a class attribute; an instance may turn it off for one backbone (unmerged_reason)
+    unmerged_reason: str | None = None
     frozen_features: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = False
     published: ClassVar[Mapping[str, str]] = {}

@@ -23,7 +23,7 @@ from torch import nn
 
 from petlbench.backbone import Backbone, petl_hooks, remove_petl_hooks
 from petlbench.errors import NotMergeableError, PetlbenchError, did_you_mean
-from petlbench.layers import fold_input
+from petlbench.layers import ensure_bias, fold_input
 from petlbench.method import Method
 from petlbench.registry import get_method
 from petlbench.weights import WeightsInfo, load_weights, resolve_source
@@ -537,28 +537,97 @@ def _check_hooks(model: PETLModel) -> None:
             )
 
 
+#: Attribute of a merged model: the timm constructor arguments it needs beyond the adapted model's
+#: own ``backbone_kwargs`` (e.g. ``{"qkv_bias": True}`` when a shift was folded into a qkv built
+#: without a bias); ``{}`` when the merged model is the same architecture.
+MERGED_KWARGS = "petlbench_merged_kwargs"
+
+
 def merge(model: PETLModel) -> nn.Module:
     """Return a plain timm model equal (in eval mode) to ``model``: same classes, no extra parameters.
 
-    ``model`` itself is not changed. Raises :class:`NotMergeableError` for non-linear methods.
+    ``model`` itself is not changed. Raises :class:`NotMergeableError` for non-linear methods, and
+    for a mergeable method that cannot fold into this backbone (``method.unmerged_reason``).
+    When a shift had to go into a linear built without a bias, that linear gets a bias, and so
+    does every layer of the same timm argument (zero, so the function is unchanged): the result
+    is the timm model built with that argument True, recorded as ``merged.petlbench_merged_kwargs``
+    (see :func:`merged_backbone_kwargs`).
     """
     if not isinstance(model, PETLModel):
         raise PetlbenchError(f"merge() expects a model from petlbench.create_model, got {type(model).__name__}.")
     if not model.method.mergeable:
+        reason = getattr(model.method, "unmerged_reason", None)
+        if reason:  # a mergeable method that cannot fold into this backbone
+            raise NotMergeableError(f"method {model.method.name!r} cannot be merged into {model.arch}: {reason}; "
+                                    "deploy the unmerged model.")
         model.method.merge(model.backbone, model.petl)  # raises NotMergeableError with the method's reason
         raise NotMergeableError(f"method {model.method.name!r} is not mergeable.")
     clone = copy.deepcopy(model)
+    bb = clone.backbone
+    had_bias = {id(m) for m in clone.net.modules() if isinstance(m._parameters.get("bias"), nn.Parameter)}
     with torch.no_grad():
-        clone.method.merge(clone.backbone, clone.petl)
+        clone.method.merge(bb, clone.petl)
         if clone.head_norm is not None:  # eval-mode BatchNorm is affine: fold it into the head exactly
             norm = clone.head_norm
             inv = (norm.running_var.double() + norm.eps).rsqrt()
-            fold_input(clone.backbone.head, torch.diag(inv), -norm.running_mean.double() * inv)
+            fold_input(bb.head, torch.diag(inv), -norm.running_mean.double() * inv)
     remove_petl_hooks(clone.net)
     net = clone.net
+    setattr(net, MERGED_KWARGS, _complete_added_biases(bb, had_bias, model.method.name))
     for param in net.parameters():
         param.requires_grad_(True)
     return net
+
+
+def _complete_added_biases(bb: Backbone, had_bias: set[int], method: str) -> dict[str, bool]:
+    """Give every layer of each timm bias argument a bias once a merge added one to any of them (a
+    zero bias: same function), so the merged model is the timm model built with that argument."""
+    added: dict[str, bool] = {}
+    for module in bb.model.modules():
+        if id(module) in had_bias or not isinstance(module._parameters.get("bias"), nn.Parameter):
+            continue
+        argument = bb.bias_argument(module)
+        if argument is None:
+            raise PetlbenchError(f"method {method!r} merged a bias into a {type(module).__name__} that no timm argument "
+                                 "gives one; the merged model would not be a plain timm model. Deploy unmerged.")
+        added[argument] = True
+    for argument in added:
+        for layer in bb.bias_group(argument):
+            ensure_bias(layer, "a linear layer")
+    return added
+
+
+def merged_backbone_kwargs(merged: nn.Module) -> dict[str, bool]:
+    """The timm arguments a merged model needs beyond its adapted model's ``backbone_kwargs``
+    (``{}`` for a model :func:`merge` did not return, or one of the same architecture)."""
+    return dict(getattr(merged, MERGED_KWARGS, {}) or {})
+
+
+@torch.no_grad()
+def merge_error(model: PETLModel, merged: nn.Module, x: torch.Tensor | None = None) -> float:
+    """max |merged(x) - model(x)| / max |model(x)| in fp32 without TF32 and in eval mode: the check
+    that a merged model is the trained one. ``x`` defaults to a fixed random batch of two images
+    at the size the backbone was built for (its patch grid times the patch stride).
+
+    Merges are exact folds computed in float64, so this is rounding (~1e-6); a site folded on the
+    wrong side of a LayerNorm shows up as a difference of order 1e-2 or more."""
+    param = next(iter(model.net.parameters()))
+    if x is None:
+        bb = model.backbone
+        size = tuple(g * s for g, s in zip(bb.grid_size, bb.patch_proj.stride, strict=True))
+        x = torch.randn(2, bb.in_chans, *size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=param.device, dtype=param.dtype)
+    was_training = model.training
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        model.eval()
+        merged.eval()
+        want, got = model(x).double(), merged(x).double()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        model.train(was_training)
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
 
 
 def save_trainable(model: PETLModel, path: str | os.PathLike) -> Path:
@@ -604,4 +673,5 @@ def load_trainable(model: PETLModel, path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-__all__ = ["PETLModel", "calibrate", "create_model", "merge", "save_trainable", "load_trainable", "NotMergeableError"]
+__all__ = ["PETLModel", "calibrate", "create_model", "merge", "merge_error", "merged_backbone_kwargs", "save_trainable",
+           "load_trainable", "NotMergeableError"]

@@ -33,7 +33,8 @@ Schema (``schema_version`` 1); every record has these top-level keys:
   ``compile_backend`` when compiling; ``precision`` (the resolved arithmetic: ``requested``,
   ``autocast``, ``grad_scaler``, ``tf32``, ``reason``), ``evaluated_merged`` (a mergeable method is
   evaluated merged), and the deployed model's batch-1 latency next to the plain backbone's:
-  ``deployed`` (merged/unmerged), ``latency_b1_s``, ``plain_latency_b1_s``, ``latency_ratio`` and its
+  ``deployed`` (merged/unmerged), ``merged_backbone_kwargs`` (timm arguments the merged model needs
+  beyond the run's, e.g. ``{"qkv_bias": true}`` when a shift was folded into a bias-less qkv), ``latency_b1_s``, ``plain_latency_b1_s``, ``latency_ratio`` and its
   relative half-spread ``latency_ratio_spread``; ``concurrency`` (``parallel_runs`` on the machine,
   ``torch_threads``, ``device``): under which load ``train_time_s`` was measured.
 - ``provenance``: ``petlbench_version``, ``git_commit``, ``git_dirty``, ``method_code`` (distribution,
