@@ -614,7 +614,10 @@ def merge_error(model: PETLModel, merged: nn.Module, x: torch.Tensor | None = No
     param = next(iter(model.net.parameters()))
     if x is None:
         bb = model.backbone
-        size = tuple(g * s for g, s in zip(bb.grid_size, bb.patch_proj.stride, strict=True))
+        if bb.has("grid_size"):
+            size = tuple(g * s for g, s in zip(bb.grid_size, bb.patch_proj.stride, strict=True))
+        else:  # no token grid (ConvNeXt): the input size of its pretrained configuration
+            size = tuple(model.data_config["input_size"][1:])
         x = torch.randn(2, bb.in_chans, *size, generator=torch.Generator().manual_seed(0))
     x = x.to(device=param.device, dtype=param.dtype)
     was_training = model.training

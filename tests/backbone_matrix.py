@@ -25,7 +25,7 @@ from torch import nn
 
 import petlbench
 from petlbench.errors import PetlbenchError
-from tests.conftest import TINY_VIT
+from tests.conftest import TINY_CONVNEXT, TINY_DEIT_DISTILLED, TINY_EVA, TINY_VIT
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,19 @@ VARIANTS: list[Variant] = [
     Variant("swin_non_square", "swin_tiny_patch4_window7_224",
             {"img_size": (16, 64), "patch_size": 4, "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2),
              "window_size": 2}, "Swin on 16x64 images: 4x16, then 2x8 token maps", input_size=(16, 64)),
+    Variant("deit_distilled", TINY_DEIT_DISTILLED[0], dict(TINY_DEIT_DISTILLED[1]),
+            "distilled DeiT: class + distillation token, two heads averaged at evaluation"),
+    Variant("eva02", TINY_EVA[0], dict(TINY_EVA[1]),
+            "EVA-02: RoPE, SwiGLU MLP, split q/k/v, LayerScale, average pool + fc_norm"),
+    Variant("convnext", TINY_CONVNEXT[0], dict(TINY_CONVNEXT[1]),
+            "ConvNeXt: depthwise convolutions, linear MLPs, LayerScale, no tokens"),
 ]
 
 #: Hyperparameters that make a method meaningful on tiny models (budgets in millions of
 #: parameters far above a tiny model's size would tune everything whole).
 TINY_HP: dict[str, dict[str, Any]] = {
-    "spt_lora": {"budget": 0.003, "drop_path": 0.0},
-    "spt_adapter": {"budget": 0.003, "drop_path": 0.0},
+    "spt_lora": {"budget": 0.003, "sweep_step": 0.003 / 40, "drop_path": 0.0},
+    "spt_adapter": {"budget": 0.003, "sweep_step": 0.003 / 40, "drop_path": 0.0},
 }
 
 STATUS_MERGE, STATUS_UNMERGED, STATUS_REFUSED = "merge", "unmerged", "refused"

@@ -34,7 +34,8 @@ CELLS = [(v.name, m) for v in M.VARIANTS for m in petlbench.list_methods()]  # v
 
 # ------------------------------------------------------------------ the counts, from each method's definition
 def _blocks(bb: Backbone):
-    return [(b.dim, b.fc1.out_features) for b in bb.blocks]
+    """(width, MLP hidden width or None when the MLP has no single fc1: EVA-02's SwiGLU)."""
+    return [(b.dim, b.fc1.out_features if b.has("fc1") else None) for b in bb.blocks]
 
 
 def _stages(bb: Backbone) -> list[list]:
@@ -72,7 +73,9 @@ def _fact(bb: Backbone, hp, tk: bool) -> int:
 
 
 def _body(bb: Backbone) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in bb.model.named_parameters() if not n.startswith("head")]
+    """Every backbone parameter but the classifier heads' (ConvNeXt's head.norm is pretrained body)."""
+    heads = {id(p) for p in bb.head_parameters()}
+    return [(n, p) for n, p in bb.model.named_parameters() if id(p) not in heads]
 
 
 #: method -> (backbone, resolved hyperparameters) -> trainable scalars without the head.
