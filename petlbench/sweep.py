@@ -327,8 +327,9 @@ def recipe_notes(plan_: Plan, pack: int = 1) -> list[str]:
         if plan_.protocol in PAPER_PROTOCOLS:
             origin = cls.recipe_origin(suite)
             if origin is None:
+                why = cls.recipe_differences.get(suite)
                 notes.append(f"recipe {name} on {suite}: the method declares no paper recipe for {suite}; these runs "
-                             "use the harmonised settings (recorded as recipe 'harmonised')")
+                             "use the harmonised settings (recorded as recipe 'harmonised')" + (f". Why: {why}" if why else ""))
             else:
                 notes.append(f"recipe {name} on {suite}: paper; source: {cls.recipe_source.get(suite) or 'not declared'}")
                 notes.append(f"recipe {name} on {suite}: differences: "

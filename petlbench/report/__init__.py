@@ -25,8 +25,8 @@ _EXPORTS: dict[str, str] = {
     "Row": "table", "Stat": "table", "build_report": "aggregate", "filter_where": "select",
     "LoadedRecords": "loading", "ReportWarning": "loading", "load_records": "loading",
     "list_reference_sets": "reference", "load_reference": "reference", "our_method": "reference",
-    "render": "render", "render_csv": "render", "render_html": "render", "render_latex": "render",
-    "render_markdown": "render", "tex_escape": "render",
+    "render": "rendering", "render_csv": "rendering", "render_html": "rendering", "render_latex": "rendering",
+    "render_markdown": "rendering", "tex_escape": "rendering",
 }
 
 # Listed out (not derived from _EXPORTS) so linters and IDEs can check the names.
@@ -50,7 +50,7 @@ def markdown_table(records: Iterable[Mapping[str, Any]], suite: Any = None, refe
     :func:`build_report` (``where``, ``methods``, ``order``, ``names``).
     """
     from petlbench.report.aggregate import build_report
-    from petlbench.report.render import render_markdown
+    from petlbench.report.rendering import render_markdown
 
     report = build_report(records, suite=suite, reference=reference, on_warning=on_warning, **options)
     return render_markdown(report, "all" if efficiency else "accuracy")
@@ -62,7 +62,7 @@ def latex_table(records: Iterable[Mapping[str, Any]], suite: Any = None, referen
     """The accuracy table as LaTeX: the table float (for ``\\input``) or a complete document;
     ``wide``: a ``table*`` for two-column papers; ``notes``: the footnotes."""
     from petlbench.report.aggregate import build_report
-    from petlbench.report.render import render_latex
+    from petlbench.report.rendering import render_latex
 
     report = build_report(records, suite=suite, reference=reference, on_warning=on_warning, **options)
     return render_latex(report, "accuracy", standalone=standalone, wide=wide, notes=notes)
@@ -73,7 +73,7 @@ def csv_table(records: Iterable[Mapping[str, Any]], suite: Any = None, reference
     """The accuracy table as CSV (one row per table row; mean/std/n per task, then the means), or
     with ``long`` one row per run."""
     from petlbench.report.aggregate import build_report
-    from petlbench.report.render import render_csv
+    from petlbench.report.rendering import render_csv
 
     report = build_report(records, suite=suite, reference=reference, on_warning=on_warning, **options)
     return render_csv(report, "accuracy", long=long)
@@ -83,7 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from petlbench.report.aggregate import build_report
     from petlbench.report.loading import LoadedRecords, ReportWarning, load_records
     from petlbench.report.reference import list_reference_sets, load_reference, our_method
-    from petlbench.report.render import (
+    from petlbench.report.rendering import (
         render,
         render_csv,
         render_html,

@@ -79,11 +79,8 @@ def report(results: tuple[Path, ...], suite: str | None, fmt: str | None, out: P
       petlbench report --format csv --long --out runs.csv
       petlbench report --reference list
     """
-    from petlbench.report import build_report, list_reference_sets, load_records
-
-    # `render` from its module: once the submodule petlbench.report.render is imported (e.g. by
-    # markdown_table), the package attribute of that name is the module, not the function.
-    from petlbench.report.render import format_for, render
+    from petlbench.report import build_report, list_reference_sets, load_records, render
+    from petlbench.report.rendering import format_for
 
     if reference == "list":
         for name, desc in list_reference_sets().items():

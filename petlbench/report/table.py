@@ -2,7 +2,7 @@
 with the constants and small record helpers the aggregation modules share.
 
 Nothing here computes a number; :mod:`petlbench.report.aggregate` builds a :class:`Report` from run
-records, and :mod:`petlbench.report.render` and :mod:`petlbench.report.plots` only read it.
+records, and :mod:`petlbench.report.rendering` and :mod:`petlbench.report.plots` only read it.
 """
 
 from __future__ import annotations

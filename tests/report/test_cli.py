@@ -97,3 +97,18 @@ def test_public_api_names_resolve():
     assert set(rep.__all__) >= set(rep._EXPORTS)
     for name in rep.__all__:
         assert getattr(rep, name) is not None
+
+
+def test_render_is_the_function_after_the_rendering_module_is_imported() -> None:
+    """The package's ``render`` stays the function once its module has been imported: the module is
+    ``rendering``, so importing it (markdown_table does) cannot shadow the name (it did when the
+    module was called ``render``)."""
+    import importlib
+
+    import petlbench.report as report
+
+    importlib.import_module("petlbench.report.rendering")
+    from petlbench.report import render
+
+    assert callable(render) and render.__module__ == "petlbench.report.rendering"
+    assert report.render is render

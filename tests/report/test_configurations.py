@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from petlbench.errors import PetlbenchError
 from petlbench.report import build_report, render
 from petlbench.report.cli import report as report_cmd
-from petlbench.report.render import fmt_params
+from petlbench.report.rendering import fmt_params
 from tests.report.factory import golden_records, make_record, write_records
 
 

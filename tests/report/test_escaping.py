@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from petlbench.report import build_report, render, tex_escape
-from petlbench.report.render import md_escape
+from petlbench.report.rendering import md_escape
 from tests.report.factory import HOSTILE, HTML_HOSTILE, TEX_HOSTILE, make_record
 
 

@@ -541,7 +541,7 @@ def _render(env: jinja2.Environment, default: str, template: str | Path | None, 
         raise PetlbenchError(f"template {where}: {exc.message}. Fix the template.") from None
     except jinja2.UndefinedError as exc:
         raise PetlbenchError(f"template {template or default}: {exc.message} (the variables are listed in "
-                             "petlbench.report.render's docstring). Fix the template.") from None
+                             "petlbench.report.rendering's docstring). Fix the template.") from None
     except jinja2.exceptions.SecurityError as exc:
         raise PetlbenchError(f"template {template or default}: {exc} (templates run sandboxed: they may format "
                              "the report's data but not reach Python internals). Fix the template.") from None
