@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 site = Path(sys.argv[1]).resolve()
-for name in ("petlbench", "petlbench.launch", "petlbench.data", "petlbench.report", "petlbench_methods",
+for name in ("petlbench", "petlbench.launch", "petlbench.data", "petlbench.estimate", "petlbench.report", "petlbench_methods",
              "petlbench_suites"):
     module = importlib.import_module(name)
     where = Path(module.__file__).resolve()
