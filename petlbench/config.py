@@ -187,7 +187,7 @@ def train_layers(
     Under the protocols that select on the test set the suite's ``eval_every`` (a learning-curve
     cadence) is dropped: their cadence is the official one, the recipe's or every epoch.
     """
-    from petlbench.runner import PAPER_PROTOCOLS, TEST_SELECTED
+    from petlbench.protocols import PAPER_PROTOCOLS, TEST_SELECTED
 
     suite_layer = _check(suite_defaults, f"suite {suite!r} train_defaults")
     recipe = recipe_settings(method, suite, task)[0] if protocol in PAPER_PROTOCOLS else {}
@@ -208,7 +208,7 @@ def resolve_train(
 ) -> dict[str, Any]:
     """The fully resolved training configuration of one run under ``protocol`` (see the module
     docstring for the order)."""
-    from petlbench.runner import PAPER_PROTOCOLS
+    from petlbench.protocols import PAPER_PROTOCOLS
 
     out = train_defaults()
     layers = train_layers(suite_defaults, method, suite, task, user, protocol=protocol)

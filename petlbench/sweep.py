@@ -25,16 +25,16 @@ from petlbench.config import (
     train_layers,
 )
 from petlbench.errors import PetlbenchError
-from petlbench.records import inspect_record, is_finished
-from petlbench.registry import get_method, method_code
-from petlbench.runner import (
+from petlbench.protocols import (
     PAPER_PROTOCOLS,
     SELECTION_ROLES,
-    check_input,
     check_protocol,
     default_protocol,
     selection_mode,
 )
+from petlbench.records import inspect_record, is_finished
+from petlbench.registry import get_method, method_code
+from petlbench.runner import check_input
 from petlbench.runspec import RunSpec
 
 if TYPE_CHECKING:
