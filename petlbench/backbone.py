@@ -564,7 +564,10 @@ class Backbone:
         """The LayerNorm on the pooled features, after pooling and before the head (MAE-style
         ``global_pool='avg'``, where :attr:`final_norm` is then an Identity), or None. It is the
         last norm of such a backbone, where methods that adapt "the final norm" act."""
-        norm = getattr(self.model, "fc_norm", None) if self.family in TOKEN_FAMILIES else None
+        if self.family == "convnext":  # its head: pool, norm, then the classifier linear
+            norm = getattr(getattr(self.model, "head", None), "norm", None)
+        else:
+            norm = getattr(self.model, "fc_norm", None) if self.family in TOKEN_FAMILIES else None
         return norm if isinstance(norm, nn.LayerNorm) else None
 
     @property
@@ -677,15 +680,6 @@ class Backbone:
         first = blocks[0] if blocks else None
         tokens = self.family in TOKEN_FAMILIES
 
-        def module_or_none(name: str) -> nn.Module | None:
-            found = getattr(model, name, None)
-            return None if found is None or isinstance(found, nn.Identity) else found
-
-        if self.family == "convnext":
-            fc_norm = module_or_none("head") and getattr(model.head, "norm", None)
-            fc_norm = None if isinstance(fc_norm, nn.Identity) else fc_norm
-        else:
-            fc_norm = module_or_none("fc_norm")
         if tokens:
             absolute = getattr(model, "pos_embed", None) is not None
             position = " + ".join([p for p, on in (("absolute", absolute), ("rope", self.rope)) if on]) or "none"
@@ -701,18 +695,17 @@ class Backbone:
         if first is not None and first.qkv_fused is not None:
             qkv = "split q/k/v" if not first.qkv_fused else ("fused" if first.has("qkv") else "fused, biases outside")
         norms = sorted({type(b._roles[r]).__name__ for b in blocks for r in ("norm1", "norm2") if b.has(r)})
-        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
         roles: dict[str, Any] = {
             "blocks": len(blocks),
             "stages": len({b.stage for b in blocks}),
             "widths": list(dict.fromkeys(b.dim for b in blocks)),
             "token_prefix": self.prefix_tokens if tokens else None,
             "position": position,
-            "pre_norm": bool(tokens and module_or_none("norm_pre") is not None),
+            "pre_norm": self.norm_pre is not None,
             "final_norm": isinstance(self.final_norm, nn.LayerNorm),
             "pooling": self.pooling,
-            "fc_norm": fc_norm is not None,
-            "attn_pool": module_or_none("attn_pool") is not None,
+            "fc_norm": self.fc_norm is not None,
+            "attn_pool": self.attn_pool is not None,
             "heads": len(self.heads),
             "qkv": qkv,
             "qkv_bias": self._qkv_bias(),
@@ -720,7 +713,7 @@ class Backbone:
             "layer_scale": any(b.ls_attn is not None or b.ls_mlp is not None for b in blocks),
             "block_norm": norms[0] if len(norms) == 1 else norms,
             "patch_size": self.patch_size if self.has("patch_proj") else None,
-            "grid": list(grid) if grid is not None else None,
+            "grid": list(self.grid_size) if self.has("grid_size") else None,
         }
         absent: dict[str, str] = {}
         for role in ("patch_embed", "token_site", "num_prefix_tokens", "layernorms"):
