@@ -106,10 +106,10 @@ def test_data_depends_on_neither_config_nor_the_method_api() -> None:
 
 
 def test_report_layers() -> None:
-    """The report's data model (table) imports nothing of the report; render and plots read only it."""
+    """The report's data model (table) imports nothing of the report; rendering and plots read only it."""
     graph = internal_imports("report")
     assert graph["table"] == set()
-    assert not graph["render"] & {"aggregate", "rows", "stats", "notes", "select"}
+    assert not graph["rendering"] & {"aggregate", "rows", "stats", "notes", "select"}
     assert not graph["plots"] & {"aggregate", "rows", "stats", "notes", "select"}
     assert graph["aggregate"] >= {"table", "rows", "stats", "notes", "select"}
 
