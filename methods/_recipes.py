@@ -38,6 +38,32 @@ PETL_VIT_DIFFERENCES = (
     "reproduces (--protocol paper reports the final epoch)."
 )
 
+#: timm's ``train.py`` as dongzelian/SSF ships it (FightingFighting/GPS copied SSF's scripts, heekhero/DTL's
+#: ``train_vit_vtab.py`` the same loop): AdamW, 100 epochs + timm's 10 cool-down epochs at the floor
+#: (``num_epochs = t_initial + cooldown``), ``CosineLRScheduler(warmup_t=10, warmup_lr_init=1e-7,
+#: lr_min=1e-8)`` stepped as timm's train loop steps it, ``drop_last=True`` for training, no gradient
+#: clipping, the head as ``reset_classifier`` leaves it (timm's init). Each method adds its weight decay,
+#: parameter groups, batch, normalisation and selection.
+TIMM_TRAIN_LOOP: dict[str, Any] = {
+    "optimizer": "adamw", "drop_last": True, "epochs": 100, "cooldown_epochs": 10, "schedule": "timm_train",
+    "warmup_epochs": 10, "warmup_lr": 1e-7, "min_lr": 1e-8, "grad_clip": 0.0, "head_init": "timm",
+}
+
+#: SSF's VTAB input (``--no_aug``-style: bicubic resize to 224 x 224, no crop, flip, mixup or smoothing),
+#: which GPS's VTAB scripts keep.
+SSF_VTAB_INPUT: dict[str, Any] = {
+    "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "train_crop": "center", "eval_resize": 224,
+    "interpolation": "bicubic",
+}
+
+#: SSF's FGVC input, which GPS's FGVC scripts keep: train on VPT's train + val with timm's
+#: RandomResizedCrop (random interpolation), evaluate after a resize to 248 and a centre crop; mixup 0.8 /
+#: cutmix 1.0 (always one of them, switching with probability 0.5) and label smoothing 0.1.
+SSF_FGVC_INPUT: dict[str, Any] = {
+    "train_split": "train+val", "train_crop": "random_resized", "eval_resize": 248, "interpolation": "random",
+    "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5, "label_smoothing": 0.1,
+}
+
 #: ZhangYuanhan-AI/NOAH ``supernet_train_prompt.py`` as ``configs/{LoRA,Adapter}/VTAB/slurm_train_*_vtab.sh`` and
 #: ``configs/NOAH/VTAB/subnet/slurm_retrain_vtab.sh`` run it: timm 0.5.4 ``create_optimizer`` (AdamW; every
 #: 1-D tensor and every ``*.bias`` without weight decay), lr 1e-3, wd 1e-4, batch 64, ``drop_last=True``,

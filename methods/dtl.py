@@ -51,7 +51,7 @@ from petlbench import Backbone, HParam, Method
 from petlbench.backbone import TokenGrid
 from petlbench.errors import PetlbenchError
 
-from ._recipes import head_bias
+from ._recipes import TIMM_TRAIN_LOOP, head_bias
 
 POOLING = "mean_patch_tokens_then_norm"
 
@@ -77,10 +77,8 @@ _DTL_PLUS = {
 # warmup_lr_init=1e-7, lr_min=1e-8) for 100 + 10 epochs (the last 10 at lr_min), the model's 0.5 mean/std,
 # one evaluation of the test set after training.
 _DTL_RECIPE = {
-    "optimizer": "adamw", "weight_decay": 0.05, "decay_groups": "method", "batch_size": 32, "drop_last": True,
-    "epochs": 100, "cooldown_epochs": 10, "schedule": "timm_train", "warmup_epochs": 10, "warmup_lr": 1e-7,
-    "min_lr": 1e-8, "label_smoothing": 0.0, "grad_clip": 0.0, "normalization": "inception", "head_init": "timm",
-    "selection": "final",
+    **TIMM_TRAIN_LOOP, "weight_decay": 0.05, "decay_groups": "method", "batch_size": 32, "label_smoothing": 0.0,
+    "normalization": "inception", "selection": "final",
 }
 _DTL_SOURCE = (
     "heekhero/DTL: train_scripts/vit/vtab/<task>/{script} (--batch_size 32 --epochs 100 --warmup_epochs 10 "

@@ -51,6 +51,8 @@ from petlbench import Backbone, HParam, Method, PetlbenchError
 from petlbench.backbone import CONVNEXT_NO_ATTENTION, EVA_NO_QKV
 from petlbench.layers import add_to_weight_rows
 
+from ._recipes import SSF_FGVC_INPUT, SSF_VTAB_INPUT, TIMM_TRAIN_LOOP
+
 _SITES = ("qkv", "proj", "fc1", "fc2")
 
 
@@ -130,9 +132,8 @@ _GPS_FGVC = {
 # Adam (= AdamW here: weight decay 0), 100 epochs + timm's 10 cool-down epochs, warm-up 10 epochs from 1e-7,
 # floor 1e-8, stepped once per epoch; the model's mean/std (0.5); every epoch evaluated, the best kept.
 _GPS_COMMON = {
-    "optimizer": "adamw", "weight_decay": 0.0, "decay_groups": "all", "drop_last": True, "epochs": 100,
-    "cooldown_epochs": 10, "schedule": "timm_train", "warmup_epochs": 10, "warmup_lr": 1e-7, "min_lr": 1e-8,
-    "grad_clip": 0.0, "normalization": "backbone", "head_init": "timm", "selection": "best-test", "eval_every": 1,
+    **TIMM_TRAIN_LOOP, "weight_decay": 0.0, "decay_groups": "all", "normalization": "backbone",
+    "selection": "best-test", "eval_every": 1,
 }
 
 
@@ -162,12 +163,9 @@ class GPS(Method):
                  "StanfordDogs": {"k": 1}, "StanfordCars": {"k": 15}},
     }
     recipes = {
-        "vtab": {"*": {**_GPS_COMMON, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "train_crop": "center",
-                       "eval_resize": 224, "interpolation": "bicubic"},
+        "vtab": {"*": {**_GPS_COMMON, **SSF_VTAB_INPUT},
                  **{t: {"lr": lr, "batch_size": bs, "drop_path_rate": dp} for t, (lr, bs, dp) in _GPS_VTAB.items()}},
-        "fgvc": {"*": {**_GPS_COMMON, "train_split": "train+val", "train_crop": "random_resized", "eval_resize": 248,
-                       "interpolation": "random", "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0,
-                       "mixup_switch_prob": 0.5, "label_smoothing": 0.1},
+        "fgvc": {"*": {**_GPS_COMMON, **SSF_FGVC_INPUT},
                  **{t: {"lr": lr, "batch_size": bs, "drop_path_rate": dp, "ema_decay": ema}
                     for t, (lr, bs, dp, ema) in _GPS_FGVC.items()}},
     }

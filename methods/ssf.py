@@ -33,6 +33,8 @@ from petlbench import Backbone, HParam, Method
 from petlbench.backbone import EVA_NO_QKV
 from petlbench.layers import fold_output
 
+from ._recipes import SSF_FGVC_INPUT, SSF_VTAB_INPUT, TIMM_TRAIN_LOOP
+
 
 class ScaleShift(nn.Module):
     def __init__(self, dim: int, std: float, channels_first: bool = False) -> None:
@@ -96,9 +98,8 @@ _SSF_FGVC = {
 # cosine stepped once per epoch from 1e-7 over 10 warm-up epochs to 1e-8, the model's own mean/std (0.5),
 # evaluation after every epoch, best kept.
 _SSF_COMMON = {
-    "optimizer": "adamw", "decay_groups": "no_1d", "batch_size": 64, "drop_last": True, "epochs": 100,
-    "cooldown_epochs": 10, "schedule": "timm_train", "warmup_epochs": 10, "warmup_lr": 1e-7, "min_lr": 1e-8,
-    "grad_clip": 0.0, "normalization": "backbone", "head_init": "timm", "selection": "best-test", "eval_every": 1,
+    **TIMM_TRAIN_LOOP, "decay_groups": "no_1d", "batch_size": 64, "normalization": "backbone",
+    "selection": "best-test", "eval_every": 1,
 }
 
 
@@ -117,12 +118,9 @@ class SSF(Method):
     mergeable = True
     hparams = {"init_std": HParam(0.02, "std of the N(1, std) scale / N(0, std) shift init", low=0.0)}
     recipes = {
-        "vtab": {"*": {**_SSF_COMMON, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "train_crop": "center",
-                       "eval_resize": 224, "interpolation": "bicubic"},
+        "vtab": {"*": {**_SSF_COMMON, **SSF_VTAB_INPUT},
                  **{t: {"lr": lr, "weight_decay": wd, "drop_path_rate": dp} for t, (lr, wd, dp) in _SSF_VTAB.items()}},
-        "fgvc": {"*": {**_SSF_COMMON, "train_split": "train+val", "train_crop": "random_resized", "eval_resize": 248,
-                       "interpolation": "random", "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0,
-                       "mixup_switch_prob": 0.5, "label_smoothing": 0.1},
+        "fgvc": {"*": {**_SSF_COMMON, **SSF_FGVC_INPUT},
                  **{t: {"lr": lr, "weight_decay": wd, "drop_path_rate": dp, "ema_decay": ema, **split}
                     for t, (lr, wd, dp, ema, split) in _SSF_FGVC.items()}},
     }
