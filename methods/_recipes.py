@@ -49,12 +49,11 @@ TIMM_TRAIN_LOOP: dict[str, Any] = {
     "warmup_epochs": 10, "warmup_lr": 1e-7, "min_lr": 1e-8, "grad_clip": 0.0, "head_init": "timm",
 }
 
-#: SSF's VTAB input (``--no_aug``-style: bicubic resize to 224 x 224, no crop, flip, mixup or smoothing),
-#: which GPS's VTAB scripts keep.
-SSF_VTAB_INPUT: dict[str, Any] = {
-    "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "train_crop": "center", "eval_resize": 224,
-    "interpolation": "bicubic",
-}
+#: SSF's VTAB input, which GPS's VTAB scripts keep: ``--no-aug --direct-resize`` with timm's
+#: ``input_size=(3, 224, 224)`` is ``transforms_direct_resize((224, 224))``, i.e. ``Resize((224, 224))``
+#: (square, the aspect ratio not kept; the ``CenterCrop(224)`` after it changes nothing) with the model's
+#: bicubic, for training and evaluation: the VTAB protocol's own input. No mixup, cutmix or smoothing.
+SSF_VTAB_INPUT: dict[str, Any] = {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0}
 
 #: SSF's FGVC input, which GPS's FGVC scripts keep: train on VPT's train + val with timm's
 #: RandomResizedCrop (random interpolation), evaluate after a resize to 248 and a centre crop; mixup 0.8 /

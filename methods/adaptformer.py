@@ -36,11 +36,12 @@ from torch import nn
 from petlbench import Backbone, HParam, Method
 
 # main_image.py + util/lr_sched.py: SGD (momentum 0.9, wd 0), lr = blr 0.1 x batch / 256, 100 epochs, 20 warm-up
-# epochs from 0, cosine to 0 per iteration, drop_last, BN-then-linear head (trunc-normal 0.01), mean/std 0.5.
+# epochs from 0, cosine to 0 per iteration, drop_last, BN-then-linear head (trunc-normal 0.01), the
+# checkpoint's own mean/std (0.5 for the jx_* in21k ViT, ImageNet's for MAE and Swin): the backbone's.
 _ADAPTFORMER_RECIPE = {
     "optimizer": "sgd", "momentum": 0.9, "lr": 0.1, "lr_base_batch": 256, "weight_decay": 0.0, "decay_groups": "all",
     "drop_last": True, "epochs": 100, "schedule": "iter", "warmup_epochs": 20, "warmup_lr": 0.0, "min_lr": 0.0,
-    "drop_path_rate": 0.0, "label_smoothing": 0.0, "grad_clip": 0.0, "normalization": "inception",
+    "drop_path_rate": 0.0, "label_smoothing": 0.0, "grad_clip": 0.0, "normalization": "backbone",
     "head_init": "adaptformer", "head_norm": "bn", "selection": "best-test", "eval_every": 1,
 }
 
@@ -96,8 +97,8 @@ class AdaptFormer(Method):
                "--min_lr 0, --drop_path 0.0 as the README's image command; the head re-drawn trunc-normal(0.01) "
                "and preceded by BatchNorm1d(affine=False, eps=1e-6); the evaluation split tested after every epoch "
                "and the maximum printed; DataLoader drop_last=True), util/lr_sched.py (linear warm-up from 0 and "
-               "half-cosine to min_lr, set every iteration), datasets/image_datasets.py (mean/std 0.5 for the "
-               "jx_* in21k checkpoint; RandomResizedCrop(224, bicubic) + flip, eval Resize(256, bicubic) + "
+               "half-cosine to min_lr, set every iteration), datasets/image_datasets.py (mean/std by the checkpoint "
+               "file: 0.5 for jx_* (in21k ViT), ImageNet's for mae_pretrain_vit* and swin_base_patch4*; RandomResizedCrop(224, bicubic) + flip, eval Resize(256, bicubic) + "
                "CenterCrop(224)) -- " + note
         for suite, note in (
             ("vtab", "the script has no VTAB-1k task; its optimisation, head and selection are applied to VTAB's "

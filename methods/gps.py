@@ -185,7 +185,7 @@ class GPS(Method):
                 "by the EMA model).",
     }
     recipe_differences = {
-        "vtab": "Adam with weight decay 0 is AdamW with weight decay 0 (the same update). " + "--no-aug --direct-resize is Resize(224) on the shorter side + CenterCrop(224) for training and evaluation (train_crop center, eval_resize 224); its training resize is bilinear (timm turns 'random' into bilinear without augmentation) where petlbench's centre-crop training uses the evaluation's bicubic. "
+        "vtab": "Adam with weight decay 0 is AdamW with weight decay 0 (the same update). "
                 "AMP fp16 officially (petlbench's precision setting here); the calibration's colour jitter / "
                 "grey-scale views are not reproduced (see the module docstring); the published number is the best "
                 "test epoch of 110, reproduced only by --protocol paper-best-test.",

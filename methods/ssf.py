@@ -140,7 +140,7 @@ class SSF(Method):
                 "train.py (the EMA model is the one evaluated, every epoch, best kept).",
     }
     recipe_differences = {
-        "vtab": "--no-aug --direct-resize is Resize(224) on the shorter side + CenterCrop(224) for training and evaluation (train_crop center, eval_resize 224); its training resize is bilinear (timm turns 'random' into bilinear without augmentation) where petlbench's centre-crop training uses the evaluation's bicubic. AMP fp16 officially (petlbench's precision setting here); the 2-GPU data "
+        "vtab": "AMP fp16 officially (petlbench's precision setting here); the 2-GPU data "
                 "parallel split (2 x 32 with a per-GPU drop_last) is one batch of 64 here; the published number is "
                 "the best test epoch of 110, reproduced only by --protocol paper-best-test.",
         "fgvc": "timm's prefetcher applies RandomErasing(p=0.25, per-pixel) to every training batch (its --reprob "

@@ -38,7 +38,9 @@ OFFICIAL: list[tuple[str, str, str, str, dict[str, Any]]] = [
      {"lr": 5e-3, "weight_decay": 5e-5, "drop_path_rate": 0.0, "warmup_lr": 1e-7, "min_lr": 1e-8,
       "warmup_epochs": 10, "epochs": 100, "cooldown_epochs": 10, "batch_size": 64, "optimizer": "adamw",
       "decay_groups": "no_1d", "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "normalization": "backbone",
-      "selection": "best-test", "eval_every": 1, "schedule": "timm_train", "train_crop": "center", "eval_resize": 224}),
+      "selection": "best-test", "eval_every": 1, "schedule": "timm_train",
+      # --no-aug --direct-resize with input_size (3, 224, 224): Resize((224, 224)), the VTAB protocol's input
+      "train_crop": "protocol", "eval_resize": 0, "interpolation": "protocol"}),
     ("ssf", "vtab", "clevr_dist", "dongzelian/SSF vtab/clevr_dist/train_ssf.sh",
      {"lr": 5e-2, "weight_decay": 5e-2, "drop_path_rate": 0.1}),
     ("ssf", "vtab", "smallnorb_ele", "dongzelian/SSF vtab/smallnorb_ele/train_ssf.sh",
@@ -136,7 +138,9 @@ OFFICIAL: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("adaptformer", "vtab", "cifar", "ShoufaChen/AdaptFormer main_image.py",
      {"optimizer": "sgd", "momentum": 0.9, "lr": 0.1, "lr_base_batch": 256, "weight_decay": 0.0,
       "warmup_epochs": 20, "warmup_lr": 0.0, "min_lr": 0.0, "head_norm": "bn", "head_init": "adaptformer",
-      "drop_last": True, "schedule": "iter"}),
+      "drop_last": True, "schedule": "iter",
+      # datasets/image_datasets.py: 0.5 for jx_* (in21k ViT), ImageNet's for mae_pretrain_vit*/swin: the checkpoint's
+      "normalization": "backbone"}),
     # Arnav0400/ViT-Slim GLoRA/supernet.py + data/vtab.py
     ("glora", "vtab", "caltech101", "Arnav0400/ViT-Slim GLoRA/supernet.py",
      {"lr": 1e-4, "weight_decay": 1e-4, "epochs": 500, "batch_size": 64, "drop_last": True, "warmup_epochs": 10,

@@ -22,9 +22,10 @@ The published protocols (methods.md §3.4), and the recipe settings that change 
   Dogs), else shrunk to that (bicubic, antialiased); the device resamples every box to ``S x S``
   with PIL's own filter arithmetic (:mod:`petlbench.data.resample`), bit-equal to torchvision's
   ``resized_crop`` on PIL where the original is kept.
-* ``train_crop: center``: training sees exactly the evaluation input, no augmentation: the
-  ``--no-aug --direct-resize`` of the SSF and GPS VTAB scripts, ``Resize(224)`` (shorter side)
-  + ``CenterCrop(224)`` for both (with ``eval_resize: 224``), one stored split for both roles.
+* ``train_crop: center``: training sees exactly the evaluation input, no augmentation (e.g. an
+  FGVC run without crops or flips: ``Resize(R)`` + ``CenterCrop(S)`` for both roles with
+  ``eval_resize: R``), one stored split for both roles. No built-in recipe uses it: the SSF and
+  GPS VTAB scripts' ``--no-aug --direct-resize`` is the ``vtab_resize`` input itself.
 * ``eval_resize: R'`` / ``interpolation``: evaluation ``Resize(R')`` + ``CenterCrop(S)`` with
   the given filter (SSF and GPS: 248 bicubic; Adapter+: 256 bicubic). ``interpolation: random``
   is timm's ``--train-interpolation random`` (each training crop bilinear or bicubic, p=0.5)
