@@ -446,16 +446,31 @@ def add_head_norm(model: PETLModel, scheme: str) -> None:
     model.backbone.transform_input(head, model.head_norm)
 
 
-def check_head_norm(cfg: Mapping[str, Any], images: int) -> None:
+#: Training settings that are arguments of the backbone's timm constructor (dropout and drop path):
+#: part of the backbone's build, so of its cache key, its compiled-graph key and the plan-time check.
+BUILD_SETTINGS = ("drop_path_rate", "drop_rate", "pos_drop_rate", "proj_drop_rate", "mlp_drop_rate")
+
+
+def backbone_build_kwargs(backbone_kwargs: Mapping[str, Any], train: Mapping[str, Any]) -> dict[str, Any]:
+    """The timm constructor arguments of a run's backbone: ``backbone_kwargs`` plus the non-zero
+    :data:`BUILD_SETTINGS` of its training settings ``train`` (zero is timm's default, except
+    Swin's drop path, which petlbench leaves as timm sets it)."""
+    return {**backbone_kwargs, **{k: train[k] for k in BUILD_SETTINGS if train.get(k)}}
+
+
+def check_head_norm(cfg: Mapping[str, Any], images: int | None) -> None:
     """Refuse, in one line, training settings under which ``head_norm=bn`` cannot be what it says:
     a one-image batch (no batch statistics) or batches padded with blank images (``compile`` pads
-    the short last batch; the blanks would enter the statistics). ``images``: the training set size."""
+    the short last batch; the blanks would enter the statistics). ``images``: the training set size
+    (None at plan time, before the data is read: only the batch size is checked)."""
     if cfg.get("head_norm", "none") != "bn":
         return
     batch, drop_last = int(cfg["batch_size"]), bool(cfg["drop_last"])
     if batch < 2:
         raise PetlbenchError(f"head_norm=bn needs batch_size >= 2 (a BatchNorm on one image has no statistics), got "
                              f"{batch}. Fix: --set batch_size=<2 or more>.")
+    if images is None:
+        return
     short = images % batch
     if not drop_last and short == 1:
         raise PetlbenchError(f"head_norm=bn: {images} training images in batches of {batch} leave a last batch of one "

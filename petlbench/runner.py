@@ -132,10 +132,13 @@ def selects_on_val(protocol: str, cfg: dict[str, Any], layout: str) -> bool:
 
 def check_input(suite: Any, protocol: str, cfg: dict[str, Any]) -> None:
     """The input recipe of a run (``train_crop``, ``eval_resize``, ``interpolation``,
-    ``train_split``) is valid for its suite and protocol; one line at plan time otherwise."""
+    ``train_split``) is valid for its suite and protocol, and so is ``head_norm``'s batch size; one
+    line at plan time otherwise."""
     from petlbench import data as D
+    from petlbench.model import check_head_norm
 
     D.input_spec(suite, cfg)
+    check_head_norm(cfg, None)
     if cfg.get("train_split", "protocol") == "train+val":
         D.train_val_splits(suite)
         if selects_on_val(protocol, cfg, suite.layout):
@@ -217,12 +220,9 @@ class _Data:
 
 
 def _build(spec: RunSpec, cfg: dict[str, Any], classes: int, device: torch.device):
-    from petlbench.model import add_head_norm, create_model, init_head
+    from petlbench.model import add_head_norm, backbone_build_kwargs, create_model, init_head
 
-    kwargs = {**spec.backbone_kwargs}
-    for key in ("drop_path_rate", "drop_rate", "pos_drop_rate", "proj_drop_rate", "mlp_drop_rate"):
-        if cfg[key]:  # part of the backbone's build (and so of its cache key and compiled-graph key)
-            kwargs[key] = cfg[key]
+    kwargs = backbone_build_kwargs(spec.backbone_kwargs, cfg)  # drop rates are part of the backbone's build
     # The backbone is built, loaded and hashed once per process (petlbench.model.BACKBONES).
     model = create_model(spec.backbone, spec.method, classes, pretrained=spec.pretrained, backbone_kwargs=kwargs,
                          reuse_backbone=True, **spec.method_hparams)

@@ -156,6 +156,23 @@ def check_seeds(seeds: Sequence[int]) -> None:
                                  "Fix: e.g. --seeds 0,1,2")
 
 
+def check_build_settings(arch: str, backbone_kwargs: Mapping[str, Any], trains: Iterable[Mapping[str, Any]]) -> None:
+    """The training settings that change the backbone's build, checked at plan time like
+    ``--backbone-arg``: each distinct set of drop rates (:func:`petlbench.model.backbone_build_kwargs`;
+    e.g. Swin has no ``pos_drop_rate``), and ``head_norm=bn`` on a backbone with one head."""
+    from petlbench.model import add_head_norm, backbone_build_kwargs, create_model
+    from petlbench.runspec import canonical_json
+
+    trains = list(trains)
+    builds = {canonical_json(kw): kw for kw in (backbone_build_kwargs(backbone_kwargs, t) for t in trains)}
+    for kw in builds.values():
+        added = sorted(set(kw) - set(backbone_kwargs))
+        if added:
+            check_backbone(arch, kw, None, option=f"training setting {', '.join(map(repr, added))}")
+    if any(t.get("head_norm") == "bn" for t in trains):
+        add_head_norm(create_model(arch, "linear", 2, backbone_kwargs=dict(backbone_kwargs), device="meta"), "bn")
+
+
 def check_methods(arch: str, backbone_kwargs: Mapping[str, Any], configs: Iterable[tuple[type[Method], Mapping[str, Any]]],
                   classes: int, log: Callable[[str], None]) -> None:
     """Refuse, when the sweep is planned and in one line, a method configuration that cannot run on
@@ -244,6 +261,7 @@ def plan(
     log = log or _quiet
     arch, bkw, weights = _resolve_weights(the_suite, backbone, pretrained, dict(backbone_kwargs or {}))
     check_backbone(arch, bkw, the_suite.image_size)
+    check_build_settings(arch, bkw, trains.values())
     check_methods(arch, bkw, [(cls, resolved[(task.name, cls.name)][0]) for task in selected for cls in method_classes],
                   selected[0].classes, log)
     try:

@@ -568,3 +568,24 @@ def test_a_run_with_the_adaptformer_head_records_it(tmp_path) -> None:
     assert record["status"] == "ok", record["error"]
     assert record["config"]["train"]["head_norm"] == "bn" and record["efficiency"]["evaluated_merged"]
     assert record["params"]["trainable_bytes"] > 4 * record["params"]["trainable"]  # the BN statistics too
+
+
+@pytest.mark.parametrize("backbone,sets,match", [
+    ("swin", {"pos_drop_rate": 0.1}, "training setting 'pos_drop_rate'"),  # Swin's constructor has no such argument
+    ("vit", {"head_norm": "bn", "batch_size": 1}, "batch_size >= 2"),
+    ("deit_distilled", {"head_norm": "bn"}, "2 \\(distilled DeiT\\)"),
+])
+def test_settings_that_change_the_build_are_refused_when_planned(demo_cache, tmp_path, backbone: str, sets: dict,
+                                                                   match: str) -> None:
+    """A drop rate the backbone's constructor does not take, or a head BatchNorm it cannot have, is one
+    line when the sweep is planned, before any data is read, not a failed record per run."""
+    from petlbench.sweep import plan
+
+    arch, kwargs = BACKBONES[backbone]
+    with pytest.raises(PetlbenchError, match=match) as err:
+        plan("demo", ["lora"], ["digits"], [0], backbone=arch, backbone_kwargs=kwargs, pretrained="none",
+             output=str(tmp_path), sets=sets, dry_run=True)
+    assert "\n" not in str(err.value)
+    ok = plan("demo", ["lora"], ["digits"], [0], backbone=arch, backbone_kwargs=kwargs, pretrained="none",
+              output=str(tmp_path), sets={"drop_path_rate": 0.1}, dry_run=True)
+    assert ok.specs[0].train["drop_path_rate"] == 0.1
