@@ -267,13 +267,10 @@ def _transformer_block(index: int, stage: int, blk: nn.Module, where: str) -> Bl
                       where=where, ls_attn=ls_attn, ls_mlp=ls_mlp, qkv_fused=fused, mlp_gated=gated)
 
 
-_NO_ATTENTION = "ConvNeXt blocks have no attention (a depthwise convolution, conv_dw, mixes the tokens)"
-
-
 def _convnext_block(index: int, stage: int, blk: nn.Module, where: str) -> BlockRoles:
     """``x + gamma * mlp(norm(conv_dw(x)))``: the norm and MLP play norm2 and mlp; no attention."""
     roles: dict[str, Any] = {"norm2": blk.norm, "mlp": blk.mlp}
-    why = dict.fromkeys(("num_heads", "norm1", "attn", "qkv", "q", "k", "v", "proj"), _NO_ATTENTION)
+    why = dict.fromkeys(("num_heads", "norm1", "attn", "qkv", "q", "k", "v", "proj"), CONVNEXT_NO_ATTENTION)
     for name in ("fc1", "fc2"):
         layer = getattr(blk.mlp, name, None)
         if isinstance(layer, nn.Linear):
@@ -624,10 +621,10 @@ class Backbone:
         ViT (timm ties the MLP biases to it); None for any other layer. A merge that must add a
         bias to such a layer adds it to every layer of that argument, so the merged model is the
         plain timm model built with that argument set to True."""
-        for b in self.blocks:
-            if layer is b.qkv:
+        for b in self.blocks:  # EVA-02 and ConvNeXt blocks lack some of these roles
+            if b.has("qkv") and layer is b.qkv:
                 return "qkv_bias"
-            if self.family == "vit" and any(layer is getattr(b, r) for r in ("proj", "fc1", "fc2")):
+            if self.family == "vit" and any(b.has(r) and layer is getattr(b, r) for r in ("proj", "fc1", "fc2")):
                 return "proj_bias"
         return None
 
@@ -635,7 +632,7 @@ class Backbone:
         """Every layer whose bias the timm constructor argument ``argument`` switches (see
         :meth:`bias_argument`)."""
         return [getattr(b, r) for b in self.blocks for r in ("qkv", "proj", "fc1", "fc2")
-                if self.bias_argument(getattr(b, r)) == argument]
+                if b.has(r) and self.bias_argument(getattr(b, r)) == argument]
 
     def require(self, family: str | Iterable[str], what: str) -> None:
         families = {family} if isinstance(family, str) else set(family)

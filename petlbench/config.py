@@ -21,6 +21,7 @@ from typing import Any
 from petlbench.data.transforms import INTERPOLATION_SETTINGS, TRAIN_CROPS, TRAIN_SPLITS
 from petlbench.errors import PetlbenchError, did_you_mean, read_user_text
 from petlbench.method import HParam, Method
+from petlbench.model import HEAD_INITS, HEAD_NORMS
 
 TRAIN_HPARAMS: dict[str, HParam] = {
     "epochs": HParam(100, "training epochs", low=1),
@@ -53,11 +54,11 @@ TRAIN_HPARAMS: dict[str, HParam] = {
     "head_init": HParam("timm", "classifier-head initialisation: timm (trunc-normal std 0.02, bias 0; timm's "
                         "default), zeros (ARC's code), vpt (VPT's code: kaiming-normal fan-out, bias -log(99)), torch "
                         "(PyTorch's nn.Linear default: Convpass, FacT, RepAdapter), adaptformer (trunc-normal std 0.01, "
-                        "PyTorch's default bias)", choices=("timm", "zeros", "vpt", "torch", "adaptformer")),
+                        "PyTorch's default bias)", choices=HEAD_INITS),
     "head_norm": HParam("none", "normalisation before the classifier head: none, or bn (BatchNorm1d without affine, "
                         "eps 1e-6, as AdaptFormer's/MAE's script; batch statistics in training, running ones at "
                         "evaluation, saved with the trained state, folded into the head on merge)",
-                        choices=("none", "bn")),
+                        choices=HEAD_NORMS),
     "compile": HParam(False, "torch.compile the model (falls back to eager mode if compilation fails)"),
     "eval_every": HParam(0, "evaluate every N epochs for the learning curve (0 = only at the end)", low=0),
     # Optimiser, parameter groups, schedule stepping, mixing, EMA and selection: what the paper

@@ -430,10 +430,11 @@ class WeightEMA:
     def __init__(self, params: list[nn.Parameter], decay: float) -> None:
         self.params, self.decay = list(params), float(decay)
         self.shadow = [p.detach().clone() for p in self.params]
+        self._live = [p.detach() for p in self.params]  # views of the trained tensors, built once, not per step
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
+        torch._foreach_lerp_(self.shadow, self._live, 1.0 - self.decay)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:

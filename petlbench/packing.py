@@ -17,7 +17,7 @@ equally valid, not an identical, draw.
 
 Not packed (the caller trains them alone): fp16 with a gradient scaler (one scaler would
 couple the runs), linear probing (already one backbone pass per image), runs whose frozen
-tensors differ, and runs with mixup/cutmix or a weight EMA (``runner.UNPACKABLE``: a packed step
+tensors differ, and runs with mixup/cutmix or a weight EMA (:data:`UNPACKABLE`: a packed step
 has one batch layout and no per-run averaged weights; those runs are never grouped).
 """
 
@@ -38,6 +38,9 @@ from petlbench import engine
 from petlbench.memory import PhasePeaks
 from petlbench.precision import apply_matmul_precision, resolve_precision
 
+#: Settings a packed step cannot honour per run (batch mixing, a weight EMA): such runs train alone.
+UNPACKABLE = ("mixup", "cutmix", "ema_decay")
+
 _SAME_KEYS = ("epochs", "cooldown_epochs", "batch_size", "eval_batch_size", "warmup_epochs", "precision", "drop_last",
               "label_smoothing", "compile")
 
@@ -52,7 +55,7 @@ def pack_problem(models: Sequence[Any], cfgs: Sequence[Mapping[str, Any]], loade
         return "the runs use different methods or hyperparameters"
     if any(c.get(k) != cfgs[0].get(k) for c in cfgs for k in _SAME_KEYS):
         return f"the runs differ in a setting packing shares ({', '.join(_SAME_KEYS)})"
-    unpackable = [k for k in ("mixup", "cutmix", "ema_decay") if any(c.get(k) for c in cfgs)]
+    unpackable = [k for k in UNPACKABLE if any(c.get(k) for c in cfgs)]
     if unpackable:
         return f"packing has no per-run batch mixing or weight EMA ({', '.join(unpackable)} set)"
     if base.method.needs_calibration:

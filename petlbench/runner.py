@@ -45,6 +45,7 @@ import torch
 from petlbench.config import parse_floats
 from petlbench.engine import on_device
 from petlbench.errors import PetlbenchError
+from petlbench.packing import UNPACKABLE
 from petlbench.protocols import (  # noqa: F401  (re-exported: protocols are defined torch-free for the report)
     PAPER_PROTOCOLS,
     PROTOCOLS,
@@ -467,8 +468,6 @@ def execute_spec(spec: RunSpec, quiet: bool = True, on_epoch: Callable[[int, int
 
 
 # ------------------------------------------------------------------ several runs per step
-#: Settings a packed step cannot honour per run: such runs train alone (see packing.pack_problem).
-UNPACKABLE = ("mixup", "cutmix", "ema_decay")
 
 
 def _method_packs(name: str) -> bool:

@@ -333,7 +333,8 @@ def recipe_notes(plan_: Plan, pack: int = 1) -> list[str]:
     then apply); under the harmonised protocols that a declared recipe is not used; under every
     protocol what a path cannot do as asked (a linear probe with mixup trains on images, mixed or
     averaged runs do not pack)."""
-    from petlbench.runner import UNPACKABLE, _method_packs
+    from petlbench.packing import UNPACKABLE
+    from petlbench.runner import _method_packs
 
     notes: list[str] = []
     suite = plan_.suite.name

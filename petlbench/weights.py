@@ -189,7 +189,10 @@ def _list(keys: list[str], limit: int = 6) -> str:
 
 def _head_prefixes(bb: Backbone) -> tuple[str, ...]:
     """State-dict prefixes of the classifier heads, by role (``head.`` for ViT, ``head.fc.`` for Swin
-    and ConvNeXt, whose ``head.norm`` is the body's final norm, plus ``head_dist.`` for distilled DeiT)."""
+    and ConvNeXt, whose ``head.norm`` is the body's final norm, plus ``head_dist.`` for distilled DeiT).
+    A model built without a classifier (``num_classes=0``: Identity heads) has none to exclude."""
+    if not bb.has("heads"):
+        return ()
     heads = {id(h) for h in bb.heads}
     return tuple(f"{name}." for name, module in bb.model.named_modules() if id(module) in heads)
 

@@ -194,7 +194,7 @@ def test_a_shift_into_a_bias_less_linear_merges_into_the_timm_model_with_that_bi
     model = M.build(method, v).eval()
     merged = petlbench.merge(model)
     assert merged_backbone_kwargs(merged) == added
-    assert model.net.blocks[0].attn.qkv.bias is None, "merging must not change the trained model"
+    assert model.backbone.blocks[0].qkv.bias is None, "merging must not change the trained model"
     plain = timm.create_model(v.arch, num_classes=v.num_classes, **{**v.kwargs, **added})
     plain.load_state_dict(merged.state_dict(), strict=True)
     assert merge_error(model, merged) <= 1e-5

@@ -573,3 +573,24 @@ def test_the_documented_method_table_is_the_declarations() -> None:
                 else:
                     assert cell.startswith("refused"), (method, family, cell)
     assert seen == set(petlbench.list_methods())
+
+
+def test_save_backbone_without_a_classifier(tmp_path) -> None:
+    """A feature extractor (num_classes=0, Identity head) has no head to leave out: every tensor is saved."""
+    arch, kw = TINY_VIT
+    model = timm.create_model(arch, num_classes=0, **kw)
+    path = save_backbone(model, tmp_path / "features.safetensors")
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(path))) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("family", ["eva", "convnext"])
+def test_bias_argument_on_blocks_without_some_linears(family: str) -> None:
+    """EVA-02 has no qkv module and ConvNeXt no attention: asking which timm argument gives a layer a
+    bias answers None for their layers instead of failing on the missing roles."""
+    arch, kw = BACKBONES[family]
+    bb = Backbone(timm.create_model(arch, num_classes=3, **kw))
+    mlp_out = bb.blocks[0].fc2 if bb.blocks[0].has("fc2") else bb.blocks[0].fc1
+    assert bb.bias_argument(mlp_out) is None
+    assert bb.bias_group("qkv_bias") == [] and bb.bias_group("proj_bias") == []
