@@ -192,7 +192,7 @@ def params_cmd(method: str, backbone: str | None, backbone_args: tuple[str, ...]
     """Parameter accounting of METHOD on BACKBONE (random init, offline; nothing is downloaded)."""
     from petlbench.accounting import count_params
     from petlbench.model import create_model
-    from petlbench.sweep import check_backbone
+    from petlbench.sweep import DEFAULT_BACKBONE, check_backbone
 
     bkw = parse_backbone_args(backbone_args)
     the_suite = None
@@ -201,7 +201,7 @@ def params_cmd(method: str, backbone: str | None, backbone_args: tuple[str, ...]
 
         the_suite = get_suite(suite)
     if backbone is None:
-        backbone = "vit_base_patch16_224"
+        backbone = DEFAULT_BACKBONE
         if the_suite is not None and the_suite.generator == "demo":  # as `petlbench run --suite demo` does
             from petlbench.data import demo_backbone
 

@@ -87,8 +87,11 @@ def _config_view(record: Mapping[str, Any]) -> dict[str, str]:
         view.update({f"hp:{k}": _canon(v) for k, v in hparams.items()})
     train = _dig(record, "config", "train")
     if isinstance(train, Mapping):
-        tuned = record.get("protocol") == "tune" or _dig(record, "metrics", "selection") == "tune"  # paper: a grid
+        selection = _dig(record, "metrics", "selection")
+        tuned = record.get("protocol") == "tune" or selection == "tune"  # paper: a grid
         skip = set(EXECUTION_KEYS) | (set(TUNED_KEYS) if tuned else set())
+        if selection in ("final", "tune"):  # the final epoch is reported: the cadence only adds a learning curve
+            skip.add("eval_every")
         view.update({f"train:{k}": _canon(v) for k, v in train.items() if k not in skip})
     resolved = _dig(record, "efficiency", "precision")
     if isinstance(resolved, Mapping) and "autocast" in resolved:

@@ -306,3 +306,18 @@ def test_engine_failure_without_fingerprint_joins_its_row():
     failed["provenance"].pop("data_fingerprint")
     report = build_report([*real, failed], **_quiet())
     assert [(r.label, r.failed, r.value("cifar").n) for r in report.rows] == [("LoRA", 1, 2)]
+
+
+def test_evaluation_cadence_splits_rows_only_where_it_selects(collected):
+    """eval_every adds a learning curve to a run that reports its final epoch (the same experiment);
+    where the best evaluated epoch is selected, the cadence decides the number (different rows)."""
+    def run(seed: int, every: int, selection: str) -> dict:
+        r = make_record("lora", "cifar", seed, 60.0 + seed)
+        r["config"]["train"] = {**r["config"]["train"], "eval_every": every}
+        r["metrics"]["selection"] = selection
+        return r
+
+    final = build_report([run(0, 0, "final"), run(1, 10, "final")], on_warning=collected.append)
+    assert len(final.rows) == 1 and final.rows[0].value("cifar").n == 2
+    best = build_report([run(0, 1, "val"), run(1, 10, "val")], **_quiet())
+    assert len(best.rows) == 2
